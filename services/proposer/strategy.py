@@ -1,0 +1,65 @@
+"""What a proposer strategy receives and returns; the strategies are grid and claude."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from services.contracts import LlmCost
+
+
+class StrategyExhausted(Exception):
+    """The strategy has nothing new to propose (grid: every point tried)."""
+
+
+class BudgetExhausted(Exception):
+    """The campaign's proposal budget (dollars or requests) is spent."""
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One finished variant, as the strategy sees it."""
+
+    variant_id: str
+    title: str
+    status: str  # ok | crash | timeout | diverged | oom | infra
+    value: float | None  # the metric (mean over ok runs), None unless ok
+    crash_reason: str = ""
+    parent_id: str | None = None
+    finished_at: float = 0.0
+
+
+@dataclass
+class ProposalRequest:
+    campaign: str
+    parent_id: str
+    parent_source: str  # the current best (or a top-k variant, for exploration)
+    best_value: float | None
+    results: list[ResultRow]  # every finished variant so far, oldest first
+    in_flight_titles: list[str]  # proposed, not yet evaluated
+    known_ids: set[str]  # every variant id ever proposed in this campaign
+    k: int  # how many variants this wave should hold
+    wave: int
+    free_slots: dict[str, int] = field(default_factory=dict)  # tier -> free slots
+    noise_floor: float = 7e-4  # run-to-run spread of the metric: smaller "wins" are not wins
+    metric: str = "val_bpb"
+    direction: str = "minimize"
+    program: str = ""  # program.md: the researcher's rules, when the trainer ships one
+    edit_file: str = "train.py"
+
+
+@dataclass(frozen=True)
+class Proposal:
+    title: str
+    source: str
+    parent_id: str
+    rationale: str = ""
+    llm_cost: LlmCost | None = None
+
+
+class Strategy(Protocol):
+    name: str
+
+    async def propose(self, request: ProposalRequest) -> list[Proposal]:
+        """A wave of up to request.k new, valid variants (may be fewer; [] = try later)."""
+        ...

@@ -1,0 +1,130 @@
+"""Checks every variant passes before it is published, whoever proposed it.
+
+Edits apply exactly once; the result compiles; it is not a duplicate of any variant
+ever proposed; it stays under a size limit; it leaves the harness alone.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+
+from services.contracts import variant_id_for
+
+MAX_SOURCE_BYTES = 200_000
+
+# Keys of the summary block: only the harness (through train.py's own final print of the
+# measured values) may print them; a variant that prints a literal one is faking a result.
+SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb")
+HARNESS_NAMES = ("evaluate_bpb",)
+
+
+@dataclass(frozen=True)
+class Edit:
+    old: str
+    new: str
+
+
+def apply_edits(source: str, edits: list[Edit]) -> tuple[str | None, list[str]]:
+    """Apply exact-substring edits in order; (new source, []) or (None, reasons)."""
+    reasons: list[str] = []
+    for i, edit in enumerate(edits, start=1):
+        if not edit.old:
+            reasons.append(f"edit {i}: `old` is empty; it must be an exact substring")
+            continue
+        count = source.count(edit.old)
+        if count != 1:
+            where = "not found" if count == 0 else f"found {count} times"
+            reasons.append(
+                f"edit {i}: `old` {where} in the parent source; it must match exactly once "
+                f"(starts with {edit.old[:60]!r})"
+            )
+            continue
+        source = source.replace(edit.old, edit.new, 1)
+    return (None, reasons) if reasons else (source, [])
+
+
+def validate_source(
+    source: str,
+    *,
+    campaign: str,
+    known_ids: set[str],
+    max_bytes: int = MAX_SOURCE_BYTES,
+    filename: str = "train.py",
+    parent_source: str | None = None,
+) -> list[str]:
+    """Reasons the source may not be published; [] when it is fine."""
+    if len(source.encode()) > max_bytes:
+        return [f"source is {len(source.encode())} bytes, over the {max_bytes}-byte limit"]
+    try:
+        tree = ast.parse(source, filename=filename)
+        compile(tree, filename, "exec")
+    except SyntaxError as exc:
+        return [f"does not compile: {exc.msg} at line {exc.lineno}"]
+    if variant_id_for(campaign, source) in known_ids:
+        return ["duplicate of a variant already proposed in this campaign"]
+    reasons = _harness_violations(tree)
+    if parent_source is not None:
+        reasons.extend(_summary_print_change(tree, parent_source))
+    return reasons
+
+
+def _summary_sites(tree: ast.AST) -> int:
+    return sum(
+        1 for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        and any(node.value.lstrip().startswith(f"{key}:") for key in SUMMARY_KEYS)
+    )
+
+
+def _summary_print_change(tree: ast.AST, parent_source: str) -> list[str]:
+    """A variant may not add places that print summary keys beyond what its parent has."""
+    try:
+        parent_sites = _summary_sites(ast.parse(parent_source))
+    except SyntaxError:
+        return []
+    sites = _summary_sites(tree)
+    if sites > parent_sites:
+        return [f"prints summary keys in {sites} places where its parent has {parent_sites}; "
+                "the summary block is the harness's"]
+    return []
+
+
+_LITERAL_RESULT = re.compile(r"^\s*(%s):\s*[-+]?\d" % "|".join(SUMMARY_KEYS))
+
+
+def _harness_violations(tree: ast.AST) -> list[str]:
+    reasons: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in HARNESS_NAMES:
+            reasons.append(f"redefines the harness function {node.name}() (line {node.lineno})")
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name) and target.id in HARNESS_NAMES:
+                    reasons.append(f"rebinds the harness name {target.id} (line {node.lineno})")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            match = _LITERAL_RESULT.match(node.value)
+            if match:
+                reasons.append(
+                    f"writes a literal result for {match.group(1)!r} (line {node.lineno}); "
+                    "only measured values may be reported"
+                )
+        elif isinstance(node, ast.Call):
+            reasons.extend(_file_access_violations(node))
+    return reasons
+
+
+def _file_access_violations(call: ast.Call) -> list[str]:
+    """open()/Path() of an absolute path or one leaving the run directory."""
+    name = call.func.id if isinstance(call.func, ast.Name) else (
+        call.func.attr if isinstance(call.func, ast.Attribute) else ""
+    )
+    if name not in ("open", "Path", "read_text", "read_bytes", "listdir", "scandir"):
+        return []
+    for arg in call.args[:1]:
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            path = arg.value
+            if path.startswith(("/", "~")) or ".." in path.split("/"):
+                return [f"reads a file outside its run directory ({path!r}, line {call.lineno})"]
+    return []

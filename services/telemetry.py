@@ -1,0 +1,90 @@
+"""Logs (structlog) and traces (OpenTelemetry), shared by the four services.
+
+Logs are JSON lines, or a console renderer on a TTY. Traces go to an OTLP endpoint when
+`OTEL_EXPORTER_OTLP_ENDPOINT` is set, and nowhere otherwise. Trace context crosses NATS
+as W3C `traceparent` headers, so one experiment is one trace across all services.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+_configured_tracing = False
+
+# Values of these keys are replaced before a log line is written, wherever they appear.
+_SECRET_KEYS = ("api_key", "apikey", "password", "token", "secret", "creds", "authorization")
+
+
+def _redact_secrets(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    for key in list(event_dict):
+        if any(marker in key.lower() for marker in _SECRET_KEYS):
+            event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def configure_logging(service: str, fmt: str = "", level: str = "info") -> None:
+    """Configure structlog once per process; `fmt` is json | console ('' = by TTY)."""
+    use_console = fmt == "console" or (fmt == "" and sys.stderr.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+
+
+def configure_tracing(service: str) -> None:
+    """Install a tracer provider; export over OTLP/HTTP only when an endpoint is set."""
+    global _configured_tracing
+    if _configured_tracing:
+        return
+    _configured_tracing = True
+    provider = TracerProvider(resource=Resource.create({"service.name": f"nightshift-{service}"}))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
+def get_logger(**context: Any) -> Any:
+    return structlog.get_logger().bind(**context)
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer("nightshift")
+
+
+def inject_trace(headers: dict[str, str]) -> dict[str, str]:
+    """Add the current span's W3C trace context to NATS headers."""
+    propagate.inject(headers)
+    return headers
+
+
+def extract_trace(headers: Mapping[str, str] | None) -> Context:
+    """The trace context a message carried (an empty context when it had none)."""
+    return propagate.extract(dict(headers or {}))

@@ -1,0 +1,25 @@
+"""Shared fixtures: a real nats-server per test on a free port, with its own store dir."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from services.broker import EmbeddedNats
+from services.bus import Bus
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    server = EmbeddedNats(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def bus(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
+    connected = await Bus.connect(nats_server.url, name="test")
+    yield connected
+    await connected.close()

@@ -234,12 +234,20 @@ class Bus:
             kv = await self.js.key_value(self.campaigns_bucket)
             try:
                 entry = await kv.get(key)
-            except nats.js.errors.KeyNotFoundError:
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
                 return None
             return entry.value
 
         value: bytes | None = await self._retry(get, what=f"kv get {key}")
         return value
+
+    async def kv_delete(self, key: str) -> None:
+        async def delete() -> None:
+            kv = await self.js.key_value(self.campaigns_bucket)
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                await kv.delete(key)
+
+        await self._retry(delete, what=f"kv delete {key}")
 
     async def save_campaign(self, event: contracts.CampaignStarted) -> None:
         await self.kv_put(f"campaign.{event.campaign}", contracts.encode(event))

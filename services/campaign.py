@@ -1,0 +1,122 @@
+"""Starting and stopping a campaign on a running deployment (used by the CLI and `up`)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import msgspec
+
+from services.bus import Bus
+from services.contracts import (
+    CampaignStarted,
+    CampaignStopped,
+    ProposerConfig,
+    RunCancel,
+    event_id_for,
+)
+from services.settings import Settings
+
+
+class CampaignError(ValueError):
+    """A campaign that cannot start as asked (missing trainer, bad name, ...)."""
+
+
+def harness_tar(trainer_dir: Path, edit_file: str) -> bytes:
+    """A reproducible tar.gz of the trainer directory without the edited file and caches."""
+    buffer = io.BytesIO()
+    files = sorted(
+        p for p in trainer_dir.rglob("*")
+        if p.is_file() and p.name != edit_file and "__pycache__" not in p.parts
+        and not p.name.endswith(".pyc")
+    )
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
+        for path in files:
+            info = tar.gettarinfo(str(path), arcname=str(path.relative_to(trainer_dir)))
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            with path.open("rb") as fh:
+                tar.addfile(info, fh)
+    return buffer.getvalue()
+
+
+def campaign_event(settings: Settings, seed_digest: str, harness_key: str) -> CampaignStarted:
+    return CampaignStarted(
+        campaign=settings.campaign,
+        event_id=event_id_for("started", settings.campaign, seed_digest, settings.max_experiments),
+        seed_digest=seed_digest,
+        harness_key=harness_key,
+        trainer_dir=settings.trainer_dir,
+        edit_file=settings.edit_file,
+        metric=settings.metric,
+        direction="maximize" if settings.direction == "maximize" else "minimize",
+        profile=settings.profile,
+        max_experiments=settings.max_experiments,
+        run_timeout_s=settings.run_timeout_s,
+        tiers=[settings.tier],
+        keep_rule=settings.keep_rule,
+        proposer=ProposerConfig(
+            strategy=settings.strategy,
+            lookahead=settings.lookahead,
+            wave_size=settings.wave_size,
+            model=settings.model,
+            budget_usd=settings.budget_usd,
+            budget_requests=settings.budget_requests,
+        ),
+    )
+
+
+def _check_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise CampaignError(
+            f"campaign name {name!r} must be letters, digits, '-' or '_' (it is part of "
+            "NATS keys and run ids)"
+        )
+
+
+async def start_campaign(bus: Bus, settings: Settings) -> tuple[CampaignStarted, bool]:
+    """Start the campaign named in settings, or resume it; returns (event, resumed)."""
+    _check_name(settings.campaign)
+    trainer = Path(settings.trainer_dir)
+    seed_path = trainer / settings.edit_file
+    if not seed_path.is_file():
+        raise CampaignError(
+            f"{seed_path} not found: --trainer must name a directory holding the file the "
+            f"researcher edits ({settings.edit_file})"
+        )
+    existing = await bus.load_campaign(settings.campaign)
+    stopped = await bus.campaign_stopped(settings.campaign)
+    if existing is not None and not stopped:
+        return existing, True
+    seed = seed_path.read_text()
+    seed_digest = await bus.put_source(seed)
+    tar = harness_tar(trainer, settings.edit_file)
+    harness_key = "harness-" + hashlib.sha256(tar).hexdigest()[:32]
+    await bus.put_object(bus.sources_bucket, harness_key, tar)
+    event = campaign_event(settings, seed_digest, harness_key)
+    if existing is not None:
+        # A stopped campaign started again: same seed and history, new limits.
+        event = msgspec.structs.replace(
+            event,
+            seed_digest=existing.seed_digest,
+            event_id=event_id_for("restarted", settings.campaign, event.ts),
+        )
+        await bus.kv_delete(f"stopped.{settings.campaign}")
+    await bus.save_campaign(event)
+    await bus.publish(event)
+    return event, existing is not None
+
+
+async def stop_campaign(bus: Bus, name: str, reason: str = "stopped", detail: str = "") -> None:
+    """Stop proposing and cancel the campaign's runs; its history stays in the ledger."""
+    if await bus.load_campaign(name) is None:
+        raise CampaignError(f"no campaign named {name!r} on this deployment")
+    await bus.mark_campaign_stopped(name, reason)
+    await bus.publish(
+        CampaignStopped(campaign=name, event_id=event_id_for("stopped", name), reason=reason,
+                        detail=detail or "stopped by `nightshift campaign stop`")
+    )
+    await bus.publish(RunCancel(campaign=name, run_id="*", reason=reason))

@@ -1,0 +1,80 @@
+"""Contracts: round trips, typed errors, deterministic identity; settings precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from services import contracts
+from services.contracts import (
+    EVENT_TYPES,
+    ContractError,
+    ResultEvaluated,
+    RunProgress,
+    VariantProposed,
+    decode,
+    encode,
+    run_id_for,
+    variant_id_for,
+)
+from services.settings import SettingsError, load_settings
+
+
+def test_every_event_round_trips_and_names_its_subject() -> None:
+    event = ResultEvaluated(campaign="c", event_id="e", run_id="r", variant_id="v",
+                            tier="default", status="ok", value=0.99, metrics={"val_bpb": 0.99})
+    assert decode(encode(event)) == event
+    assert event.subject() == "ns.result.evaluated"
+    assert event.subject("lab") == "lab.result.evaluated"
+    progress = RunProgress(campaign="c", run_id="r1", variant_id="v", step=3, fraction=0.1,
+                           train_loss=3.0, tok_per_s=1e4)
+    assert progress.subject() == "ns.run.progress.r1"
+    stored = contracts.stream_subjects()
+    assert "ns.run.progress" not in stored and "ns.fleet.status" not in stored
+    assert len({cls.subject_suffix for cls in EVENT_TYPES}) == len(EVENT_TYPES)
+
+
+@pytest.mark.parametrize("payload", [b"", b"not json", b"{}", b'{"type": "nope"}',
+                                     b'{"type": "variant.proposed", "campaign": "c"}'])
+def test_malformed_messages_raise_one_typed_error(payload: bytes) -> None:
+    with pytest.raises(ContractError):
+        decode(payload)
+
+
+def test_unknown_schema_version_is_refused() -> None:
+    event = VariantProposed(campaign="c", variant_id="v", parent_id=None, source_digest="d",
+                            diff="", title="t")
+    raw = msgspec.json.decode(encode(event))
+    raw["schema"] = contracts.SCHEMA_VERSION + 1
+    with pytest.raises(ContractError, match="schema version"):
+        decode(msgspec.json.encode(raw))
+
+
+def test_identity_is_content_addressed_and_campaign_scoped() -> None:
+    a = variant_id_for("c", "X = 1\r\nprint(X)   \n\n")
+    assert a == variant_id_for("c", "X = 1\nprint(X)\n")
+    assert len(a) == 16
+    assert a != variant_id_for("other", "X = 1\nprint(X)\n")
+    assert a != variant_id_for("c", "X = 2\nprint(X)\n")
+    assert run_id_for(a, "h100", 2) == f"{a}-h100-2"
+
+
+def test_settings_precedence_file_env_flags(tmp_path: Path) -> None:
+    config = tmp_path / "nightshift.toml"
+    config.write_text('slots = 3\nbackend = "sim"\ncampaign = "from-file"\n')
+    env = {"NIGHTSHIFT_SLOTS": "5", "NATS_URL": "nats://x:4222"}
+    s = load_settings({"campaign": "from-flag"}, env=env, config_file=config)
+    assert (s.slots, s.backend, s.campaign, s.nats_url) == (5, "sim", "from-flag", "nats://x:4222")
+
+
+def test_bad_settings_name_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="NIGHTSHIFT_SLOTS"):
+        load_settings(env={"NIGHTSHIFT_SLOTS": "many"}, config_file=tmp_path / "none.toml")
+    with pytest.raises(SettingsError, match="backend"):
+        load_settings({"backend": "cloud"}, env={}, config_file=tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("slotz = 1\n")
+    with pytest.raises(SettingsError, match="slotz"):
+        load_settings(env={}, config_file=bad)

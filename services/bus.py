@@ -322,7 +322,7 @@ class Bus:
             for msg in msgs:
                 task = asyncio.create_task(runner.handle(msg))
                 in_hand.add(task)
-                task.add_done_callback(lambda t: (in_hand.discard(t), freed.set()))
+                task.add_done_callback(lambda t: _release(in_hand, freed, t))
         if in_hand:
             await asyncio.gather(*in_hand, return_exceptions=True)
         with contextlib.suppress(Exception):
@@ -430,6 +430,11 @@ class Bus:
 
         return await self.nc.subscribe(subject or f"{self.prefix}.{event_type.subject_suffix}",
                                        cb=on_msg)
+
+
+def _release(in_hand: set[asyncio.Task[None]], freed: asyncio.Event, task: asyncio.Task[None]) -> None:
+    in_hand.discard(task)
+    freed.set()
 
 
 class _Runner:

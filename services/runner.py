@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from services.bus import Bus
 from services.settings import Settings, load_settings
 from services.telemetry import configure_logging, configure_tracing, get_logger
 
-ServiceMain = Callable[[Settings, Bus, asyncio.Event], Awaitable[None]]
+ServiceMain = Callable[[Settings, Bus, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 async def serve(name: str, run: ServiceMain, settings: Settings) -> None:

@@ -12,10 +12,10 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import msgspec
 
@@ -34,7 +34,7 @@ from services.contracts import (
 from services.settings import Settings
 from services.telemetry import get_logger
 
-ServiceMain = Callable[[Settings, Bus, asyncio.Event], Awaitable[None]]
+ServiceMain = Callable[[Settings, Bus, asyncio.Event], Coroutine[Any, Any, None]]
 log = get_logger(component="supervisor")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -26,7 +26,9 @@ _configured_tracing = False
 _SECRET_KEYS = ("api_key", "apikey", "password", "token", "secret", "creds", "authorization")
 
 
-def _redact_secrets(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _redact_secrets(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for key in list(event_dict):
         if any(marker in key.lower() for marker in _SECRET_KEYS):
             event_dict[key] = "[redacted]"
@@ -36,7 +38,7 @@ def _redact_secrets(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, An
 def configure_logging(service: str, fmt: str = "", level: str = "info") -> None:
     """Configure structlog once per process; `fmt` is json | console ('' = by TTY)."""
     use_console = fmt == "console" or (fmt == "" and sys.stderr.isatty())
-    renderer: Any = (
+    renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     )
     structlog.configure(
@@ -72,7 +74,8 @@ def configure_tracing(service: str) -> None:
 
 
 def get_logger(**context: Any) -> Any:
-    return structlog.get_logger().bind(**context)
+    """A lazy logger: safe at import time, it follows configure_logging() when first used."""
+    return structlog.get_logger(**context)
 
 
 def tracer() -> trace.Tracer:

@@ -1,0 +1,109 @@
+"""The interface every launcher backend implements: slots, run(job, on_line), cancel."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+LineCallback = Callable[[str], None]
+
+# A line the launcher adds to a run's log (timeout, cancellation), so a reader knows why.
+MARKER = "[nightshift]"
+CANCEL_LINE = re.compile(r"^\[nightshift\] cancelled: (.*)$", re.MULTILINE)
+
+# Variables never passed to a trainer process: anything that looks like a credential.
+_SECRET_PARTS = ("API_KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL",
+                 "PRIVATE_KEY", "ACCESS_KEY", "SESSION_KEY", "AUTH")
+_SECRET_PREFIXES = ("NATS_", "NIGHTSHIFT_NATS_", "AWS_", "GOOGLE_", "AZURE_", "GCLOUD_")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of one variant on one slot."""
+
+    run_id: str
+    variant_id: str
+    campaign: str
+    tier: str
+    replica: int
+    attempt: int
+    source: str
+    harness_dir: Path
+    edit_file: str = "train.py"
+    profile: str = "cpu"
+    timeout_s: float = 600.0
+    reference_source: str | None = None  # sim: the campaign's seed (the landscape's reference)
+    slot: int = 0
+
+
+@dataclass
+class RunOutcome:
+    exit_code: int | None
+    started_at: float
+    finished_at: float
+    backend: str
+    host: str = ""
+    accelerator: str = ""
+    log_path: Path | None = None  # the full log on disk (local), or
+    log_text: str = ""  # the full log in memory (sim)
+    timed_out: bool = False
+    cancelled: bool = False
+    infra_failure: bool = False
+    infra_reason: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def read_log(self) -> str:
+        if self.log_path is not None and self.log_path.is_file():
+            return self.log_path.read_text(errors="replace")
+        return self.log_text
+
+
+class Backend(Protocol):
+    name: str
+
+    @property
+    def slots(self) -> int:
+        """How many runs may go on at once."""
+        ...
+
+    def placement(self, slot: int) -> tuple[str, str]:
+        """(host, accelerator) a run on `slot` uses."""
+        ...
+
+    async def run(self, job: Job, on_line: LineCallback) -> RunOutcome:
+        """Run the job to the end (exit, timeout, cancel); never raises for a failed run."""
+        ...
+
+    async def cancel(self, run_id: str, reason: str = "") -> None:
+        """Stop a run now; its outcome says cancelled. Unknown run ids are ignored."""
+        ...
+
+
+def is_secret_name(name: str) -> bool:
+    upper = name.upper()
+    return upper.startswith(_SECRET_PREFIXES) or any(part in upper for part in _SECRET_PARTS)
+
+
+def scrubbed_env(profile: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a trainer process: ours minus credentials, plus its profile."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if not is_secret_name(k)}
+    env["NIGHTSHIFT_PROFILE"] = profile
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines of a log, where a carriage return (a progress bar's redraw) also ends a line."""
+    return re.split(r"\r\n|\r|\n", text)
+
+
+def log_tail(text: str, lines: int, max_chars: int = 16_000) -> str:
+    """The last `lines` non-empty lines (carriage returns count as line ends)."""
+    kept = [line for line in split_lines(text) if line.strip()][-lines:] if lines > 0 else []
+    tail = "\n".join(kept)
+    return tail[-max_chars:] + ("\n" if tail else "")

@@ -1,0 +1,271 @@
+"""The `local` backend: one subprocess per slot on this machine.
+
+Each run is `python <edit_file>` in its own run directory (a copy of the harness plus the
+variant's source) and its own process group, with a hard timeout that kills the whole
+group, secrets scrubbed from its environment, and stdout+stderr merged into `run.log`.
+A slot is a GPU (CUDA_VISIBLE_DEVICES) when `gpus` lists any, else a CPU slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from services.launcher.backend import MARKER, Job, LineCallback, RunOutcome, log_tail, scrubbed_env
+from services.telemetry import get_logger
+
+
+def _log() -> Any:
+    """Asked for at use time: a logger bound at import would miss the service's configuration."""
+    return get_logger(component="launcher.local")
+
+PREPARED_MARKER = ".nightshift-prepared"
+PREPARE_TIMEOUT_S = 3600.0
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(
+        self, runs_path: Path, gpus: str = "", slots: int = 1, grace_s: float = 5.0,
+        prepare_timeout_s: float = PREPARE_TIMEOUT_S,
+    ) -> None:
+        self.runs_path = Path(runs_path)
+        self.gpus = [g.strip() for g in gpus.split(",") if g.strip()]
+        self._slots = len(self.gpus) if self.gpus else max(1, slots)
+        self.grace_s = grace_s
+        self.prepare_timeout_s = prepare_timeout_s
+        self.host = socket.gethostname()
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._active: set[str] = set()
+        self._cancelled: dict[str, str] = {}
+        self._prepare_locks: dict[Path, asyncio.Lock] = {}
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    def placement(self, slot: int) -> tuple[str, str]:
+        if self.gpus:
+            return self.host, f"cuda:{self.gpus[slot % len(self.gpus)]}"
+        return self.host, "cpu"
+
+    def _env(self, job: Job) -> dict[str, str]:
+        env = scrubbed_env(job.profile)
+        env["CUDA_VISIBLE_DEVICES"] = self.gpus[job.slot % len(self.gpus)] if self.gpus else ""
+        # Replica 0 runs the source's own SEED; replica k > 0 another seed (train.py reads it).
+        env.pop("NIGHTSHIFT_SEED", None)
+        if job.replica > 0:
+            env["NIGHTSHIFT_SEED"] = str(job.replica)
+        return env
+
+    async def run(self, job: Job, on_line: LineCallback) -> RunOutcome:
+        self._active.add(job.run_id)
+        try:
+            return await self._run(job, on_line)
+        finally:
+            self._active.discard(job.run_id)
+            self._cancelled.pop(job.run_id, None)
+
+    async def _run(self, job: Job, on_line: LineCallback) -> RunOutcome:
+        host, accelerator = self.placement(job.slot)
+        started = time.time()
+        outcome = RunOutcome(None, started, started, self.name, host, accelerator)
+        run_dir = self.runs_path / job.campaign / job.run_id
+        try:
+            failure = await self.prepare(job.harness_dir, job.profile)
+            if failure:
+                return self._infra(outcome, failure)
+            log_path = self._make_run_dir(job, run_dir)
+        except OSError as exc:
+            return self._infra(outcome, f"cannot set up the run directory {run_dir}: {exc}")
+        outcome.log_path = log_path
+        if job.run_id not in self._cancelled:  # else it was cancelled while preparing
+            started_ok = await self._start_and_supervise(job, run_dir, log_path, on_line, outcome)
+            if not started_ok:
+                return outcome
+        reason = self._cancelled.pop(job.run_id, None)
+        if reason is not None:
+            outcome.cancelled = True
+            self._append(log_path, f"{MARKER} cancelled: {reason or 'by request'}")
+        elif outcome.timed_out:
+            self._append(log_path, f"{MARKER} timed out after {job.timeout_s:.0f}s; "
+                                   "the process group was killed")
+        outcome.finished_at = time.time()
+        return outcome
+
+    async def _start_and_supervise(
+        self, job: Job, run_dir: Path, log_path: Path, on_line: LineCallback,
+        outcome: RunOutcome,
+    ) -> bool:
+        """Run the trainer to its end; False (an infra outcome) when it cannot start."""
+        with log_path.open("ab") as sink:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, job.edit_file, cwd=run_dir, env=self._env(job),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                )
+            except OSError as exc:
+                self._infra(outcome, f"cannot start {sys.executable} {job.edit_file}: {exc}")
+                return False
+            self._procs[job.run_id] = proc
+            try:
+                await self._supervise(job, proc, sink, on_line, outcome)
+            finally:
+                self._procs.pop(job.run_id, None)
+        return True
+
+    async def _supervise(
+        self, job: Job, proc: asyncio.subprocess.Process, sink: BinaryIO,
+        on_line: LineCallback, outcome: RunOutcome,
+    ) -> None:
+        assert proc.stdout is not None
+        pump = asyncio.create_task(_pump(proc.stdout, sink, on_line))
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=job.timeout_s)
+        except TimeoutError:
+            outcome.timed_out = True
+            await self._kill_group(proc)
+        except asyncio.CancelledError:
+            await self._kill_group(proc)
+            raise
+        finally:
+            # Children that outlived the leader (dataloader workers, a stray `sleep`) die too.
+            _signal_group(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(pump, timeout=5.0)
+            pump.cancel()
+        outcome.exit_code = proc.returncode
+
+    async def _kill_group(self, proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM the process group, then SIGKILL it after the grace period."""
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=self.grace_s)
+        except TimeoutError:
+            pass
+        _signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+    async def cancel(self, run_id: str, reason: str = "") -> None:
+        if run_id not in self._active:
+            return
+        self._cancelled[run_id] = reason
+        proc = self._procs.get(run_id)
+        if proc is not None:  # else it is preparing: it stops before it starts
+            await self._kill_group(proc)
+
+    def _make_run_dir(self, job: Job, run_dir: Path) -> Path:
+        if not job.harness_dir.is_dir():
+            raise OSError(f"harness directory {job.harness_dir} does not exist")
+        if run_dir.exists():  # a redelivered run starts over
+            shutil.rmtree(run_dir)
+        shutil.copytree(job.harness_dir, run_dir,
+                        ignore=shutil.ignore_patterns(PREPARED_MARKER, ".prepare.*"))
+        (run_dir / job.edit_file).write_text(job.source)
+        log_path = run_dir / "run.log"
+        log_path.write_bytes(b"")
+        return log_path
+
+    def _infra(self, outcome: RunOutcome, reason: str) -> RunOutcome:
+        _log().warning("run_infra_failure", reason=reason)
+        outcome.infra_failure = True
+        outcome.infra_reason = reason
+        outcome.finished_at = time.time()
+        if outcome.log_path is None:
+            outcome.log_text = f"{MARKER} infrastructure failure: {reason}\n"
+        return outcome
+
+    @staticmethod
+    def _append(path: Path, line: str) -> None:
+        with path.open("a") as fh:
+            fh.write(f"\n{line}\n")
+
+    # --- prepare ------------------------------------------------------------------------
+
+    async def prepare(self, harness_dir: Path, profile: str) -> str:
+        """Run the harness's prepare.py once per harness directory; '' or why it failed."""
+        script = harness_dir / "prepare.py"
+        marker = harness_dir / PREPARED_MARKER
+        if not script.is_file() or marker.exists():
+            return ""
+        lock = self._prepare_locks.setdefault(harness_dir, asyncio.Lock())
+        async with lock:
+            lock_file = (harness_dir / ".prepare.lock").open("a")
+            try:
+                # Another launcher process on this machine may be preparing the same harness.
+                await asyncio.to_thread(fcntl.flock, lock_file, fcntl.LOCK_EX)
+                if marker.exists():
+                    return ""
+                return await self._run_prepare(harness_dir, profile, marker)
+            finally:
+                lock_file.close()  # releases the flock
+
+    async def _run_prepare(self, harness_dir: Path, profile: str, marker: Path) -> str:
+        log_path = harness_dir / ".prepare.log"
+        _log().info("prepare_started", harness=str(harness_dir))
+        with log_path.open("wb") as sink:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "prepare.py", cwd=harness_dir, env=scrubbed_env(profile),
+                stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=self.prepare_timeout_s)
+            except TimeoutError:
+                await self._kill_group(proc)
+                return f"prepare.py timed out after {self.prepare_timeout_s:.0f}s in {harness_dir}"
+            except asyncio.CancelledError:
+                await self._kill_group(proc)
+                raise
+        if proc.returncode != 0:
+            tail = log_tail(log_path.read_text(errors="replace"), 20)
+            return f"prepare.py failed (exit {proc.returncode}) in {harness_dir}:\n{tail}"
+        _write_marker(marker)
+        _log().info("prepare_finished", harness=str(harness_dir))
+        return ""
+
+
+def _write_marker(marker: Path) -> None:
+    marker.write_text(f"{time.time()}\n")
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _pump(stream: asyncio.StreamReader, sink: BinaryIO, on_line: LineCallback) -> None:
+    """Copy the process output to the log file, calling on_line for each complete line."""
+    pending = ""
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            break
+        sink.write(chunk)
+        sink.flush()
+        pending += chunk.decode(errors="replace")
+        *lines, pending = pending.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        pending = pending[-65536:]  # output with no line ends at all stays bounded
+        for line in lines:
+            if line.strip():
+                _call(on_line, line)
+    if pending.strip():
+        _call(on_line, pending)
+
+
+def _call(on_line: LineCallback, line: str) -> None:
+    try:
+        on_line(line)
+    except Exception as exc:  # a broken observer must not break the run
+        _log().warning("on_line_failed", error=repr(exc))

@@ -1,0 +1,202 @@
+"""The `sim` backend: a simulated fleet whose runs sleep instead of training.
+
+A run "trains" for sim_budget_s x sim_time_scale seconds of asyncio sleep (no subprocess,
+so hundreds of slots fit on two cores), emitting real-shaped progress lines, then ends with
+a log the evaluator parses like any run's: autoresearch's summary block with val_bpb from
+the landscape (reference: the campaign's seed), or a real-shaped failure (CUDA OOM
+traceback, divergence FAIL, the SyntaxError of a source that does not compile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import traceback
+
+from services.launcher import landscape as ls
+from services.launcher.backend import MARKER, Job, LineCallback, RunOutcome
+
+OVERHEAD_S = 25.0  # simulated start-up + evaluation seconds beyond the training budget
+PROGRESS_LINES = 5
+
+
+class SimBackend:
+    name = "sim"
+
+    def __init__(
+        self, slots: int = 1, budget_s: float = 300.0, time_scale: float = 0.002,
+        noise: float = 7e-4, failure_rate: float = 0.5, seed: int = 0, host: str = "sim",
+    ) -> None:
+        self._slots = max(1, slots)
+        self.budget_s = budget_s
+        self.time_scale = time_scale
+        self.noise = noise
+        self.failure_rate = failure_rate
+        self.seed = seed
+        self.host = host
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._cancelled: dict[str, str] = {}
+        self._landscapes: dict[str, ls.Landscape] = {}
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    def placement(self, slot: int) -> tuple[str, str]:
+        return self.host, "sim"
+
+    def landscape(self, reference: str) -> ls.Landscape:
+        found = self._landscapes.get(reference)
+        if found is None:
+            if len(self._landscapes) > 64:
+                self._landscapes.clear()
+            found = self._landscapes[reference] = ls.Landscape(reference, seed=self.seed)
+        return found
+
+    def observe(self, job: Job) -> ls.SimObservation:
+        try:
+            compile(job.source, job.edit_file, "exec")
+        except (SyntaxError, ValueError) as exc:
+            return ls.SimObservation(None, "crash", None, f"{type(exc).__name__}: {exc}")
+        reference = job.reference_source if job.reference_source is not None else job.source
+        try:
+            scape = self.landscape(reference)
+        except SyntaxError:
+            scape = ls.Landscape("", seed=self.seed)
+        return scape.observe(job.source, f"{self.seed}:{job.run_id}", self.noise,
+                             self.failure_rate)
+
+    async def run(self, job: Job, on_line: LineCallback) -> RunOutcome:
+        started = time.time()
+        obs = self.observe(job)
+        outcome = RunOutcome(None, started, started, self.name, self.host, "sim")
+        sim_seconds = _simulated_seconds(obs, self.budget_s)
+        limit = job.timeout_s
+        lines: list[str] = [f"sim: {job.run_id} on {self.host} (profile {job.profile})"]
+
+        def emit(line: str) -> None:
+            lines.append(line)
+            with contextlib.suppress(Exception):
+                on_line(line)
+
+        task = asyncio.create_task(self._train(obs, min(sim_seconds, limit), emit))
+        self._tasks[job.run_id] = task
+        try:
+            await task
+        except asyncio.CancelledError:
+            if job.run_id not in self._cancelled:
+                raise  # our own caller was cancelled, not the run
+            outcome.cancelled = True
+            lines.append(f"{MARKER} cancelled: {self._cancelled[job.run_id] or 'by request'}")
+        finally:
+            self._tasks.pop(job.run_id, None)
+            self._cancelled.pop(job.run_id, None)
+        if not outcome.cancelled:
+            if sim_seconds > limit:
+                outcome.timed_out = True
+                lines.append(f"{MARKER} timed out after {limit:.0f}s; the process group was killed")
+            else:
+                outcome.exit_code = _finish(job, obs, self.budget_s, lines)
+        outcome.log_text = "\n".join(lines) + "\n"
+        outcome.finished_at = time.time()
+        return outcome
+
+    async def _train(self, obs: ls.SimObservation, sim_seconds: float, emit: LineCallback) -> None:
+        """Sleep the scaled time, printing progress lines along the way."""
+        wall = sim_seconds * self.time_scale
+        if obs.failure == "crash":
+            await asyncio.sleep(wall)
+            return
+        total_steps = 953
+        loss0, loss1 = 9.0, 3.2 + (obs.true_val_bpb or 1.0)
+        train_fraction = min(sim_seconds / self.budget_s, 1.0) if self.budget_s > 0 else 1.0
+        for k in range(1, PROGRESS_LINES + 1):
+            await asyncio.sleep(wall / PROGRESS_LINES)
+            frac = train_fraction * k / PROGRESS_LINES
+            step = int(total_steps * frac)
+            loss = loss1 + (loss0 - loss1) * (1 - frac) ** 3
+            if obs.failure == "diverged" and k == PROGRESS_LINES:
+                loss = float("nan")
+            emit(f"step {step:05d} ({frac * 100:.1f}%) | loss: {loss:.6f} | lrm: 1.00 | "
+                 f"dt: 314ms | tok/sec: {1_668_123 + 1000 * k:,} | mfu: 39.8% | epoch: 1 | "
+                 f"remaining: {max(0.0, self.budget_s * (1 - frac)):.0f}s")
+
+    async def cancel(self, run_id: str, reason: str = "") -> None:
+        task = self._tasks.get(run_id)
+        if task is None or task.done():
+            return
+        self._cancelled[run_id] = reason
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.shield(task)
+
+
+def _simulated_seconds(obs: ls.SimObservation, budget_s: float) -> float:
+    """How long the simulated run lasts: an OOM dies at start, a divergence mid-way."""
+    if obs.failure == "crash":
+        return 1.0
+    if obs.failure == "oom":
+        return min(budget_s, 0.05 * budget_s + 10.0)
+    if obs.failure == "diverged":
+        return 0.3 * budget_s
+    return budget_s + OVERHEAD_S
+
+
+def _finish(job: Job, obs: ls.SimObservation, budget_s: float, lines: list[str]) -> int:
+    """Append the end of the log; return the exit code."""
+    if obs.failure == "crash":
+        lines.extend(_syntax_traceback(job))
+        return 1
+    if obs.failure == "oom":
+        lines.extend(_OOM_TRACEBACK)
+        return 1
+    if obs.failure == "diverged":
+        lines.append("FAIL")
+        return 1
+    lines.extend(summary_block(job.source, obs.val_bpb or 0.0, budget_s))
+    return 0
+
+
+def summary_block(source: str, val_bpb: float, budget_s: float) -> list[str]:
+    """DESIGN §5's block, with plausible numbers derived from the source's constants."""
+    try:
+        constants = ls.parse_constants(source)
+    except SyntaxError:
+        constants = {}
+    depth = int(constants.get("DEPTH", 8))
+    scale = (depth / 8) ** 3
+    steps = max(1, int(953 / max(scale, 0.05)))
+    return [
+        "---",
+        f"val_bpb:          {val_bpb:.6f}",
+        f"training_seconds: {budget_s + 0.1:.1f}",
+        f"total_seconds:    {budget_s + OVERHEAD_S + 0.9:.1f}",
+        f"peak_vram_mb:     {45060.2 * max(scale, 0.05):.1f}",
+        "mfu_percent:      39.80",
+        f"total_tokens_M:   {steps * 0.524288:.1f}",
+        f"num_steps:        {steps}",
+        f"num_params_M:     {50.3 * scale:.1f}",
+        f"depth:            {depth}",
+    ]
+
+
+def _syntax_traceback(job: Job) -> list[str]:
+    try:
+        compile(job.source, job.edit_file, "exec")
+    except (SyntaxError, ValueError) as exc:
+        return "".join(traceback.format_exception_only(exc)).rstrip("\n").split("\n")
+    return ["Traceback (most recent call last):", f'  File "{job.edit_file}", line 1',
+            "RuntimeError: simulated crash"]
+
+
+_OOM_TRACEBACK = [
+    "Traceback (most recent call last):",
+    '  File "train.py", line 512, in <module>',
+    "    loss = model(x, y)",
+    '  File "torch/nn/modules/module.py", line 1751, in _wrapped_call_impl',
+    "    return self._call_impl(*args, **kwargs)",
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a "
+    "total capacity of 79.19 GiB of which 1.21 GiB is free. Of the allocated memory 75.02 GiB "
+    "is allocated by PyTorch, and 1.30 GiB is reserved by PyTorch but unallocated.",
+]

@@ -1,0 +1,246 @@
+"""The launcher service end to end on a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tarfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services import contracts as c
+from services.bus import Bus
+from services.launcher import service
+from services.settings import Settings
+
+SEED = """import os
+DEPTH = 8
+MATRIX_LR = 0.04
+import helper
+print("step 00000 (0.0%) | loss: 9.000000 | lrm: 1.00 | dt: 10ms | tok/sec: 1,000 | x")
+print("---")
+print("val_bpb:          0.997900")
+print("num_steps:        " + str(helper.STEPS))
+"""
+
+
+def harness_tar(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"trainer/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+async def start_campaign(bus: Bus, name: str = "camp", source: str = SEED,
+                         **kw: object) -> c.CampaignStarted:
+    digest = await bus.put_source(source)
+    await bus.put_object(bus.sources_bucket, "harness-1", harness_tar({"helper.py": "STEPS = 7\n"}))
+    fields: dict[str, object] = dict(campaign=name, event_id=f"campaign:{name}",
+                                     seed_digest=digest, harness_key="harness-1",
+                                     run_timeout_s=600.0)
+    fields.update(kw)
+    campaign = c.CampaignStarted(**fields)  # type: ignore[arg-type]
+    await bus.save_campaign(campaign)
+    await bus.publish(campaign)
+    return campaign
+
+
+async def propose(bus: Bus, campaign: str, source: str) -> c.VariantProposed:
+    variant_id = c.variant_id_for(campaign, source)
+    event = c.VariantProposed(
+        campaign=campaign, event_id=f"proposed:{campaign}:{variant_id}", variant_id=variant_id,
+        parent_id=None, source_digest=await bus.put_source(source), diff="", title="baseline",
+    )
+    await bus.publish(event)
+    return event
+
+
+class Recorder:
+    """Every RunStarted / RunFinished in the stream, as it arrives."""
+
+    def __init__(self) -> None:
+        self.events: list[c.AnyEvent] = []
+        self.changed = asyncio.Event()
+
+    async def on_event(self, event: c.AnyEvent, seq: int) -> None:
+        self.events.append(event)
+        self.changed.set()
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    async def wait_for(self, predicate: Callable[[], object], within_s: float = 20.0) -> None:
+        async def loop() -> None:
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(loop(), within_s)
+
+
+@pytest.fixture
+async def recorder(bus: Bus) -> AsyncIterator[Recorder]:
+    rec = Recorder()
+    stop = asyncio.Event()
+    task = asyncio.create_task(bus.follow([c.RunStarted, c.RunFinished], rec.on_event, stop=stop))
+    yield rec
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+def settings(tmp_path: Path, **kw: object) -> Settings:
+    fields: dict[str, object] = dict(home=str(tmp_path / "home"), run_dir=str(tmp_path / "runs"),
+                                     launcher_id="test-launcher", slots=2)
+    fields.update(kw)
+    return Settings(**fields)  # type: ignore[arg-type]
+
+
+class Running:
+    def __init__(self, s: Settings, bus: Bus) -> None:
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(service.run(s, bus, self.stop))
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 15)
+
+
+async def test_a_proposed_variant_runs_and_finishes(bus: Bus, recorder: Recorder,
+                                                    tmp_path: Path) -> None:
+    await start_campaign(bus)
+    proposed = await propose(bus, "camp", SEED)
+    launcher = Running(settings(tmp_path), bus)
+    try:
+        await recorder.wait_for(lambda: recorder.of(c.RunFinished))
+    finally:
+        await launcher.close()
+    run_id = c.run_id_for(proposed.variant_id, "default", 0)
+    [started] = recorder.of(c.RunStarted)
+    [finished] = recorder.of(c.RunFinished)
+    assert (started.run_id, started.backend, started.host, started.attempt) == (
+        run_id, "local", started.host, 1)
+    assert finished.run_id == run_id and finished.exit_code == 0 and finished.attempt == 1
+    assert "val_bpb:          0.997900" in finished.log_tail
+    assert "num_steps:        7" in finished.log_tail  # the harness was there
+    log = (await bus.get_object(bus.logs_bucket, run_id)).decode()
+    assert log.endswith("num_steps:        7\n")
+    assert (tmp_path / "runs" / "harness" / "harness-1" / "trainer" / "helper.py").is_file()
+
+
+async def test_sim_runs_report_progress_fleet_status_and_honour_cancel(
+    bus: Bus, recorder: Recorder, tmp_path: Path
+) -> None:
+    await start_campaign(bus)
+    progress: list[c.AnyEvent] = []
+    fleet: list[c.AnyEvent] = []
+
+    async def on_progress(event: c.AnyEvent) -> None:
+        progress.append(event)
+
+    async def on_fleet(event: c.AnyEvent) -> None:
+        fleet.append(event)
+
+    await bus.subscribe_lossy(c.RunProgress, on_progress, subject="ns.run.progress.>")
+    await bus.subscribe_lossy(c.FleetStatus, on_fleet)
+    # 300 simulated seconds x 0.02 = 6 s: long enough to see progress and cancel it.
+    launcher = Running(settings(tmp_path, backend="sim", sim_time_scale=0.02, slots=3), bus)
+    try:
+        fast = await propose(bus, "camp", SEED)
+        await recorder.wait_for(lambda: recorder.of(c.RunStarted))
+        await asyncio.sleep(1.5)
+        run_id = c.run_id_for(fast.variant_id, "default", 0)
+        await bus.publish(c.RunCancel(campaign="camp", run_id=run_id, reason="early stop"))
+        await recorder.wait_for(lambda: recorder.of(c.RunFinished), within_s=10)
+    finally:
+        await launcher.close()
+    [finished] = recorder.of(c.RunFinished)
+    assert finished.cancelled and "[nightshift] cancelled: early stop" in finished.log_tail
+    assert progress and progress[0].run_id == run_id  # type: ignore[union-attr]
+    status = fleet[-1]
+    assert isinstance(status, c.FleetStatus) and status.launcher_id == "test-launcher"
+    assert status.slots == {"default": 3} and any(
+        isinstance(f, c.FleetStatus) and f.busy == {"default": 1} for f in fleet)
+
+
+async def test_stopped_campaigns_and_other_tiers_are_skipped(
+    bus: Bus, recorder: Recorder, tmp_path: Path
+) -> None:
+    await start_campaign(bus, "stopped")
+    await bus.mark_campaign_stopped("stopped", "stopped")
+    await start_campaign(bus, "fast-tier", tiers=["h100", "h200"])
+    await start_campaign(bus, "live")
+    await propose(bus, "stopped", SEED)
+    await propose(bus, "fast-tier", SEED)
+    live = await propose(bus, "live", SEED)
+    launcher = Running(settings(tmp_path, backend="sim", sim_time_scale=0.001), bus)
+    try:
+        await recorder.wait_for(lambda: recorder.of(c.RunFinished))
+        await asyncio.sleep(0.5)
+        info = await bus.js.consumer_info(bus.stream, "launcher-default")
+    finally:
+        await launcher.close()
+    assert [e.campaign for e in recorder.events] == ["live", "live"]
+    assert recorder.of(c.RunFinished)[0].variant_id == live.variant_id
+    assert info.num_pending == 0 and info.num_ack_pending == 0  # skipped ones were acked
+
+
+async def test_a_campaign_stopped_mid_run_cancels_its_runs(
+    bus: Bus, recorder: Recorder, tmp_path: Path
+) -> None:
+    await start_campaign(bus)
+    launcher = Running(settings(tmp_path, backend="sim", sim_time_scale=0.05), bus)
+    try:
+        await propose(bus, "camp", SEED)
+        await recorder.wait_for(lambda: recorder.of(c.RunStarted))
+        await bus.mark_campaign_stopped("camp", "stopped")
+        await recorder.wait_for(lambda: recorder.of(c.RunFinished), within_s=5)
+    finally:
+        await launcher.close()
+    [finished] = recorder.of(c.RunFinished)
+    assert finished.cancelled and "campaign stopped" in finished.log_tail
+
+
+async def test_a_missing_harness_is_published_as_infra_then_retried(
+    bus: Bus, recorder: Recorder, tmp_path: Path
+) -> None:
+    await start_campaign(bus, harness_key="no-such-harness")
+    await propose(bus, "camp", SEED)
+    launcher = Running(settings(tmp_path, backend="sim"), bus)
+    try:
+        await recorder.wait_for(lambda: len(recorder.of(c.RunFinished)) >= 2)
+    finally:
+        await launcher.close()
+    first, second = recorder.of(c.RunFinished)[:2]
+    assert first.infra_failure and "no-such-harness" in first.infra_reason
+    assert (first.attempt, second.attempt) == (1, 2)
+    assert not recorder.of(c.RunStarted)
+
+
+async def test_stopping_the_launcher_mid_run_hands_the_run_back(
+    bus: Bus, recorder: Recorder, tmp_path: Path
+) -> None:
+    await start_campaign(bus)
+    launcher = Running(settings(tmp_path, backend="sim", sim_time_scale=0.05), bus)
+    await propose(bus, "camp", SEED)
+    await recorder.wait_for(lambda: recorder.of(c.RunStarted))
+    await launcher.close()
+    assert not recorder.of(c.RunFinished)  # not reported as a cancelled run
+    again = Running(settings(tmp_path, backend="sim", sim_time_scale=0.001), bus)
+    try:
+        await recorder.wait_for(lambda: recorder.of(c.RunFinished))
+    finally:
+        await again.close()
+    [finished] = recorder.of(c.RunFinished)
+    assert finished.attempt >= 2 and finished.exit_code == 0
+
+
+def test_unknown_backends_are_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="skypilot"):
+        service.make_backend(settings(tmp_path, backend="skypilot"), "x")

@@ -311,7 +311,7 @@ class Bus:
                     await asyncio.wait_for(freed.wait(), timeout=1.0)
                 continue
             try:
-                msgs = await psub.fetch(free, timeout=1.0)
+                msgs = await fetch_available(psub, free, timeout=1.0)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
             except Exception as exc:  # broker away, consumer being recreated, ...
@@ -380,7 +380,7 @@ class Bus:
         idle = 0
         while not stop.is_set():
             try:
-                msgs = await psub.fetch(256, timeout=0.5)
+                msgs = await fetch_available(psub, 256, timeout=0.5)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 if caught_up is not None:
                     caught_up.set()
@@ -430,6 +430,20 @@ class Bus:
 
         return await self.nc.subscribe(subject or f"{self.prefix}.{event_type.subject_suffix}",
                                        cb=on_msg)
+
+
+async def fetch_available(psub: Any, batch: int, timeout: float) -> list[Msg]:
+    """Up to `batch` messages, returning as soon as at least one is there.
+
+    nats-py's fetch(n) long-polls until n messages arrive or the request expires, so a
+    consumer waiting for several would sit out the whole timeout while one message waits:
+    wait for one, then take whatever else is already pending without waiting.
+    """
+    msgs: list[Msg] = await psub.fetch(1, timeout=timeout)
+    if batch > 1:
+        with contextlib.suppress(nats.errors.TimeoutError, asyncio.TimeoutError):
+            msgs.extend(await psub.fetch(batch - 1, timeout=0.05))
+    return msgs
 
 
 def _release(in_hand: set[asyncio.Task[None]], freed: asyncio.Event, task: asyncio.Task[None]) -> None:

@@ -1,0 +1,77 @@
+"""Helpers for whole-system tests: settings, waiting on the ledger, reading the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from services.bus import Bus
+from services.contracts import AnyEvent, Event
+from services.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = REPO / "trainer" / "train.py"
+
+
+def sim_settings(home: Path, url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = dict(
+        nats_url=url, home=str(home), backend="sim", slots=4, campaign="e2e",
+        trainer_dir=str(REPO / "trainer"), max_experiments=30, http_port=0,
+        sim_budget_s=300.0, sim_time_scale=0.2 / 300.0, log_format="json", log_level="warning",
+    )
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def sim_env(home: Path, url: str, **overrides: str) -> dict[str, str]:
+    """Environment for services run as separate processes (distributed mode)."""
+    import os
+
+    env = dict(os.environ)
+    env.update({
+        "NATS_URL": url, "NIGHTSHIFT_HOME": str(home), "NIGHTSHIFT_BACKEND": "sim",
+        "NIGHTSHIFT_SLOTS": "4", "NIGHTSHIFT_HTTP_PORT": "0",
+        "NIGHTSHIFT_SIM_TIME_SCALE": str(0.2 / 300.0), "NIGHTSHIFT_LOG_FORMAT": "json",
+        "NIGHTSHIFT_TRAINER_DIR": str(REPO / "trainer"),
+    })
+    env.update(overrides)
+    return env
+
+
+async def history(bus: Bus, types: list[type[Event]]) -> list[AnyEvent]:
+    """Every stored event of these types, in stream order."""
+    found: list[AnyEvent] = []
+    caught_up = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def collect(event: AnyEvent, _: int) -> None:
+        found.append(event)
+
+    task = asyncio.create_task(bus.follow(types, collect, stop=stop, caught_up=caught_up))
+    await asyncio.wait_for(caught_up.wait(), 20)
+    stop.set()
+    await task
+    return found
+
+
+async def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+def ledger_rows(db: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return list(conn.execute(sql, args))
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()

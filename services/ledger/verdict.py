@@ -1,0 +1,109 @@
+"""Keep decisions in the ledger: after a result, update the variant's verdict and the best.
+
+The rule itself (strict, later noise-aware) is a pure function in `keep.py`; this module
+reads the runs it needs and writes the outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+
+from services import contracts
+from services.contracts import BestUpdated, Event, ResultEvaluated
+from services.ledger import keep
+
+
+def event_key(event: Event) -> str:
+    """The event's id, or a content hash for an event published without one."""
+    if event.event_id:
+        return event.event_id
+    return "sha256:" + hashlib.sha256(contracts.encode(event)).hexdigest()
+
+
+def _ok_values(conn: sqlite3.Connection, variant_id: str) -> list[float]:
+    rows = conn.execute(
+        "SELECT value FROM results WHERE variant_id = ? AND status = 'ok' AND value IS NOT NULL "
+        "ORDER BY seq",
+        (variant_id,),
+    )
+    return [float(r["value"]) for r in rows]
+
+
+def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> list[Event]:
+    """Update the variant's verdict after a result; return a BestUpdated when it is kept."""
+    camp = conn.execute(
+        "SELECT direction, keep_rule, best_variant_id, best_value FROM campaigns WHERE name = ?",
+        (ev.campaign,),
+    ).fetchone()
+    var = conn.execute(
+        "SELECT status, source_digest FROM variants WHERE variant_id = ?", (ev.variant_id,)
+    ).fetchone()
+    ok = _ok_values(conn, ev.variant_id)
+    value = keep.mean(ok) if ok else None
+    conn.execute(
+        "UPDATE variants SET value = ?, ok_runs = ? WHERE variant_id = ?",
+        (value, len(ok), ev.variant_id),
+    )
+    if camp["best_variant_id"] == ev.variant_id:
+        if value is not None:  # a replicate of the best refines its mean
+            conn.execute(
+                "UPDATE campaigns SET best_value = ?, best_runs = ? WHERE name = ?",
+                (value, len(ok), ev.campaign),
+            )
+        return []
+    rule_name, rule = keep.rule_for(camp["keep_rule"])
+    if not ok:
+        statuses = [r["status"] for r in conn.execute(
+            "SELECT status FROM results WHERE variant_id = ?", (ev.variant_id,))]
+        if keep.failure_status(statuses) and var["status"] == "pending":
+            _set_status(conn, ev, "crash", None, 0, rule_name, camp)
+        return []
+    best_id = camp["best_variant_id"]
+    decision = rule(ok, _ok_values(conn, best_id) if best_id else None, camp["direction"])
+    if decision == "undecided":
+        return []
+    if decision == "discard":
+        if var["status"] != "keep":  # a variant once kept stays `keep` in the history
+            _set_status(conn, ev, "discard", value, len(ok), rule_name, camp)
+        return []
+    assert value is not None
+    _set_status(conn, ev, "keep", value, len(ok), rule_name, camp)
+    conn.execute(
+        "UPDATE campaigns SET best_variant_id = ?, best_value = ?, best_runs = ? WHERE name = ?",
+        (ev.variant_id, value, len(ok), ev.campaign),
+    )
+    conn.execute(
+        "INSERT INTO best_history(campaign, variant_id, value, previous_variant_id, "
+        "previous_value, ts) VALUES (?, ?, ?, ?, ?, ?)",
+        (ev.campaign, ev.variant_id, value, best_id, camp["best_value"], ev.ts),
+    )
+    return [BestUpdated(
+        campaign=ev.campaign,
+        event_id=contracts.event_id_for("best", ev.campaign, ev.variant_id),
+        ts=ev.ts,
+        variant_id=ev.variant_id,
+        source_digest=var["source_digest"] or "",
+        value=value,
+        runs=len(ok),
+        previous_variant_id=best_id,
+        previous_value=camp["best_value"],
+        rule=rule_name,
+    )]
+
+
+def _set_status(
+    conn: sqlite3.Connection, ev: ResultEvaluated, status: str, value: float | None, runs: int,
+    rule: str, camp: sqlite3.Row,
+) -> None:
+    conn.execute(
+        "UPDATE variants SET status = ?, decided_at = ? WHERE variant_id = ?",
+        (status, ev.ts, ev.variant_id),
+    )
+    conn.execute(
+        "INSERT OR REPLACE INTO keep_decisions(event_id, campaign, variant_id, run_id, status, "
+        "value, runs, rule, best_before_variant_id, best_before_value, decided_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (event_key(ev), ev.campaign, ev.variant_id, ev.run_id, status, value, runs, rule,
+         camp["best_variant_id"], camp["best_value"], ev.ts),
+    )

@@ -1,0 +1,294 @@
+"""The ledger projection: idempotency, keep rule, attempts, out-of-order events, results.tsv."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.contracts import (
+    BestUpdated,
+    CampaignStarted,
+    CampaignStopped,
+    DeadLettered,
+    Direction,
+    Event,
+    ProposerHalted,
+    ResultEvaluated,
+    RunRequested,
+    VariantProposed,
+    event_id_for,
+    run_id_for,
+    source_digest,
+    variant_id_for,
+)
+from services.ledger import keep, queries
+from services.ledger.db import open_db
+from services.ledger.projection import apply_event
+from services.ledger.synthetic import SEED_SOURCE, Item, synthetic_campaign
+
+
+def dump(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    tables = [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    return {t: [tuple(r) for r in conn.execute(f"SELECT * FROM {t} ORDER BY rowid")]
+            for t in tables}
+
+
+def apply_all(conn: sqlite3.Connection, items: list[Item]) -> list[Event]:
+    out: list[Event] = []
+    for event, source, log in items:
+        out.extend(apply_event(conn, event, source_text=source, log_text=log))
+    return out
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> sqlite3.Connection:
+    return open_db(tmp_path / "ledger.db")
+
+
+# --- keep rule --------------------------------------------------------------------------
+
+
+def test_strict_minimize_and_maximize() -> None:
+    assert keep.strict([1.0], None, "minimize") == "keep"
+    assert keep.strict([0.99], [1.0], "minimize") == "keep"
+    assert keep.strict([1.01], [1.0], "minimize") == "discard"
+    assert keep.strict([1.01], [1.0], "maximize") == "keep"
+    assert keep.strict([0.99], [1.0], "maximize") == "discard"
+    assert keep.strict([], [1.0], "minimize") == "undecided"
+
+
+def test_strict_ties_are_not_improvements() -> None:
+    assert keep.strict([1.0], [1.0], "minimize") == "discard"
+    assert keep.strict([1.0], [1.0], "maximize") == "discard"
+    assert keep.strict([0.9, 1.1], [1.0], "minimize") == "discard"  # means tie
+    assert keep.strict([0.9, 1.0], [1.0, 0.96], "minimize") == "keep"  # 0.95 < 0.98
+
+
+def test_rule_for_unknown_falls_back_to_strict() -> None:
+    assert keep.rule_for("noise-aware")[0] == "strict"
+    assert keep.failure_status(["infra", "infra"]) is None
+    assert keep.failure_status(["infra", "oom"]) == "crash"
+
+
+# --- idempotency ------------------------------------------------------------------------
+
+
+def test_apply_twice_changes_nothing_and_returns_same_outbox(tmp_path: Path) -> None:
+    items = synthetic_campaign(variants=10)
+    once = open_db(tmp_path / "once.db")
+    twice = open_db(tmp_path / "twice.db")
+    out_once = apply_all(once, items)
+    out_twice: list[Event] = []
+    for event, source, log in items:
+        first = apply_event(twice, event, source_text=source, log_text=log)
+        again = apply_event(twice, event, source_text=source, log_text=log)
+        assert first == again
+        out_twice.extend(first)
+    assert apply_all(twice, items) == out_once  # a full replay: the same outbox again
+    assert out_once == out_twice
+    assert dump(once) == dump(twice)
+    assert all(isinstance(e, BestUpdated) for e in out_once)
+    top = out_once[0]
+    assert isinstance(top, BestUpdated)
+    assert top.event_id == event_id_for("best", "synthetic", top.variant_id)
+
+
+def test_event_without_id_is_applied_once(conn: sqlite3.Connection) -> None:
+    halt = ProposerHalted(campaign="c", reason="budget", detail="$5 spent", ts=1.0)
+    apply_event(conn, halt)
+    apply_event(conn, halt)
+    assert conn.execute("SELECT COUNT(*) FROM proposer_halts").fetchone()[0] == 1
+    assert queries.campaign(conn, "c")["halted_reason"] == "budget"  # type: ignore[index]
+
+
+# --- a synthetic campaign ---------------------------------------------------------------
+
+
+def test_synthetic_campaign_best_is_minimum(conn: sqlite3.Connection) -> None:
+    items = synthetic_campaign(variants=10, seed=3)
+    outbox = apply_all(conn, items)
+    oks = [e for e, _, _ in items if isinstance(e, ResultEvaluated) and e.status == "ok"]
+    best_event = min(oks, key=lambda e: e.value or 0.0)
+    best = queries.best(conn, "synthetic")
+    assert best is not None
+    assert best["variant_id"] == best_event.variant_id
+    assert best["value"] == pytest.approx(best_event.value)
+    assert best["source"] is not None and "LR" in best["source"]
+    assert outbox[-1].variant_id == best_event.variant_id  # type: ignore[attr-defined]
+    # every BestUpdated improves on the one before
+    values = [e.value for e in outbox if isinstance(e, BestUpdated)]
+    assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
+
+    summary = queries.campaign_summary(conn, "synthetic")
+    assert summary is not None
+    assert summary["status"] == "completed"
+    assert summary["counts"]["proposed"] == 10
+    assert summary["counts"]["results"] == {"ok": 8, "crash": 2}
+    assert summary["llm"]["usd"] == pytest.approx(0.09)
+
+
+def test_results_tsv_agrees_with_variants(conn: sqlite3.Connection) -> None:
+    apply_all(conn, synthetic_campaign(variants=10, seed=5))
+    tsv = queries.results_tsv(conn, "synthetic")
+    assert tsv is not None
+    lines = tsv.splitlines()
+    assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+    variants = {v["variant_id"]: v for v in queries.list_variants(conn, "synthetic", limit=1000)}
+    assert len(lines) == 1 + len(variants)
+    assert lines[1].split("\t")[4] == "baseline" and lines[1].split("\t")[3] == "keep"
+    for line in lines[1:]:
+        commit, value, memory, status, title = line.split("\t")
+        v = variants[commit]
+        assert status == v["status"] and title == v["title"]
+        if status == "crash":
+            assert (value, memory) == ("0.000000", "0.0")
+        else:
+            assert value == f"{v['value']:.6f}" and memory == "2.0"
+    assert sum(1 for line in lines if line.endswith("\tkeep\t") or "\tkeep\t" in line) >= 1
+
+
+def test_list_variants_sort_filter_page(conn: sqlite3.Connection) -> None:
+    apply_all(conn, synthetic_campaign(variants=10, seed=1))
+    by_value = queries.list_variants(conn, "synthetic", limit=1000)
+    values = [v["value"] for v in by_value if v["value"] is not None]
+    assert values == sorted(values)
+    assert by_value[-1]["value"] is None  # unmeasured (crashed) last
+    desc = queries.list_variants(conn, "synthetic", sort="time", order="desc", limit=3)
+    assert [v["proposed_at"] for v in desc] == sorted([v["proposed_at"] for v in desc],
+                                                      reverse=True)
+    page = queries.list_variants(conn, "synthetic", sort="time", limit=3, offset=3)
+    assert len(page) == 3 and page[0]["wave"] >= 1
+    assert {v["status"] for v in queries.list_variants(conn, "synthetic", status="crash")} == {
+        "crash"}
+
+
+def test_lineage_and_diff(conn: sqlite3.Connection) -> None:
+    apply_all(conn, synthetic_campaign(variants=3))
+    child = queries.list_variants(conn, "synthetic", sort="time")[2]
+    chain = queries.lineage(conn, child["variant_id"])
+    assert chain is not None
+    assert [c["title"] for c in chain] == ["baseline", child["title"]]
+    diff = queries.variant_diff(conn, child["variant_id"])
+    assert diff is not None and "-LR = 0.04\n" in diff and "+LR = 0.042\n" in diff
+    root = queries.variant_diff(conn, chain[0]["variant_id"])
+    assert root is not None and root.startswith("--- /dev/null")
+    assert queries.lineage(conn, "nope") is None
+
+
+# --- attempts, infra, out of order ------------------------------------------------------
+
+
+def _campaign(name: str = "c", direction: Direction = "minimize") -> Item:
+    return (CampaignStarted(campaign=name, event_id=f"cs-{name}", ts=1.0, seed_digest="d",
+                            harness_key="h", direction=direction), None, None)
+
+
+def _proposal(i: int, name: str = "c") -> tuple[Item, str]:
+    source = SEED_SOURCE + f"X = {i}\n"
+    vid = variant_id_for(name, source)
+    return (VariantProposed(campaign=name, event_id=f"vp-{vid}", ts=2.0 + i, variant_id=vid,
+                            parent_id=None, source_digest=source_digest(source), diff="",
+                            title=f"v{i}"), source, None), vid
+
+
+def _result(vid: str, status: str, value: float | None, replica: int = 0, attempt: int = 1,
+            ts: float = 10.0) -> Item:
+    run_id = run_id_for(vid, "default", replica)
+    return (ResultEvaluated(campaign="c", event_id=f"r-{run_id}-{attempt}", ts=ts, run_id=run_id,
+                            variant_id=vid, tier="default", replica=replica, attempt=attempt,
+                            status=status, value=value), None, None)  # type: ignore[arg-type]
+
+
+def test_later_attempt_replaces_result_and_infra_is_no_verdict(conn: sqlite3.Connection) -> None:
+    (prop, vid) = _proposal(0)
+    apply_all(conn, [_campaign(), prop, _result(vid, "infra", None)])
+    assert queries.variant(conn, vid)["status"] == "pending"  # type: ignore[index]
+    tsv = queries.results_tsv(conn, "c") or ""
+    assert tsv.splitlines()[1].split("\t")[3] == "crash"
+    out = apply_all(conn, [_result(vid, "ok", 1.0, attempt=2)])
+    assert [e.variant_id for e in out] == [vid]  # type: ignore[attr-defined]
+    rows = conn.execute("SELECT attempt, status FROM results").fetchall()
+    assert [tuple(r) for r in rows] == [(2, "ok")]
+    # a late message about attempt 1 changes nothing
+    assert apply_all(conn, [_result(vid, "crash", None, attempt=1, ts=11.0)]) == []
+    assert conn.execute("SELECT status FROM results").fetchone()[0] == "ok"
+    assert queries.variant(conn, vid)["status"] == "keep"  # type: ignore[index]
+
+
+def test_crash_then_replicate_mean_and_ties(conn: sqlite3.Connection) -> None:
+    (p0, v0), (p1, v1), (p2, v2) = (_proposal(i) for i in range(3))
+    out = apply_all(conn, [_campaign(), p0, p1, p2, _result(v0, "ok", 1.0),
+                           _result(v1, "oom", None), _result(v2, "ok", 1.0)])
+    assert len(out) == 1
+    statuses = {v["variant_id"]: v["status"] for v in queries.list_variants(conn, "c")}
+    assert statuses == {v0: "keep", v1: "crash", v2: "discard"}  # a tie is not kept
+    # a replicate of the best refines its mean without a new BestUpdated
+    assert apply_all(conn, [_result(v0, "ok", 1.02, replica=1)]) == []
+    assert queries.best(conn, "c")["value"] == pytest.approx(1.01)  # type: ignore[index]
+    # v1 crashed once, then an ok replicate beats the best's mean
+    out = apply_all(conn, [_result(v1, "ok", 1.005, replica=1)])
+    assert [e.previous_variant_id for e in out] == [v0]  # type: ignore[attr-defined]
+    assert out[0].previous_value == pytest.approx(1.01)  # type: ignore[attr-defined]
+    history = queries.best_history(conn, "c")
+    assert [h["variant_id"] for h in history] == [v0, v1]
+
+
+def test_maximize_campaign(conn: sqlite3.Connection) -> None:
+    (p0, v0), (p1, v1) = (_proposal(i) for i in range(2))
+    apply_all(conn, [_campaign(direction="maximize"), p0, p1, _result(v0, "ok", 0.5),
+                     _result(v1, "ok", 0.7)])
+    assert queries.best(conn, "c")["variant_id"] == v1  # type: ignore[index]
+
+
+def test_out_of_order_events_fill_placeholders(conn: sqlite3.Connection) -> None:
+    (prop, vid) = _proposal(0)
+    run_id = run_id_for(vid, "default", 0)
+    apply_all(conn, [_result(vid, "ok", 1.0)])  # before the campaign and the proposal
+    assert queries.variant(conn, vid)["title"] == ""  # type: ignore[index]
+    apply_all(conn, [prop, _campaign(),
+                     (RunRequested(campaign="c", event_id="rr", ts=3.0, run_id=run_id,
+                                   variant_id=vid, source_digest="d", tier="default",
+                                   replica=0, reason="replicate"), None, None)])
+    found = queries.variant(conn, vid)
+    assert found is not None and found["title"] == "v0" and found["status"] == "keep"
+    assert queries.variant_source(conn, vid) is not None
+    assert queries.run(conn, run_id)["request_reason"] == "replicate"  # type: ignore[index]
+    assert queries.campaign(conn, "c")["config"]["direction"] == "minimize"  # type: ignore[index]
+
+
+def test_dead_letters_recorded(conn: sqlite3.Connection) -> None:
+    dead = DeadLettered(campaign="c", event_id="dead:ledger:7", subject_name="ns.run.finished",
+                        stream_seq=7, consumer="ledger", error="boom")
+    apply_all(conn, [_campaign(), (dead, None, None), (dead, None, None)])
+    assert [d["stream_seq"] for d in queries.dead_letters(conn, "c")] == [7]
+    assert queries.campaign_summary(conn, "c")["counts"]["dead_letters"] == 1  # type: ignore[index]
+
+
+def test_throughput(tmp_path: Path) -> None:
+    """The ledger keeps up with a fleet: a few hundred events/s needed, far more measured."""
+    conn = open_db(tmp_path / "bench.db")
+    items = synthetic_campaign(variants=400, stop=False)
+    start = time.perf_counter()
+    apply_all(conn, items)
+    rate = len(items) / (time.perf_counter() - start)
+    print(f"ledger projection: {rate:.0f} events/s ({len(items)} events)")
+    assert rate > 300
+
+
+def test_restarted_campaign_runs_again_but_a_late_start_does_not_reopen(
+    conn: sqlite3.Connection,
+) -> None:
+    stop = CampaignStopped(campaign="c", event_id="stop-1", ts=5.0, reason="stopped")
+    apply_all(conn, [(stop, None, None), _campaign()])  # the start (ts 1) arrives late
+    assert queries.campaign(conn, "c")["status"] == "stopped"  # type: ignore[index]
+    restart = CampaignStarted(campaign="c", event_id="cs-2", ts=9.0, seed_digest="d",
+                              harness_key="h")
+    apply_all(conn, [(restart, None, None)])
+    found = queries.campaign(conn, "c")
+    assert found is not None and found["status"] == "running" and found["stop_reason"] is None
+    assert found["started_at"] == 1.0

@@ -41,6 +41,7 @@ class Settings(msgspec.Struct, kw_only=True):
     run_dir: str = ""  # default: <home>/runs
     gpus: str = ""  # comma-separated CUDA device ids, one slot each ("" = CPU slots)
     log_tail_lines: int = 60
+    ack_wait_s: float = 30.0  # a run whose launcher stops heartbeating is redelivered after this
     sim_time_scale: float = 0.002  # sim: seconds of wall time per second of budget
     sim_budget_s: float = 300.0  # sim: the training budget a simulated run "trains" for
     sim_noise: float = 7e-4  # sim: run-to-run spread of val_bpb (std)
@@ -54,6 +55,11 @@ class Settings(msgspec.Struct, kw_only=True):
     model: str = ""  # claude: default model when empty
     budget_usd: float = 0.0  # claude: 0 = no cap
     budget_requests: int = 0  # claude: 0 = no cap
+    claude_timeout_s: float = 240.0  # claude: one request (the SDK's timeout)
+    claude_max_retries: int = 4  # claude: SDK retries on 429 / 5xx / 529 overloaded
+    claude_max_tokens: int = 32000  # claude: output budget of one request, thinking included
+    claude_effort: str = ""  # claude: output_config.effort when set
+    claude_price: str = ""  # claude: "$in,$out[,$cache_write,$cache_read]" per million tokens
 
     # --- campaign -------------------------------------------------------------------
     campaign: str = "default"

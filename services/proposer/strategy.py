@@ -46,6 +46,11 @@ class ProposalRequest:
     direction: str = "minimize"
     program: str = ""  # program.md: the researcher's rules, when the trainer ships one
     edit_file: str = "train.py"
+    # What this campaign's proposer has spent so far, from the history (so a restarted
+    # proposer keeps to its budget): the sum of llm_cost.usd over its variants, and the
+    # number of LLM proposal requests (waves) that produced them.
+    spent_usd: float = 0.0
+    requests_made: int = 0
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,11 @@ ever proposed; it stays under a size limit; it leaves the harness alone.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import dataclass
 
-from services.contracts import variant_id_for
+from services.contracts import normalize_source, variant_id_for
 
 MAX_SOURCE_BYTES = 200_000
 
@@ -78,11 +79,19 @@ def _summary_sites(tree: ast.AST) -> int:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _parent_summary_sites(parent_source: str) -> int | None:
+    """Summary-key sites of a parent (cached: a wave validates many variants of one parent)."""
+    try:
+        return _summary_sites(ast.parse(parent_source))
+    except SyntaxError:
+        return None
+
+
 def _summary_print_change(tree: ast.AST, parent_source: str) -> list[str]:
     """A variant may not add places that print summary keys beyond what its parent has."""
-    try:
-        parent_sites = _summary_sites(ast.parse(parent_source))
-    except SyntaxError:
+    parent_sites = _parent_summary_sites(parent_source)
+    if parent_sites is None:
         return []
     sites = _summary_sites(tree)
     if sites > parent_sites:
@@ -91,7 +100,7 @@ def _summary_print_change(tree: ast.AST, parent_source: str) -> list[str]:
     return []
 
 
-_LITERAL_RESULT = re.compile(r"^\s*(%s):\s*[-+]?\d" % "|".join(SUMMARY_KEYS))
+_LITERAL_RESULT = re.compile(r"^\s*(" + "|".join(SUMMARY_KEYS) + r"):\s*[-+]?\d")
 
 
 def _harness_violations(tree: ast.AST) -> list[str]:
@@ -128,3 +137,29 @@ def _file_access_violations(call: ast.Call) -> list[str]:
             if path.startswith(("/", "~")) or ".." in path.split("/"):
                 return [f"reads a file outside its run directory ({path!r}, line {call.lineno})"]
     return []
+
+
+def build_variant(
+    parent_source: str,
+    edits: list[Edit],
+    *,
+    campaign: str,
+    known_ids: set[str],
+    max_bytes: int = MAX_SOURCE_BYTES,
+    filename: str = "train.py",
+) -> tuple[str | None, list[str]]:
+    """Apply edits to the parent and check the result: (source, []) or (None, reasons).
+
+    The one check every proposed variant passes, whoever proposed it: the edits apply
+    exactly once each, and validate_source finds nothing wrong with the result.
+    """
+    source, reasons = apply_edits(parent_source, edits)
+    if source is None:
+        return None, reasons
+    if normalize_source(source) == normalize_source(parent_source):
+        return None, ["the edits leave the parent unchanged"]
+    reasons = validate_source(
+        source, campaign=campaign, known_ids=known_ids, max_bytes=max_bytes,
+        filename=filename, parent_source=parent_source,
+    )
+    return (None, reasons) if reasons else (source, [])

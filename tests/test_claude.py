@@ -12,7 +12,7 @@ from services.contracts import CampaignStarted, ProposerConfig, variant_id_for
 from services.proposer.claude import ClaudeStrategy, ClaudeUnavailable, build_claude_strategy
 from services.proposer.prompt import TOOL_NAME
 from services.proposer.strategy import BudgetExhausted, ProposalRequest, ResultRow
-from services.settings import Settings
+from services.settings import Settings, load_settings
 from tests.fake_anthropic import (
     FakeAnthropic,
     error,
@@ -87,7 +87,7 @@ Make = Callable[..., ClaudeStrategy]
 @pytest.fixture
 def make(fake: FakeAnthropic) -> Make:
     def build(settings: Settings | None = None, **proposer: Any) -> ClaudeStrategy:
-        strategy = build_claude_strategy(settings or Settings(), campaign(**proposer))
+        strategy = build_claude_strategy(settings or load_settings(), campaign(**proposer))
         assert strategy is not None
         return strategy
     return build

@@ -356,14 +356,6 @@ def load_api_key(env: dict[str, str] | None = None) -> str | None:
     return key or None
 
 
-def _setting(settings: Settings, name: str, default: str) -> str:
-    """A setting the lead may add to Settings later; the env var NIGHTSHIFT_<NAME> meanwhile."""
-    value = getattr(settings, name, None)
-    if value not in (None, ""):
-        return str(value)
-    return os.environ.get(f"NIGHTSHIFT_{name.upper()}", "") or default
-
-
 def build_claude_strategy(settings: Settings, campaign: CampaignStarted) -> ClaudeStrategy | None:
     """The claude strategy for a campaign, or None when no API key is configured."""
     key = load_api_key()
@@ -371,7 +363,7 @@ def build_claude_strategy(settings: Settings, campaign: CampaignStarted) -> Clau
         return None
     proposer = campaign.proposer
     model = proposer.model or settings.model or DEFAULT_MODEL
-    price_text = _setting(settings, "claude_price", "")
+    price_text = settings.claude_price
     price, known = price_for(model, parse_price(price_text) if price_text else None)
     log = get_logger(campaign=campaign.campaign, strategy="claude", model=model)
     if not known:
@@ -381,14 +373,14 @@ def build_claude_strategy(settings: Settings, campaign: CampaignStarted) -> Clau
         model=model,
         budget_usd=proposer.budget_usd or settings.budget_usd,
         budget_requests=proposer.budget_requests or settings.budget_requests,
-        max_tokens=int(_setting(settings, "claude_max_tokens", "32000")),
-        effort=_setting(settings, "claude_effort", ""),
+        max_tokens=settings.claude_max_tokens,
+        effort=settings.claude_effort,
         price=price,
     )
     client = anthropic.AsyncAnthropic(
         api_key=key,
-        max_retries=int(_setting(settings, "claude_max_retries", "4")),
-        timeout=float(_setting(settings, "claude_timeout_s", "240")),
+        max_retries=settings.claude_max_retries,
+        timeout=settings.claude_timeout_s,
     )
     log.info("claude_strategy_ready", budget_usd=config.budget_usd,
              budget_requests=config.budget_requests, forced_tool=model not in NO_FORCED_TOOL_CHOICE)

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from services.settings import Settings, SettingsError, load_settings
@@ -100,9 +99,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return asyncio.run(up(settings))
     if args.command in ("status", "best", "results"):
-        from services import ledger_client
+        from services.ledger_client import show
 
-        return ledger_client.show(args.command, settings, args)
+        return show(args.command, settings, args)
     if args.command == "campaign":
         return asyncio.run(_campaign(args, settings))
     if args.command == "bench":
@@ -141,5 +140,3 @@ async def _campaign(args: argparse.Namespace, settings: Settings) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["main", "build_parser", "Path"]

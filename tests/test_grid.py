@@ -196,6 +196,7 @@ def test_never_repeats_and_exhausts_when_nothing_is_in_flight() -> None:
     # N_LAYER = 1 can only go up; ints stay >= 1 and different from the original.
     assert sorted(titles) == sorted([
         "X_LR 0.1 -> 0.05", "X_LR 0.1 -> 0.2", "X_LR 0.1 -> 0.07", "X_LR 0.1 -> 0.14",
+        "X_LR 0.1 -> 0.085", "X_LR 0.1 -> 0.118",
         "N_LAYER 1 -> 2",
     ])
     # Something still in flight: "try later", not exhausted.

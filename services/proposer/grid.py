@@ -8,7 +8,8 @@ Every wave is planned from the request alone (deterministic, restart-safe):
    yet run (AB, AC, BC, ABC, or a winner transplanted onto a new parent) come first.
 2. One-factor moves around the current parent (the best so far, so the grid re-centres on
    every new best): coarse steps (x0.5, x2 in log space for positive values; additive for
-   zero and negative ones), then finer ones (x0.7, x1.4). Moves never tried from any parent
+   zero and negative ones), then finer ones (x0.7, x1.4, then x0.85, x1.18). Moves never
+   tried from any parent
    come before moves that were tried and were neutral, and losers come last.
 
 A move is written in the title as `NAME old -> new` (joined by ` + ` for combinations),
@@ -34,6 +35,8 @@ from services.proposer.strategy import (
 
 COARSE = (0.5, 2.0)
 FINE = (0.7, 1.4)
+FINER = (0.85, 1.18)  # a large fleet runs out of coarser points around one parent
+LEVELS = (COARSE, FINE, FINER)
 MAX_FACTORS = 3  # 2x2x2 at most
 
 # Not hyperparameters: perturbing them only samples noise or breaks the harness.
@@ -221,16 +224,17 @@ def _one_factor(consts: list[Constant], outcomes: _Outcomes, busy: set[Move],
                 None)
     order = list(consts)
     rng.shuffle(order)
-    tiers: list[list[tuple[Move, ...]]] = [[], [], [], []]
-    for fine, factors in ((False, COARSE), (True, FINE)):
+    # Untried moves level by level, then neutral ones, then losers.
+    tiers: list[list[tuple[Move, ...]]] = [[] for _ in range(len(LEVELS) + 2)]
+    for level, factors in enumerate(LEVELS):
         for const in order:
-            for value in step_values(const, head, factors, fine):
+            for value in step_values(const, head, factors, level > 0):
                 move = Move(const.name, const.text, format_value(const, value))
                 tried = outcomes.gains.get(move)
                 if tried is None and move not in busy:
-                    tier = 1 if fine else 0
+                    tier = level
                 else:
-                    tier = 3 if tried is not None and tried < 0 else 2
+                    tier = len(LEVELS) + (1 if tried is not None and tried < 0 else 0)
                 tiers[tier].append((move,))
     return [moves for tier in tiers for moves in tier]
 
@@ -292,7 +296,7 @@ class GridStrategy:
         if not proposals and not request.in_flight_titles and request.k > 0:
             raise StrategyExhausted(
                 f"every grid point around {request.parent_id} has been tried "
-                f"({len(consts)} constants, coarse and fine steps, factorial combinations); "
+                f"({len(consts)} constants, steps down to x0.85/x1.18, factorial combinations); "
                 "start a campaign with the claude strategy to go further"
             )
         return proposals

@@ -7,7 +7,7 @@ ever proposed; it stays under a size limit; it leaves the harness alone.
 from __future__ import annotations
 
 import ast
-import functools
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -55,7 +55,12 @@ def validate_source(
     filename: str = "train.py",
     parent_source: str | None = None,
 ) -> list[str]:
-    """Reasons the source may not be published; [] when it is fine."""
+    """Reasons the source may not be published; [] when it is fine.
+
+    With a parent, the harness checks look only at the top-level statements the variant
+    changed (the parent passed them already): a wave of a 700-line train.py validates in
+    milliseconds per variant instead of tens.
+    """
     if len(source.encode()) > max_bytes:
         return [f"source is {len(source.encode())} bytes, over the {max_bytes}-byte limit"]
     try:
@@ -65,35 +70,40 @@ def validate_source(
         return [f"does not compile: {exc.msg} at line {exc.lineno}"]
     if variant_id_for(campaign, source) in known_ids:
         return ["duplicate of a variant already proposed in this campaign"]
-    reasons = _harness_violations(tree)
+    statements = tree.body if parent_source is None else _changed_statements(
+        tree, source, parent_source)
+    reasons = [r for stmt in statements for r in _harness_violations(stmt)]
     if parent_source is not None:
-        reasons.extend(_summary_print_change(tree, parent_source))
+        reasons.extend(_summary_print_change(source, parent_source))
     return reasons
 
 
-def _summary_sites(tree: ast.AST) -> int:
-    return sum(
-        1 for node in ast.walk(tree)
-        if isinstance(node, ast.Constant) and isinstance(node.value, str)
-        and any(node.value.lstrip().startswith(f"{key}:") for key in SUMMARY_KEYS)
-    )
+def _changed_statements(tree: ast.Module, source: str, parent_source: str) -> list[ast.stmt]:
+    """Top-level statements of `tree` that differ from the parent's text."""
+    matcher = difflib.SequenceMatcher(
+        None, parent_source.splitlines(), source.splitlines(), autojunk=False)
+    changed: set[int] = set()
+    for tag, _, _, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            continue
+        # 1-based lines of the new source; a deletion marks the lines around its place.
+        changed.update(range(j1 + 1, j2 + 1) if j2 > j1 else (j1, j1 + 1))
+    return [stmt for stmt in tree.body
+            if any(stmt.lineno <= line <= (stmt.end_lineno or stmt.lineno) for line in changed)]
 
 
-@functools.lru_cache(maxsize=8)
-def _parent_summary_sites(parent_source: str) -> int | None:
-    """Summary-key sites of a parent (cached: a wave validates many variants of one parent)."""
-    try:
-        return _summary_sites(ast.parse(parent_source))
-    except SyntaxError:
-        return None
+# A string literal that starts with a summary key: where the block is printed.
+_SUMMARY_SITE = re.compile(r"""[rbfuRBFU]{0,2}(?:'|")\s*(?:""" + "|".join(SUMMARY_KEYS) + "):")
 
 
-def _summary_print_change(tree: ast.AST, parent_source: str) -> list[str]:
+def _summary_sites(source: str) -> int:
+    return len(_SUMMARY_SITE.findall(source))
+
+
+def _summary_print_change(source: str, parent_source: str) -> list[str]:
     """A variant may not add places that print summary keys beyond what its parent has."""
-    parent_sites = _parent_summary_sites(parent_source)
-    if parent_sites is None:
-        return []
-    sites = _summary_sites(tree)
+    parent_sites = _summary_sites(parent_source)
+    sites = _summary_sites(source)
     if sites > parent_sites:
         return [f"prints summary keys in {sites} places where its parent has {parent_sites}; "
                 "the summary block is the harness's"]

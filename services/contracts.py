@@ -65,7 +65,7 @@ class LlmCost(msgspec.Struct, kw_only=True, frozen=True):
 
 class ProposerConfig(msgspec.Struct, kw_only=True, frozen=True):
     strategy: str = "grid"
-    lookahead: int = 2  # variants queued beyond the free slots, so no slot waits for an idea
+    lookahead: int = 0  # variants queued beyond the slots (0: a quarter of the slots, >= 2)
     wave_size: int = 0  # 0: follow free capacity
     model: str = ""
     budget_usd: float = 0.0  # 0: no cap

@@ -50,7 +50,7 @@ class Settings(msgspec.Struct, kw_only=True):
 
     # --- proposer -------------------------------------------------------------------
     strategy: str = "grid"  # grid | claude
-    lookahead: int = 2
+    lookahead: int = 0  # variants queued beyond the slots; 0: a quarter of the slots, >= 2
     wave_size: int = 0  # 0: follow free capacity
     model: str = ""  # claude: default model when empty
     budget_usd: float = 0.0  # claude: 0 = no cap

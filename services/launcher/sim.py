@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 import traceback
 
@@ -71,7 +72,7 @@ class SimBackend:
         started = time.time()
         obs = self.observe(job)
         outcome = RunOutcome(None, started, started, self.name, self.host, "sim")
-        sim_seconds = _simulated_seconds(obs, self.budget_s)
+        sim_seconds = _simulated_seconds(obs, self.budget_s, f"{self.seed}:{job.run_id}")
         limit = job.timeout_s
         lines: list[str] = [f"sim: {job.run_id} on {self.host} (profile {job.profile})"]
 
@@ -132,15 +133,20 @@ class SimBackend:
             await asyncio.shield(task)
 
 
-def _simulated_seconds(obs: ls.SimObservation, budget_s: float) -> float:
-    """How long the simulated run lasts: an OOM dies at start, a divergence mid-way."""
+def _simulated_seconds(obs: ls.SimObservation, budget_s: float, key: str) -> float:
+    """How long the simulated run lasts: an OOM dies at start, a divergence mid-way.
+
+    Start-up and evaluation vary from run to run (compilation, data loading), as on real
+    machines, so a fleet's runs do not all end in the same instant.
+    """
     if obs.failure == "crash":
         return 1.0
     if obs.failure == "oom":
         return min(budget_s, 0.05 * budget_s + 10.0)
     if obs.failure == "diverged":
         return 0.3 * budget_s
-    return budget_s + OVERHEAD_S
+    jitter = random.Random(key).uniform(0.6, 1.4)
+    return budget_s + OVERHEAD_S * jitter
 
 
 def _finish(job: Job, obs: ls.SimObservation, budget_s: float, lines: list[str]) -> int:

@@ -235,8 +235,14 @@ class Fleet:
 
 
 def to_propose(state: CampaignState, slots: int, default_lookahead: int) -> int:
-    """How many new variants keep the fleet fed: slots + lookahead - in flight, capped."""
+    """How many new variants keep the fleet fed: slots + lookahead - in flight, capped.
+
+    Lookahead 0 is automatic: a quarter of the slots (at least 2), so the runs that end
+    while a proposal round trip is under way find their successors already queued.
+    """
     lookahead = state.config.proposer.lookahead or default_lookahead
+    if lookahead <= 0:
+        lookahead = max(2, -(-slots // 4))
     want = slots + lookahead - len(state.in_flight)
     limit = state.config.max_experiments
     if limit > 0:

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="experiments to run (default: 6 waves of the slots)")
     fleet.add_argument("--run-seconds", type=float, default=0.0,
                        help="wall seconds one simulated run takes (default: by slots)")
+    fleet.add_argument("--in-process", action="store_true",
+                       help="run the services in this process (as `up` does), not one each")
     fleet.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -107,7 +109,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "bench":
         from services.bench import fleet_bench, print_report
 
-        report = asyncio.run(fleet_bench(args.slots, args.experiments, args.run_seconds))
+        report = asyncio.run(fleet_bench(args.slots, args.experiments, args.run_seconds,
+                                         processes=not args.in_process))
         print_report(report, as_json=args.json)
         return 0
     return 2

@@ -93,7 +93,11 @@ def test_profile_override_pairs_keep_the_live_constant() -> None:
 
 
 def test_first_wave_is_one_factor_coarse_then_fine() -> None:
-    proposals = GridStrategy().plan(request())
+    planned = GridStrategy().plan(request())
+    # Two-factor screening points come only after every one-factor move.
+    kinds = [" + " in p.title for p in planned]
+    assert kinds == sorted(kinds)
+    proposals = [p for p in planned if " + " not in p.title]
     titles = [p.title for p in proposals]
     coarse = {"DEPTH 8 -> 4", "DEPTH 8 -> 16", "MATRIX_LR 0.04 -> 0.02",
               "MATRIX_LR 0.04 -> 0.08", "TOTAL_BATCH_SIZE 2**19 -> 2**18",
@@ -198,6 +202,7 @@ def test_never_repeats_and_exhausts_when_nothing_is_in_flight() -> None:
         "X_LR 0.1 -> 0.05", "X_LR 0.1 -> 0.2", "X_LR 0.1 -> 0.07", "X_LR 0.1 -> 0.14",
         "X_LR 0.1 -> 0.085", "X_LR 0.1 -> 0.118",
         "N_LAYER 1 -> 2",
+        "N_LAYER 1 -> 2 + X_LR 0.1 -> 0.05", "N_LAYER 1 -> 2 + X_LR 0.1 -> 0.2",
     ])
     # Something still in flight: "try later", not exhausted.
     assert strategy.plan(request(src, known_ids=known, in_flight_titles=["X_LR 0.1 -> 0.2"])) \

@@ -9,8 +9,9 @@ Every wave is planned from the request alone (deterministic, restart-safe):
 2. One-factor moves around the current parent (the best so far, so the grid re-centres on
    every new best): coarse steps (x0.5, x2 in log space for positive values; additive for
    zero and negative ones), then finer ones (x0.7, x1.4, then x0.85, x1.18). Moves never
-   tried from any parent
-   come before moves that were tried and were neutral, and losers come last.
+   tried from any parent come before moves that were tried and were neutral, and losers
+   come last.
+3. For a fleet larger than that neighbourhood: a 2x2 screen over pairs of constants.
 
 A move is written in the title as `NAME old -> new` (joined by ` + ` for combinations),
 which is also how later waves read the results back.
@@ -239,11 +240,31 @@ def _one_factor(consts: list[Constant], outcomes: _Outcomes, busy: set[Move],
     return [moves for tier in tiers for moves in tier]
 
 
-def _rationale(moves: tuple[Move, ...], combo: bool, request: ProposalRequest,
+def _pairwise(consts: list[Constant], rng: random.Random) -> list[tuple[Move, ...]]:
+    """Two-factor screening points (coarse steps of two constants at once).
+
+    A large fleet exhausts the one-factor neighbourhood of one parent in a wave or two;
+    a 2x2 screen over every pair of constants keeps it busy with points that also measure
+    interactions, until a new best re-centres the grid.
+    """
+    head = next((c.value for c in consts if c.name == "HEAD_DIM" and isinstance(c.value, int)),
+                None)
+    singles = [Move(c.name, c.text, format_value(c, v))
+               for c in consts for v in step_values(c, head, COARSE, False)]
+    pairs = [tuple(sorted((a, b), key=lambda m: m.name))
+             for i, a in enumerate(singles) for b in singles[i + 1:] if a.name != b.name]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def _rationale(moves: tuple[Move, ...], kind: str, request: ProposalRequest,
                outcomes: _Outcomes) -> str:
     where = f"the current best ({request.parent_id}"
     where += f", {request.metric} {request.best_value:.6f})" if request.best_value else ")"
-    if combo:
+    if kind == "screen":
+        return (f"two-factor screening point around {where}: "
+                + " and ".join(m.label for m in moves))
+    if kind == "combination":
         won = {m: g for g, m, _ in outcomes.winners}
         parts = ", ".join(f"{m.label} (better by {won.get(m, 0.0):.4g})" for m in moves)
         return (f"factorial combination on {where} of moves that each beat their parent by "
@@ -277,11 +298,12 @@ class GridStrategy:
         seed = hashlib.sha256(f"{request.campaign}\0{request.parent_id}".encode()).digest()
         rng = random.Random(int.from_bytes(seed[:8], "big"))
         combos = _combinations({c.name: c for c in consts}, outcomes, request.parent_id)
-        candidates = [(m, True) for m in combos]
-        candidates += [(m, False) for m in _one_factor(consts, outcomes, busy, rng)]
+        candidates = [(m, "combination") for m in combos]
+        candidates += [(m, "single") for m in _one_factor(consts, outcomes, busy, rng)]
+        candidates += [(m, "screen") for m in _pairwise(consts, rng)]
         known = set(request.known_ids)
         proposals: list[Proposal] = []
-        for moves, combo in candidates:
+        for moves, kind in candidates:
             if len(proposals) >= request.k:
                 break
             source = rewrite(request.parent_source, {m.name: m.new for m in moves}, found)
@@ -291,7 +313,7 @@ class GridStrategy:
             known.add(variant_id)
             proposals.append(Proposal(
                 title=title_of(moves), source=source, parent_id=request.parent_id,
-                rationale=_rationale(moves, combo, request, outcomes),
+                rationale=_rationale(moves, kind, request, outcomes),
             ))
         if not proposals and not request.in_flight_titles and request.k > 0:
             raise StrategyExhausted(

@@ -36,6 +36,7 @@ from services.telemetry import get_logger
 
 ServiceMain = Callable[[Settings, Bus, asyncio.Event], Coroutine[Any, Any, None]]
 log = get_logger(component="supervisor")
+PRINT_DELAY_S = 0.5
 
 
 def service_mains() -> dict[str, ServiceMain]:
@@ -71,20 +72,24 @@ class LiveView:
         elif isinstance(event, ResultEvaluated) and event.status != "infra":
             self.finished += 1
             if self.live:
-                self.print_result(event)
+                # The ledger's keep decision (BestUpdated) follows the result by
+                # milliseconds; print once it had the chance to land.
+                number = self.finished
+                asyncio.get_running_loop().call_later(
+                    PRINT_DELAY_S, self.print_result, event, number)
         elif isinstance(event, ProposerHalted) and self.live:
             print(f"proposer halted: {event.reason} {event.detail}", file=self.out, flush=True)
         elif isinstance(event, CampaignStopped):
             self.stop_reason = f"{event.reason}: {event.detail}".strip(": ")
             self.completed.set()
 
-    def print_result(self, event: ResultEvaluated) -> None:
+    def print_result(self, event: ResultEvaluated, number: int) -> None:
         value = f"{event.value:.6f}" if event.value is not None else "-".ljust(8)
         best = f"{self.best:.6f}" if self.best is not None else "-"
         title = self.titles.get(event.variant_id, event.variant_id)
         reason = f"  ({event.crash_reason[:60]})" if event.crash_reason else ""
         print(
-            f"[{self.finished:4d}] {event.status:<8} {self.metric} {value}  best {best}  "
+            f"[{number:4d}] {event.status:<8} {self.metric} {value}  best {best}  "
             f"{title}{reason}",
             file=self.out, flush=True,
         )
@@ -186,6 +191,7 @@ async def _run_campaign(
     await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
     if view.completed.is_set():
         await wait_until_consumed(bus, "ledger")
+        await asyncio.sleep(PRINT_DELAY_S * 1.5)  # the last result lines
         print(f"campaign {event.campaign} {view.stop_reason}; {view.finished} experiments, "
               f"best {view.best}. The ledger stays in {settings.ledger_path}.", file=out)
     else:

@@ -61,7 +61,8 @@ class LocalBackend:
 
     def _env(self, job: Job) -> dict[str, str]:
         env = scrubbed_env(job.profile)
-        env["CUDA_VISIBLE_DEVICES"] = self.gpus[job.slot % len(self.gpus)] if self.gpus else ""
+        if self.gpus:  # one GPU per slot; without a list the runs see what we see
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[job.slot % len(self.gpus)]
         # Replica 0 runs the source's own SEED; replica k > 0 another seed (train.py reads it).
         env.pop("NIGHTSHIFT_SEED", None)
         if job.replica > 0:

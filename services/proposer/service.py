@@ -19,6 +19,8 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
 from services.bus import Bus
 from services.contracts import (
     AnyEvent,
@@ -44,7 +46,7 @@ from services.proposer.strategy import (
 )
 from services.proposer.validate import validate_source
 from services.settings import Settings
-from services.telemetry import get_logger
+from services.telemetry import get_logger, tracer
 
 FOLLOWED: list[type[Event]] = [CampaignStarted, CampaignStopped, VariantProposed,
                                ResultEvaluated, BestUpdated, ProposerHalted]
@@ -242,7 +244,17 @@ class Proposer:
 
     async def publish(self, state: CampaignState, event: Event) -> None:
         """Publish, and fold the event in at once (the replay will bring it again)."""
-        await self.bus.publish(event)
+        if isinstance(event, VariantProposed):
+            # The root of the experiment's trace: the launcher, evaluator and ledger spans
+            # follow it through the trace context in the message headers.
+            with tracer().start_as_current_span(
+                "propose variant", kind=trace.SpanKind.PRODUCER,
+                attributes={"campaign": state.name, "variant_id": event.variant_id,
+                            "proposer": event.proposer},
+            ):
+                await self.bus.publish(event)
+        else:
+            await self.bus.publish(event)
         self.history.apply(event)  # type: ignore[arg-type]
         if isinstance(event, VariantProposed):
             log.info("variant_proposed", campaign=state.name, variant_id=event.variant_id,

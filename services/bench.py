@@ -106,7 +106,7 @@ def bench_settings(home: Path, url: str, slots: int, experiments: int, run_s: fl
         nats_url=url, home=str(home), backend="sim", slots=slots, campaign="bench",
         trainer_dir=str(REPO / "trainer"), max_experiments=experiments, http_port=0,
         sim_budget_s=300.0, sim_time_scale=run_s / 300.0, run_timeout_s=600.0,
-        log_format="json", log_level="warning",
+        log_format="json", log_level="warning", noise_floor=7e-4,
     )
 
 

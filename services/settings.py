@@ -52,6 +52,7 @@ class Settings(msgspec.Struct, kw_only=True):
     strategy: str = "grid"  # grid | claude
     lookahead: int = 0  # variants queued beyond the slots; 0: a quarter of the slots, >= 2
     wave_size: int = 0  # 0: follow free capacity
+    noise_floor: float = 0.0  # run-to-run spread of the metric; 0: 0.017 on cpu, 7e-4 on gpu
     model: str = ""  # claude: default model when empty
     budget_usd: float = 0.0  # claude: 0 = no cap
     budget_requests: int = 0  # claude: 0 = no cap

@@ -151,6 +151,9 @@ async def up(settings: Settings, out: TextIO = sys.stdout) -> int:
         server = EmbeddedNats(home / "nats").start()
         url = server.url
     settings = msgspec.structs.replace(settings, nats_url=url)
+    if settings.backend == "sim" and settings.noise_floor == 0:
+        # The simulated fleet's spread is known: the proposer need not assume the cpu one.
+        settings = msgspec.structs.replace(settings, noise_floor=settings.sim_noise)
     (home / "ledger.url").unlink(missing_ok=True)  # the ledger writes it anew when it listens
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

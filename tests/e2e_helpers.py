@@ -21,6 +21,7 @@ def sim_settings(home: Path, url: str, **overrides: object) -> Settings:
         nats_url=url, home=str(home), backend="sim", slots=4, campaign="e2e",
         trainer_dir=str(REPO / "trainer"), max_experiments=30, http_port=0,
         sim_budget_s=300.0, sim_time_scale=0.2 / 300.0, log_format="json", log_level="warning",
+        noise_floor=7e-4,
     )
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -36,6 +37,7 @@ def sim_env(home: Path, url: str, **overrides: str) -> dict[str, str]:
         "NIGHTSHIFT_SLOTS": "4", "NIGHTSHIFT_HTTP_PORT": "0",
         "NIGHTSHIFT_SIM_TIME_SCALE": str(0.2 / 300.0), "NIGHTSHIFT_LOG_FORMAT": "json",
         "NIGHTSHIFT_TRAINER_DIR": str(REPO / "trainer"),
+        "NIGHTSHIFT_NOISE_FLOOR": "7e-4",
     })
     env.update(overrides)
     return env

@@ -57,6 +57,10 @@ RETRY_S = 2.0  # back-off after a failed request
 SOURCE_CACHE = 64  # parent sources kept in memory
 FLEET_GRACE_S = 1.5  # at start, wait this long for the launchers' slots (they beat every 1 s)
 
+# The seed's val_bpb spread over seeds on the cpu profile (README, The trainer); on a GPU
+# autoresearch measured ~7e-4 (ProposalRequest's default).
+CPU_NOISE_FLOOR = 0.017
+
 log = get_logger(service="proposer")
 
 
@@ -188,7 +192,7 @@ class Proposer:
 
     async def request(self, state: CampaignState, rt: _Campaign, k: int) -> ProposalRequest:
         parent_id, parent_source = await self.parent(state)
-        noise = state.noise() or ProposalRequest.noise_floor
+        noise = state.noise() or default_noise_floor(self.settings, state.config.profile)
         return ProposalRequest(
             campaign=state.name, parent_id=parent_id, parent_source=parent_source,
             best_value=state.best.value if state.best else None, results=state.rows(),
@@ -335,6 +339,13 @@ def read_program(tar_gz: bytes) -> str:
                 fh = tar.extractfile(member)
                 return fh.read().decode(errors="replace") if fh else ""
     return ""
+
+
+def default_noise_floor(settings: Settings, profile: str) -> float:
+    """The run-to-run spread to assume until replicate runs measure it."""
+    if settings.noise_floor > 0:
+        return settings.noise_floor
+    return CPU_NOISE_FLOOR if profile == "cpu" else ProposalRequest.noise_floor
 
 
 def build_strategy(settings: Settings, campaign: CampaignStarted, warned: set[str]) -> Strategy:

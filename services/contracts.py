@@ -8,9 +8,11 @@ subject suffix; the prefix (default `ns`) is a setting.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import msgspec
@@ -293,6 +295,45 @@ def decode(data: bytes) -> AnyEvent:
 def stream_subjects(prefix: str = "ns") -> list[str]:
     """Subjects stored in the stream: every event that is not lossy."""
     return [f"{prefix}.{cls.subject_suffix}" for cls in EVENT_TYPES if not cls.lossy]
+
+
+# --- the trainer's knobs -----------------------------------------------------------------
+
+_KNOB_OPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.Pow: lambda a, b: a**b,
+}
+
+
+def knob_value(node: ast.expr) -> int | float | None:
+    """The value of a knob's right-hand side: a numeric literal or a small arithmetic of
+    literals (`0.04`, `-1e-3`, `2**19`); None for anything else.
+
+    The trainer contract (DESIGN §5) puts the knobs at the top of train.py as UPPER_CASE
+    constants; the grid strategy rewrites them and the sim landscape scores them.
+    """
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, bool) or not isinstance(node.value, int | float):
+            return None
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        inner = knob_value(node.operand)
+        if inner is None:
+            return None
+        return -inner if isinstance(node.op, ast.USub) else inner
+    if isinstance(node, ast.BinOp) and type(node.op) in _KNOB_OPS:
+        left, right = knob_value(node.left), knob_value(node.right)
+        if left is None or right is None or (isinstance(node.op, ast.Pow) and abs(right) > 64):
+            return None
+        try:
+            value: int | float = _KNOB_OPS[type(node.op)](left, right)
+        except (ZeroDivisionError, OverflowError):
+            return None
+        return value
+    return None
 
 
 # --- identity -------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from services.contracts import knob_value
+
 REFERENCE_BPB = 1.000
 OPTIMUM_BPB = 0.970
 LOG_SPREAD = 0.4  # std of log(optimum / reference) for positive constants
@@ -37,38 +39,6 @@ Failure = Literal["", "oom", "diverged", "crash"]
 
 _SIZE_WORDS = ("DEPTH", "WIDTH", "DIM", "BATCH", "SEQ", "LEN", "HEAD", "EMBD", "EMBED",
                "LAYER", "ASPECT", "SIZE", "HIDDEN", "MLP", "CONTEXT", "TOKENS")
-_NUMERIC_OPS = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b,
-    ast.Pow: lambda a, b: a**b,
-}
-
-
-def _literal(node: ast.expr) -> float | int | None:
-    """The value of a numeric literal or a small arithmetic of literals (2**19, -1e-3)."""
-    if isinstance(node, ast.Constant):
-        if isinstance(node.value, bool) or not isinstance(node.value, int | float):
-            return None
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        inner = _literal(node.operand)
-        if inner is None:
-            return None
-        return -inner if isinstance(node.op, ast.USub) else inner
-    if isinstance(node, ast.BinOp) and type(node.op) in _NUMERIC_OPS:
-        left, right = _literal(node.left), _literal(node.right)
-        if left is None or right is None:
-            return None
-        if isinstance(node.op, ast.Pow) and abs(right) > 64:
-            return None
-        try:
-            value: float | int = _NUMERIC_OPS[type(node.op)](left, right)
-        except (ZeroDivisionError, OverflowError):
-            return None
-        return value
-    return None
 
 
 def parse_constants(source: str) -> dict[str, float | int]:
@@ -91,7 +61,7 @@ def _parse_constants(source: str) -> dict[str, float | int]:
             continue
         if not isinstance(target, ast.Name) or not re.fullmatch(r"[A-Z][A-Z0-9_]*", target.id):
             continue
-        number = _literal(value)
+        number = knob_value(value)
         if number is not None and math.isfinite(number):
             constants[target.id] = number
     return constants

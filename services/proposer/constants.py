@@ -12,16 +12,10 @@ import math
 import re
 from dataclasses import dataclass
 
+from services.contracts import knob_value
+
 NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 _POW2_TEXT = re.compile(r"2(\s*)\*\*(\s*)\d+")
-
-_OPS = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b,
-    ast.Pow: lambda a, b: a**b,
-}
 
 
 @dataclass(frozen=True)
@@ -40,29 +34,6 @@ class Constant:
     @property
     def written_as_pow2(self) -> bool:
         return _POW2_TEXT.fullmatch(self.text) is not None
-
-
-def _number(node: ast.expr) -> int | float | None:
-    """The value of a numeric literal or a small arithmetic of literals; None otherwise."""
-    if isinstance(node, ast.Constant):
-        if isinstance(node.value, bool) or not isinstance(node.value, int | float):
-            return None
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        inner = _number(node.operand)
-        if inner is None:
-            return None
-        return -inner if isinstance(node.op, ast.USub) else inner
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        left, right = _number(node.left), _number(node.right)
-        if left is None or right is None or (isinstance(node.op, ast.Pow) and abs(right) > 64):
-            return None
-        try:
-            value: int | float = _OPS[type(node.op)](left, right)
-        except (ZeroDivisionError, OverflowError):
-            return None
-        return value
-    return None
 
 
 def _char_offset(line: str, byte_offset: int) -> int:
@@ -95,7 +66,7 @@ def find_constants(source: str) -> list[Constant]:
             found.pop(target.id, None)
             continue
         seen.add(target.id)
-        number = _number(value)
+        number = knob_value(value)
         if number is None or not math.isfinite(number) or value.end_lineno != value.lineno:
             continue
         line = lines[value.lineno - 1]

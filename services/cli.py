@@ -19,7 +19,8 @@ def _campaign_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", help="metric key in the summary block (default: val_bpb)")
     p.add_argument("--direction", choices=["minimize", "maximize"])
     p.add_argument("--profile", help="NIGHTSHIFT_PROFILE passed to runs (cpu | gpu)")
-    p.add_argument("--strategy", choices=["grid", "claude"])
+    p.add_argument("--strategy", choices=["auto", "grid", "claude"],
+                   help="auto (default): claude when an Anthropic API key is configured")
     p.add_argument("--max-experiments", dest="max_experiments", type=int,
                    help="stop after N finished experiments (0: until stopped)")
     p.add_argument("--run-timeout", dest="run_timeout_s", type=float,

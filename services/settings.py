@@ -49,7 +49,7 @@ class Settings(msgspec.Struct, kw_only=True):
     sim_seed: int = 0
 
     # --- proposer -------------------------------------------------------------------
-    strategy: str = "grid"  # grid | claude
+    strategy: str = "auto"  # auto (claude when an API key is configured, else grid) | grid | claude
     lookahead: int = 0  # variants queued beyond the slots; 0: a quarter of the slots, >= 2
     wave_size: int = 0  # 0: follow free capacity
     noise_floor: float = 0.0  # run-to-run spread of the metric; 0: 0.017 on cpu, 7e-4 on gpu

@@ -23,3 +23,11 @@ async def bus(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
     connected = await Bus.connect(nats_server.url, name="test")
     yield connected
     await connected.close()
+
+
+@pytest.fixture(autouse=True)
+def no_real_anthropic_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Tests never reach the real API with a developer's key: a test that wants Claude
+    sets a fake key and points ANTHROPIC_BASE_URL at the local Messages-API server."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.setenv("NIGHTSHIFT_ANTHROPIC_KEY_FILE", str(tmp_path / "no-anthropic-key"))

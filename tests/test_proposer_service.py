@@ -238,7 +238,7 @@ async def test_exhausted_grid_halts_then_completes(bus: Bus) -> None:
         assert len(watch.proposed) == 7
 
 
-@pytest.mark.parametrize("strategy", ["claude", "nonsense"])
+@pytest.mark.parametrize("strategy", ["auto", "claude", "nonsense"])
 async def test_unavailable_strategy_falls_back_to_grid(
     bus: Bus, strategy: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

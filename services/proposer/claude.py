@@ -12,16 +12,14 @@ variants the request published. A campaign budget in dollars or in requests stop
 from __future__ import annotations
 
 import asyncio
-import os
-import stat
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import anthropic
 
 from services.contracts import CampaignStarted, variant_id_for
+from services.proposer.apikey import load_api_key
 from services.proposer.pricing import (
     DEFAULT_MODEL,
     NO_FORCED_TOOL_CHOICE,
@@ -49,7 +47,6 @@ from services.proposer.validate import MAX_SOURCE_BYTES, build_variant
 from services.settings import Settings
 from services.telemetry import get_logger
 
-KEY_FILE = Path("~/.config/nightshift/anthropic_key")
 MAX_EDIT_CHARS = 20_000  # of `new` text per variant: a variant is an edit, not a rewrite
 
 
@@ -337,23 +334,6 @@ def _unavailable_text(exc: anthropic.APIStatusError, model: str) -> str:
 
 
 # --- construction ---------------------------------------------------------------------
-
-
-def load_api_key(env: dict[str, str] | None = None) -> str | None:
-    """ANTHROPIC_API_KEY, else the secrets file; None when neither holds a key."""
-    env = dict(os.environ) if env is None else env
-    key = env.get("ANTHROPIC_API_KEY", "").strip()
-    if key:
-        return key
-    path = Path(env.get("NIGHTSHIFT_ANTHROPIC_KEY_FILE") or KEY_FILE).expanduser()
-    try:
-        key = path.read_text().strip()
-    except OSError:
-        return None
-    log = get_logger(strategy="claude")
-    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("claude_key_file_readable_by_others", path=str(path), fix=f"chmod 600 {path}")
-    return key or None
 
 
 def build_claude_strategy(settings: Settings, campaign: CampaignStarted) -> ClaudeStrategy | None:

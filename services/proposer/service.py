@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-import importlib
-import importlib.util
 import io
 import tarfile
 import time
@@ -35,6 +33,7 @@ from services.contracts import (
     event_id_for,
     variant_id_for,
 )
+from services.proposer.apikey import load_api_key
 from services.proposer.grid import GridStrategy
 from services.proposer.state import CampaignState, Fleet, History, completion, to_propose
 from services.proposer.strategy import (
@@ -349,20 +348,23 @@ def default_noise_floor(settings: Settings, profile: str) -> float:
 
 
 def build_strategy(settings: Settings, campaign: CampaignStarted, warned: set[str]) -> Strategy:
-    """The campaign's strategy; grid when claude is asked for but cannot run here."""
+    """The campaign's strategy. `auto` is claude when an API key is configured here, else
+    grid; an explicit `claude` that cannot run falls back to grid and says why, once."""
     name = campaign.proposer.strategy or settings.strategy
+    if name == "auto":
+        name = "claude" if load_api_key() else "grid"
+        log.info("strategy_chosen", campaign=campaign.campaign, strategy=name)
     if name == "claude":
-        if importlib.util.find_spec("services.proposer.claude") is None:
-            why = "the claude strategy is not installed in this build"
-        else:
-            try:
-                claude = importlib.import_module("services.proposer.claude")
-                built: Strategy | None = claude.build_claude_strategy(settings, campaign)
-                if built is not None:
-                    return built
-                why = "no Anthropic API key (set ANTHROPIC_API_KEY or a secrets file)"
-            except Exception as exc:  # bad model name, unreadable secrets file, ...
-                why = str(exc)
+        try:
+            # Imported here: the Anthropic SDK takes seconds to import.
+            from services.proposer.claude import build_claude_strategy
+
+            built = build_claude_strategy(settings, campaign)
+            if built is not None:
+                return built
+            why = "no Anthropic API key (set ANTHROPIC_API_KEY or a secrets file)"
+        except Exception as exc:  # bad model name, unreadable secrets file, ...
+            why = str(exc)
         if "claude" not in warned:
             warned.add("claude")
             log.warning("claude_unavailable_using_grid", campaign=campaign.campaign, reason=why)

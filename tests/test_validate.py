@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.contracts import variant_id_for
-from services.proposer.validate import Edit, apply_edits, validate_source
+from services.proposer.validate import Edit, apply_edits, knob_values_only, validate_source
 from tests.e2e_helpers import SEED
 
 PARENT = SEED.read_text()
@@ -47,3 +47,16 @@ def test_edits_apply_exactly_once() -> None:
     source, reasons = apply_edits("a = 1\nb = 1\n", [Edit("= 1", "= 2"), Edit("zzz", "y")])
     assert source is None
     assert "found 2 times" in reasons[0] and "not found" in reasons[1]
+
+
+def test_knob_value_changes_take_the_fast_path_and_nothing_else_does() -> None:
+    assert knob_values_only(PARENT.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.08"), PARENT)
+    assert knob_values_only(PARENT.replace("SEED = 42", "SEED = 2**4"), PARENT)
+    for changed in ("MATRIX_LR = open('/x')", "OTHER_LR = 0.04", "MATRIX_LR = 0.04; import os",
+                    "MATRIX_LR = 0.04\nX = 1"):
+        assert not knob_values_only(PARENT.replace("MATRIX_LR = 0.04", changed), PARENT)
+    assert not knob_values_only(PARENT, PARENT)
+    faster = PARENT.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.08")
+    assert check(faster) == []
+    assert check(faster, {variant_id_for("c", faster)}) == [
+        "duplicate of a variant already proposed in this campaign"]

@@ -63,6 +63,12 @@ def validate_source(
     """
     if len(source.encode()) > max_bytes:
         return [f"source is {len(source.encode())} bytes, over the {max_bytes}-byte limit"]
+    if parent_source is not None and knob_values_only(source, parent_source):
+        # Only numbers on `NAME = number` lines changed: the parent compiled and passed the
+        # harness checks, so this does too (no parse: ~30 ms saved on a 700-line train.py).
+        if variant_id_for(campaign, source) in known_ids:
+            return ["duplicate of a variant already proposed in this campaign"]
+        return []
     try:
         tree = ast.parse(source, filename=filename)
         compile(tree, filename, "exec")
@@ -76,6 +82,29 @@ def validate_source(
     if parent_source is not None:
         reasons.extend(_summary_print_change(source, parent_source))
     return reasons
+
+
+# A top-level knob line: `NAME = number` (or 2**k), an optional comment.
+_KNOB_LINE = re.compile(
+    r"([A-Z][A-Z0-9_]*)(\s*=\s*)([-+]?(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][-+]?\d+)?"
+    r"(?:\s*\*\*\s*\d+)?)(\s*(?:#.*)?)"
+)
+
+
+def knob_values_only(source: str, parent_source: str) -> bool:
+    """True when `source` is its parent with only the numbers of knob lines changed."""
+    lines, parent_lines = source.splitlines(), parent_source.splitlines()
+    if len(lines) != len(parent_lines):
+        return False
+    changed = 0
+    for new, old in zip(lines, parent_lines, strict=True):
+        if new == old:
+            continue
+        changed += 1
+        a, b = _KNOB_LINE.fullmatch(new), _KNOB_LINE.fullmatch(old)
+        if a is None or b is None or a.group(1) != b.group(1):
+            return False
+    return changed > 0
 
 
 def _changed_statements(tree: ast.Module, source: str, parent_source: str) -> list[ast.stmt]:

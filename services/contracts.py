@@ -336,6 +336,29 @@ def knob_value(node: ast.expr) -> int | float | None:
     return None
 
 
+# A top-level knob line: `NAME = number` (or 2**k), an optional comment.
+_KNOB_LINE = re.compile(
+    r"([A-Z][A-Z0-9_]*)(\s*=\s*)([-+]?(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][-+]?\d+)?"
+    r"(?:\s*\*\*\s*\d+)?)(\s*(?:#.*)?)"
+)
+
+
+def knob_values_only(source: str, parent_source: str) -> bool:
+    """True when `source` is its parent with only the numbers of knob lines changed."""
+    lines, parent_lines = source.splitlines(), parent_source.splitlines()
+    if len(lines) != len(parent_lines):
+        return False
+    changed = 0
+    for new, old in zip(lines, parent_lines, strict=True):
+        if new == old:
+            continue
+        changed += 1
+        a, b = _KNOB_LINE.fullmatch(new), _KNOB_LINE.fullmatch(old)
+        if a is None or b is None or a.group(1) != b.group(1):
+            return False
+    return changed > 0
+
+
 # --- identity -------------------------------------------------------------------------
 
 

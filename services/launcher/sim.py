@@ -15,6 +15,7 @@ import random
 import time
 import traceback
 
+from services.contracts import knob_values_only
 from services.launcher import landscape as ls
 from services.launcher.backend import MARKER, Job, LineCallback, RunOutcome
 
@@ -56,11 +57,14 @@ class SimBackend:
         return found
 
     def observe(self, job: Job) -> ls.SimObservation:
-        try:
-            compile(job.source, job.edit_file, "exec")
-        except (SyntaxError, ValueError) as exc:
-            return ls.SimObservation(None, "crash", None, f"{type(exc).__name__}: {exc}")
         reference = job.reference_source if job.reference_source is not None else job.source
+        # A variant that only changes knob values compiles when its reference does; skipping
+        # the compile keeps the simulator's own CPU out of the orchestration it measures.
+        if not knob_values_only(job.source, reference):
+            try:
+                compile(job.source, job.edit_file, "exec")
+            except (SyntaxError, ValueError) as exc:
+                return ls.SimObservation(None, "crash", None, f"{type(exc).__name__}: {exc}")
         try:
             scape = self.landscape(reference)
         except SyntaxError:

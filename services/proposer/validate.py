@@ -11,7 +11,7 @@ import difflib
 import re
 from dataclasses import dataclass
 
-from services.contracts import normalize_source, variant_id_for
+from services.contracts import knob_values_only, normalize_source, variant_id_for
 
 MAX_SOURCE_BYTES = 200_000
 
@@ -82,29 +82,6 @@ def validate_source(
     if parent_source is not None:
         reasons.extend(_summary_print_change(source, parent_source))
     return reasons
-
-
-# A top-level knob line: `NAME = number` (or 2**k), an optional comment.
-_KNOB_LINE = re.compile(
-    r"([A-Z][A-Z0-9_]*)(\s*=\s*)([-+]?(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][-+]?\d+)?"
-    r"(?:\s*\*\*\s*\d+)?)(\s*(?:#.*)?)"
-)
-
-
-def knob_values_only(source: str, parent_source: str) -> bool:
-    """True when `source` is its parent with only the numbers of knob lines changed."""
-    lines, parent_lines = source.splitlines(), parent_source.splitlines()
-    if len(lines) != len(parent_lines):
-        return False
-    changed = 0
-    for new, old in zip(lines, parent_lines, strict=True):
-        if new == old:
-            continue
-        changed += 1
-        a, b = _KNOB_LINE.fullmatch(new), _KNOB_LINE.fullmatch(old)
-        if a is None or b is None or a.group(1) != b.group(1):
-            return False
-    return changed > 0
 
 
 def _changed_statements(tree: ast.Module, source: str, parent_source: str) -> list[ast.stmt]:

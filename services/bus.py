@@ -89,6 +89,13 @@ class Bus:
     ) -> Bus:
         """Connect (retrying until `connect_timeout_s`), then reconnect forever."""
         deadline = time.monotonic() + connect_timeout_s
+        closing: list[Client] = []
+
+        async def on_disconnected() -> None:
+            # A drain or close of our own also disconnects: not worth a warning.
+            if not any(c.is_draining or c.is_closed for c in closing):
+                log.warning("nats_disconnected", url=url)
+
         while True:
             try:
                 nc = await nats.connect(
@@ -101,9 +108,10 @@ class Bus:
                     connect_timeout=2,
                     user_credentials=creds or None,
                     error_cb=_log_error,
-                    disconnected_cb=_log_disconnected,
+                    disconnected_cb=on_disconnected,
                     reconnected_cb=_log_reconnected,
                 )
+                closing.append(nc)
                 break
             except Exception as exc:
                 if time.monotonic() > deadline:
@@ -422,10 +430,6 @@ class Bus:
 
 async def _log_error(exc: Exception) -> None:
     log.warning("nats_error", error=repr(exc))
-
-
-async def _log_disconnected() -> None:
-    log.warning("nats_disconnected")
 
 
 async def _log_reconnected() -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from services.bus import Bus, Delivery, PoisonError
 from services.contracts import AnyEvent, CampaignStopped, DeadLettered
+from services.object_reads import read_small_object
 
 
 def stopped(i: int, campaign: str = "c") -> CampaignStopped:
@@ -143,3 +146,18 @@ async def test_publish_waits_for_a_restarted_broker(nats_server, bus: Bus) -> No
     await eventually(lambda: seen == ["stop-42"], timeout=15)
     stop.set()
     await task
+
+
+async def test_small_objects_are_read_directly_and_agree_with_the_store(bus: Bus) -> None:
+    big = bytes(range(256)) * 2000  # 512 KB: several chunks, the object store's own read
+    for key, data in (("small", b"print('hi')\n"), ("empty", b""), ("big", big)):
+        await bus.put_object(bus.logs_bucket, key, data)
+        fast = await read_small_object(bus.js, bus.logs_bucket, key)
+        assert fast == (None if key == "big" else data)
+        assert await bus.get_object(bus.logs_bucket, key) == data
+        store = await bus.js.object_store(bus.logs_bucket)
+        assert bytes((await store.get(key)).data or b"") == data
+    await bus.put_object(bus.logs_bucket, "small", b"replaced")
+    assert await bus.get_object(bus.logs_bucket, "small") == b"replaced"
+    with pytest.raises(KeyError):
+        await bus.get_object(bus.logs_bucket, "absent")

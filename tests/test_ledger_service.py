@@ -14,7 +14,6 @@ from services.bus import Bus
 from services.contracts import AnyEvent, BestUpdated, RunFinished, VariantProposed
 from services.ledger import queries
 from services.ledger.db import open_db, open_read
-from services.ledger.objects import get_object
 from services.ledger.projection import apply_event
 from services.ledger.service import bind_http, run
 from services.ledger.synthetic import synthetic_campaign
@@ -166,15 +165,3 @@ def test_http_port_in_use_names_the_setting() -> None:
             bind_http("127.0.0.1", taken.getsockname()[1])
     finally:
         taken.close()
-
-
-async def test_fast_object_reads_match_the_bus(bus: Bus) -> None:
-    big = bytes(range(256)) * 2000  # 512 KB: several chunks, the slow path
-    for key, data in (("small", b"print('hi')\n"), ("empty", b""), ("big", big)):
-        await bus.put_object(bus.logs_bucket, key, data)
-        assert await get_object(bus, bus.logs_bucket, key) == data
-        assert await bus.get_object(bus.logs_bucket, key) == data
-    await bus.put_object(bus.logs_bucket, "small", b"replaced")
-    assert await get_object(bus, bus.logs_bucket, "small") == b"replaced"
-    with pytest.raises(KeyError):
-        await get_object(bus, bus.logs_bucket, "absent")

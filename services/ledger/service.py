@@ -14,7 +14,7 @@ import uvicorn
 from services import contracts
 from services.bus import Bus, Delivery
 from services.contracts import AnyEvent, Event, RunFinished, VariantProposed
-from services.ledger import objects, queries
+from services.ledger import queries
 from services.ledger.api import create_app
 from services.ledger.db import open_db
 from services.ledger.projection import apply_event, seen
@@ -85,7 +85,7 @@ class Projector:
         if row is not None:
             return None  # already stored
         try:
-            data = await objects.get_object(self.bus, self.bus.sources_bucket, event.source_digest)
+            data = await self.bus.get_object(self.bus.sources_bucket, event.source_digest)
             return data.decode()
         except KeyError:
             self.log.warning("source_missing", campaign=event.campaign,
@@ -94,7 +94,7 @@ class Projector:
 
     async def _log(self, event: RunFinished) -> str | None:
         try:
-            data = await objects.get_object(self.bus, self.bus.logs_bucket, event.log_key)
+            data = await self.bus.get_object(self.bus.logs_bucket, event.log_key)
         except KeyError:
             self.log.warning("log_missing", campaign=event.campaign, run_id=event.run_id,
                              log_key=event.log_key)

@@ -4,7 +4,8 @@ nats-py's `ObjectStore.get` creates (and deletes) an ordered consumer for every 
 about 8 ms per call here; at a few hundred events/s the ledger would spend its time there.
 A source or a short log is one chunk, so read it with two direct message gets (the
 object's meta, then its single chunk) and fall back to `Bus.get_object` for anything else
-(several chunks, a link, an error), which also retries while the broker is away.
+(several chunks, a link, an error): `Bus.get_object`'s store read, which also retries
+while the broker is away.
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ import hashlib
 import json
 
 import nats.js.errors
-
-from services.bus import Bus
+from nats.js.client import JetStreamContext
 
 
 def _meta_subject(bucket: str, key: str) -> str:
     return f"$O.{bucket}.M.{base64.urlsafe_b64encode(key.encode()).decode()}"
 
 
-async def _fast_get(bus: Bus, bucket: str, key: str) -> bytes | None:
+async def read_small_object(js: JetStreamContext, bucket: str, key: str) -> bytes | None:
     """The object's bytes when it is a plain one-chunk object; None to take the slow path."""
     stream = f"OBJ_{bucket}"
     try:
-        meta_msg = await bus.js.get_last_msg(stream, _meta_subject(bucket, key))
+        meta_msg = await js.get_last_msg(stream, _meta_subject(bucket, key))
     except nats.js.errors.NotFoundError as exc:
         raise KeyError(f"{bucket}/{key}") from exc
     meta = json.loads(meta_msg.data or b"{}")
@@ -36,7 +36,7 @@ async def _fast_get(bus: Bus, bucket: str, key: str) -> bytes | None:
         return None
     if int(meta.get("size") or 0) == 0:
         return b""
-    chunk = await bus.js.get_last_msg(stream, f"$O.{bucket}.C.{meta['nuid']}")
+    chunk = await js.get_last_msg(stream, f"$O.{bucket}.C.{meta['nuid']}")
     data = bytes(chunk.data or b"")
     digest = str(meta.get("digest") or "")
     if len(data) != int(meta["size"]) or (digest.upper().startswith("SHA-256=") and (
@@ -44,16 +44,3 @@ async def _fast_get(bus: Bus, bucket: str, key: str) -> bytes | None:
     )):
         return None
     return data
-
-
-async def get_object(bus: Bus, bucket: str, key: str) -> bytes:
-    """Bytes of an object; KeyError if it does not exist."""
-    try:
-        data = await _fast_get(bus, bucket, key)
-    except KeyError:
-        raise
-    except Exception:  # broker away, unexpected meta: the slow path retries and decides
-        data = None
-    if data is not None:
-        return data
-    return await bus.get_object(bucket, key)

@@ -12,7 +12,7 @@ import ast
 import hashlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Literal
 
 import msgspec
@@ -334,6 +334,25 @@ def knob_value(node: ast.expr) -> int | float | None:
             return None
         return value
     return None
+
+
+KNOB_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
+def knob_assignments(tree: ast.Module) -> Iterator[tuple[ast.Name, ast.expr]]:
+    """(name, value) of each single-target UPPER_CASE assignment at the top of a module,
+    before its first def or class: where the knobs live."""
+    for stmt in tree.body:
+        if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            return
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+            target, value = stmt.targets[0], stmt.value
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            target, value = stmt.target, stmt.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and KNOB_NAME.fullmatch(target.id):
+            yield target, value
 
 
 # A top-level knob line: `NAME = number` (or 2**k), an optional comment.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from services.contracts import knob_value
+from services.contracts import knob_assignments, knob_value
 
 REFERENCE_BPB = 1.000
 OPTIMUM_BPB = 0.970
@@ -60,17 +60,7 @@ def _parse_constants(source: str) -> dict[str, float | int]:
     except SyntaxError:
         tree = ast.parse(source)  # the cut fell inside a statement: read it all
     constants: dict[str, float | int] = {}
-    for stmt in tree.body:
-        if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            break
-        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
-            target, value = stmt.targets[0], stmt.value
-        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
-            target, value = stmt.target, stmt.value
-        else:
-            continue
-        if not isinstance(target, ast.Name) or not re.fullmatch(r"[A-Z][A-Z0-9_]*", target.id):
-            continue
+    for target, value in knob_assignments(tree):
         number = knob_value(value)
         if number is not None and math.isfinite(number):
             constants[target.id] = number

@@ -12,9 +12,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from services.contracts import knob_value
+from services.contracts import knob_assignments, knob_value
 
-NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 _POW2_TEXT = re.compile(r"2(\s*)\*\*(\s*)\d+")
 
 
@@ -51,17 +50,7 @@ def find_constants(source: str) -> list[Constant]:
     lines = source.splitlines()
     found: dict[str, Constant] = {}
     seen: set[str] = set()
-    for stmt in tree.body:
-        if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            break
-        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
-            target, value = stmt.targets[0], stmt.value
-        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
-            target, value = stmt.target, stmt.value
-        else:
-            continue
-        if not isinstance(target, ast.Name) or not NAME.fullmatch(target.id):
-            continue
+    for target, value in knob_assignments(tree):
         if target.id in seen:
             found.pop(target.id, None)
             continue

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from services.bus import Bus
 from services.contracts import AnyEvent, Event
 from services.settings import Settings
+from services.supervisor import run_services
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "trainer" / "train.py"
@@ -41,6 +43,20 @@ def sim_env(home: Path, url: str, **overrides: str) -> dict[str, str]:
     })
     env.update(overrides)
     return env
+
+
+@contextlib.asynccontextmanager
+async def services_running(settings: Settings, url: str) -> AsyncIterator[None]:
+    """The four services in this process (as `nightshift up` runs them) for a block."""
+    stop = asyncio.Event()
+    buses, tasks = await run_services(settings, url, stop)
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait(tasks, timeout=30)
+        for b in buses:
+            await b.close()
 
 
 async def history(bus: Bus, types: list[type[Event]]) -> list[AnyEvent]:

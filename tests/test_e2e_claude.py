@@ -14,8 +14,8 @@ from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.campaign import start_campaign
 from services.contracts import CampaignStopped, ResultEvaluated, VariantProposed
-from services.supervisor import run_services, wait_until_consumed
-from tests.e2e_helpers import history, sim_settings
+from services.supervisor import wait_until_consumed
+from tests.e2e_helpers import history, services_running, sim_settings
 from tests.fake_anthropic import FakeAnthropic
 
 
@@ -28,9 +28,7 @@ async def test_claude_campaign_on_the_sim_fleet(
         monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
         settings = sim_settings(tmp_path, nats_server.url, strategy="claude", slots=slots,
                                 lookahead=lookahead, max_experiments=total, campaign="claude-e2e")
-        stop = asyncio.Event()
-        buses, tasks = await run_services(settings, nats_server.url, stop)
-        try:
+        async with services_running(settings, nats_server.url):
             await start_campaign(bus, settings)
 
             async def completed() -> None:
@@ -40,11 +38,6 @@ async def test_claude_campaign_on_the_sim_fleet(
 
             await asyncio.wait_for(completed(), 150)
             await wait_until_consumed(bus, "ledger")
-        finally:
-            stop.set()
-            await asyncio.wait(tasks, timeout=30)
-            for b in buses:
-                await b.close()
         requests = len(fake.requests)
 
     proposed = [e for e in await history(bus, [VariantProposed])

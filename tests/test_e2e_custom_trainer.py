@@ -10,8 +10,8 @@ from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.campaign import start_campaign
 from services.contracts import BestUpdated, ResultEvaluated, VariantProposed
-from services.supervisor import run_services, wait_until_consumed
-from tests.e2e_helpers import history, ledger_rows, sim_settings
+from services.supervisor import wait_until_consumed
+from tests.e2e_helpers import history, ledger_rows, services_running, sim_settings
 
 SCORE_PY = '''\
 """A toy "training" whose accuracy peaks at LR = 0.2 and WIDTH = 16."""
@@ -39,9 +39,7 @@ async def test_own_script_other_metric_maximized(tmp_path: Path, nats_server: Em
         trainer_dir=str(trainer), edit_file="score.py", metric="accuracy",
         direction="maximize", max_experiments=8, run_timeout_s=30.0,
     )
-    stop = asyncio.Event()
-    buses, tasks = await run_services(settings, nats_server.url, stop)
-    try:
+    async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)
         db = settings.ledger_path
 
@@ -53,11 +51,6 @@ async def test_own_script_other_metric_maximized(tmp_path: Path, nats_server: Em
 
         await asyncio.wait_for(completed(), 120)
         await wait_until_consumed(bus, "ledger")
-    finally:
-        stop.set()
-        await asyncio.wait(tasks, timeout=30)
-        for b in buses:
-            await b.close()
 
     results = [e for e in await history(bus, [ResultEvaluated]) if isinstance(e, ResultEvaluated)]
     proposed = [e for e in await history(bus, [VariantProposed])

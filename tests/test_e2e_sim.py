@@ -13,16 +13,14 @@ from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.campaign import start_campaign
 from services.contracts import ResultEvaluated, RunStarted, VariantProposed
-from services.supervisor import run_services, wait_until_consumed
-from tests.e2e_helpers import history, sim_settings, wait_for
+from services.supervisor import wait_until_consumed
+from tests.e2e_helpers import history, services_running, sim_settings, wait_for
 
 
 async def test_campaign_of_30_variants_on_4_slots(tmp_path: Path, nats_server: EmbeddedNats,
                                                   bus: Bus) -> None:
     settings = sim_settings(tmp_path, nats_server.url, max_experiments=30, slots=4)
-    stop = asyncio.Event()
-    buses, tasks = await run_services(settings, nats_server.url, stop)
-    try:
+    async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)
         url_file = tmp_path / "ledger.url"
         await wait_for(url_file.exists, 20, "the ledger's HTTP server")
@@ -46,11 +44,6 @@ async def test_campaign_of_30_variants_on_4_slots(tmp_path: Path, nats_server: E
                                        params={"limit": 1000})).json()
             tsv = (await http.get("/campaigns/e2e/results.tsv")).text
             best_source = (await http.get("/campaigns/e2e/best/train.py")).text
-    finally:
-        stop.set()
-        await asyncio.wait(tasks, timeout=30)
-        for b in buses:
-            await b.close()
 
     proposed = [e for e in await history(bus, [VariantProposed])
                 if isinstance(e, VariantProposed)]
@@ -86,9 +79,7 @@ async def test_variants_are_spread_over_the_slots(tmp_path: Path, nats_server: E
                                                  bus: Bus) -> None:
     settings = sim_settings(tmp_path, nats_server.url, max_experiments=12, slots=4,
                             sim_time_scale=0.5 / 300.0)
-    stop = asyncio.Event()
-    buses, tasks = await run_services(settings, nats_server.url, stop)
-    try:
+    async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)
 
         async def started() -> list[RunStarted]:
@@ -99,10 +90,5 @@ async def test_variants_are_spread_over_the_slots(tmp_path: Path, nats_server: E
         while len(seen) < 12 and asyncio.get_running_loop().time() < deadline:
             seen = await started()
             await asyncio.sleep(0.5)
-    finally:
-        stop.set()
-        await asyncio.wait(tasks, timeout=30)
-        for b in buses:
-            await b.close()
     assert len({s.run_id for s in seen}) == 12
     assert {s.slot for s in seen} == {0, 1, 2, 3}

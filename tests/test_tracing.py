@@ -14,8 +14,8 @@ from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.campaign import start_campaign
 from services.contracts import CampaignStopped
-from services.supervisor import run_services, wait_until_consumed
-from tests.e2e_helpers import history, sim_settings
+from services.supervisor import wait_until_consumed
+from tests.e2e_helpers import history, services_running, sim_settings
 
 
 def span_exporter() -> InMemorySpanExporter:
@@ -34,9 +34,7 @@ async def test_an_experiment_is_one_trace_from_proposal_to_ledger(
     exporter = span_exporter()
     settings = sim_settings(tmp_path, nats_server.url, max_experiments=4, slots=2,
                             campaign="traced")
-    stop = asyncio.Event()
-    buses, tasks = await run_services(settings, nats_server.url, stop)
-    try:
+    async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)
 
         async def completed() -> None:
@@ -45,11 +43,6 @@ async def test_an_experiment_is_one_trace_from_proposal_to_ledger(
 
         await asyncio.wait_for(completed(), 60)
         await wait_until_consumed(bus, "ledger")
-    finally:
-        stop.set()
-        await asyncio.wait(tasks, timeout=30)
-        for b in buses:
-            await b.close()
 
     spans = exporter.get_finished_spans()
     roots = [s for s in spans if s.name == "propose variant"

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,6 +143,64 @@ def test_dataloader_rows_start_with_bos_and_have_no_padding(prep: ModuleType, sp
     assert ((rows_t >= 0) & (rows_t < tok.get_vocab_size())).all()
     assert not ((rows_t > bos) & (rows_t < bos + 4)).any()
     assert ((rows_t == bos).sum(dim=1) > 1).any()  # several documents packed in one row
+
+
+def reference_packed_rows(prep: ModuleType, tok: object, B: int, T: int, split: str,
+                          batches: int, buffer_size: int = 1000) -> torch.Tensor:
+    """Autoresearch's best-fit packing, written plainly: (batches * B, T + 1) token rows."""
+    docs = prep._document_batches(split)
+    bos = tok.get_bos_token_id()  # type: ignore[attr-defined]
+    buffer: list[list[int]] = []
+    rows = []
+    for _ in range(batches * B):
+        row: list[int] = []
+        while len(row) < T + 1:
+            while len(buffer) < buffer_size:
+                buffer.extend(tok.encode(next(docs)[0], prepend=bos))  # type: ignore[attr-defined]
+            remaining = T + 1 - len(row)
+            best_idx, best_len = -1, 0
+            for i, doc in enumerate(buffer):
+                if best_len < len(doc) <= remaining:
+                    best_idx, best_len = i, len(doc)
+            if best_idx >= 0:
+                row += buffer.pop(best_idx)
+            else:
+                shortest = min(range(len(buffer)), key=lambda i: len(buffer[i]))
+                row += buffer.pop(shortest)[:remaining]
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize(("B", "T", "split"), [(8, 64, "train"), (4, 300, "val")])
+def test_dataloader_packs_exactly_like_the_plain_best_fit(prep: ModuleType, B: int, T: int,
+                                                           split: str) -> None:
+    tok = prep.Tokenizer.from_directory()
+    loader = prep.make_dataloader(tok, B, T, split, device="cpu")
+    got = []
+    for _ in range(6):
+        x, y, _ = next(loader)
+        got.append(torch.cat([x, y[:, -1:]], dim=1).clone())
+    assert torch.equal(torch.cat(got), reference_packed_rows(prep, tok, B, T, split, 6))
+
+
+def test_training_token_estimate_and_the_small_data_warning(prep: ModuleType) -> None:
+    # The estimate extrapolates from a sample: here 100k characters of the validation file
+    files = prep.list_parquet_files("val")
+    tok = prep.Tokenizer.from_directory()
+    docs = pq.read_table(files[0], columns=["text"]).column("text").to_pylist()
+    exact = sum(len(ids) for ids in tok.enc.encode_ordinary_batch(docs))
+    assert sum(map(len, docs)) > 300_000  # so that the sample is a part of it
+    estimate = prep.estimate_train_tokens(files, prep.TOKENIZER_DIR, sample_chars=100_000)
+    assert estimate == pytest.approx(exact, rel=0.05)
+    # The offline source is too small for a gpu run (the seed reads ~480M tokens on an H200)
+    meta = prep.read_meta()
+    assert meta["train_tokens"] > prep.PROFILES["cpu"]["run_tokens"]
+    assert prep.data_size_warning(meta) == ""
+    small = dict(meta, profile="gpu", train_tokens=2_600_000)
+    warning = prep.data_size_warning(small)
+    assert "~2.6M training tokens" in warning and "~185 times" in warning
+    assert "--source climbmix" in warning
+    assert prep.data_size_warning({"source": "climbmix", "profile": "gpu"}) == ""
 
 
 class UniformModel(torch.nn.Module):

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Smoke-and-speed check of the trainer on one CUDA GPU (H100/H200), offline, in < 10 minutes:
-# prepares the stdlib data set at the gpu profile's vocabulary (8192), runs the seed train.py on
-# the gpu profile with a reduced training budget, and prints val_bpb, MFU, tokens/s and peak
-# memory. Needs torch (CUDA build), numpy, rustbpe, tiktoken, pyarrow already installed
-# (trainer/requirements.txt); it downloads nothing.
+# prepares the stdlib data set at the gpu profile's vocabulary (8192), checks that the CUDA
+# dataloader delivers the CPU loader's batches, runs the seed train.py on the gpu profile with a
+# reduced training budget, and prints val_bpb, MFU, tokens/s and peak memory (the stdlib data is
+# far smaller than a run reads, so that val_bpb measures speed and health, not the seed).
+# Needs torch (CUDA build), numpy, rustbpe, tiktoken, pyarrow already installed
+# (trainer/requirements.txt); it downloads nothing. Measured figures: README, "The trainer".
 #
 #   bash trainer/gpu_check.sh                 # defaults: 120 s of training
-#   BUDGET=300 bash trainer/gpu_check.sh      # the full gpu budget (then ~8 minutes in all)
+#   BUDGET=300 bash trainer/gpu_check.sh      # the full gpu budget (then ~7 minutes in all)
 #
 # Env: PYTHON (default python3), BUDGET (training seconds, default 120),
 #      NIGHTSHIFT_CACHE (default: a fresh temp folder, removed at the end), OUT (log folder).
@@ -40,9 +42,38 @@ echo "== prepare (stdlib source, gpu profile: vocab 8192)"
 (cd "$here" && timeout 300 "$PYTHON" prepare.py) 2>&1 | tee "$OUT/prepare.log"
 echo "prepare took $(( $(date +%s) - t0 ))s"
 
+echo "== dataloader: CUDA batches equal the CPU loader's while the GPU lags behind"
+# The host->GPU copy is asynchronous; a loader that rewrote its pinned buffer too early would
+# hand the model a corrupted batch exactly when the CPU runs ahead (seen: 5 of 8 batches).
+(cd "$here" && timeout 120 "$PYTHON" - <<'PY'
+import time
+import torch
+import prepare
+tok = prepare.Tokenizer.from_directory()
+B, T, n = 128, prepare.MAX_SEQ_LEN, 8
+cpu = prepare.make_dataloader(tok, B, T, "train", device="cpu")
+expected = [torch.cat([x, y]).clone() for x, y, _ in (next(cpu) for _ in range(n))]
+t = time.time()
+for _ in range(5):
+    next(cpu)
+ms = (time.time() - t) / 5 * 1000
+a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+cuda = prepare.make_dataloader(tok, B, T, "train", device="cuda")
+got = []
+for _ in range(n):
+    for _ in range(150):  # ~0.2 s of GPU work per batch: the CPU runs ahead
+        a = (a @ a).clamp_(-1, 1)
+    x, y, _ = next(cuda)
+    got.append(torch.cat([x, y]).clone())  # ordered on the stream after the batch's copy
+torch.cuda.synchronize()
+bad = sum(not torch.equal(g.cpu(), e) for g, e in zip(got, expected))
+print(f"dataloader: {ms:.0f} ms of CPU per {B}x{T} batch; {bad}/{n} CUDA batches differ")
+assert bad == 0, "the CUDA dataloader delivered corrupted batches"
+PY
+) 2>&1 | tee "$OUT/dataloader.log"
+
 echo "== train (gpu profile, NIGHTSHIFT_TIME_BUDGET=${BUDGET}s)"
-run="$OUT/run"
-mkdir -p "$run"
+run="$(mktemp -d)"  # a scratch copy, as the launcher makes one per run
 cp "$here/prepare.py" "$here/train.py" "$run/"
 t1=$(date +%s)
 set +e
@@ -50,6 +81,7 @@ set +e
 rc=$?
 set -e
 wall=$(( $(date +%s) - t1 ))
+rm -rf "$run"
 grep -E '^(Profile|Model config|Parameters):' "$OUT/train.log" || true
 grep -E '^step ' "$OUT/train.log" | tail -n 3 || true
 

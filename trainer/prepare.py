@@ -17,6 +17,7 @@ Environment (read by prepare.py and train.py alike, so set them the same way for
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -30,8 +31,10 @@ import time
 from collections.abc import Iterator
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import rustbpe
 import tiktoken
@@ -43,11 +46,13 @@ import torch
 
 # gpu is autoresearch's setup. cpu is sized so that one whole experiment (start, training,
 # evaluation) fits in well under a minute on two cores and still separates good from bad variants.
+# run_tokens: about what the seed reads in one run (gpu: 1.6M tokens/s measured on an H200;
+# cpu: ~5k tokens/s on 2 cores), to warn when a data set is too small to research on.
 PROFILES: dict[str, dict[str, float]] = {
     "gpu": {"max_seq_len": 2048, "time_budget": 300, "eval_tokens": 40 * 524288,
-            "vocab_size": 8192, "tokenizer_chars": 1_000_000_000},
+            "vocab_size": 8192, "tokenizer_chars": 1_000_000_000, "run_tokens": 480_000_000},
     "cpu": {"max_seq_len": 256, "time_budget": 25, "eval_tokens": 128 * 256,
-            "vocab_size": 2048, "tokenizer_chars": 4_000_000},
+            "vocab_size": 2048, "tokenizer_chars": 4_000_000, "run_tokens": 125_000},
 }
 PROFILE = os.environ.get("NIGHTSHIFT_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
 if PROFILE not in PROFILES:
@@ -223,13 +228,40 @@ def build_text_source(source: str, data_dir: Path) -> tuple[int, int]:
     return len(train), len(val)
 
 
-def read_meta(prepared_dir: Path = PREPARED_DIR) -> dict[str, str]:
+def estimate_train_tokens(files: list[Path], tokenizer_dir: Path, sample_chars: int = 2_000_000,
+                          ) -> int:
+    """Training tokens of a source: all its characters, over the characters per token of a
+    sample (tokenizing everything could take minutes for a large data set)."""
+    total_chars = sum(pc.sum(pc.utf8_length(pq.read_table(f, columns=["text"]).column("text")))
+                      .as_py() or 0 for f in files)
+    with open(tokenizer_dir / "tokenizer.pkl", "rb") as fh:
+        enc = pickle.load(fh)
+    sample = list(text_iterator(files, sample_chars))
+    sample_tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(sample))
+    return int(total_chars * sample_tokens / max(1, sum(map(len, sample))))
+
+
+def data_size_warning(meta: dict[str, Any]) -> str:
+    """'' or a warning that one run of this profile reads more tokens than the training data
+    holds: it would repeat them, and val_bpb would measure memorization more than modeling."""
+    train_tokens = int(meta.get("train_tokens") or 0)
+    run_tokens = int(PROFILES[str(meta["profile"])]["run_tokens"])
+    if not train_tokens or train_tokens >= run_tokens:
+        return ""
+    return (f"WARNING: source {meta['source']} holds ~{train_tokens / 1e6:.1f}M training tokens, "
+            f"but one {meta['profile']}-profile run reads ~{run_tokens / 1e6:.1f}M: it repeats "
+            f"the data ~{run_tokens / train_tokens:.0f} times, so val_bpb measures memorization "
+            "more than modeling. For real research prepare a larger source: "
+            "python prepare.py --source climbmix (or dir:PATH).")
+
+
+def read_meta(prepared_dir: Path = PREPARED_DIR) -> dict[str, Any]:
     meta_path = prepared_dir / "meta.json"
     if not meta_path.exists():
         sys.exit(f"No prepared data for profile={PROFILE} source={SOURCE} at {prepared_dir}.\n"
                  "Run `python prepare.py` first (with the same NIGHTSHIFT_PROFILE, "
                  "NIGHTSHIFT_SOURCE and NIGHTSHIFT_CACHE as this run).")
-    meta: dict[str, str] = json.loads(meta_path.read_text())
+    meta: dict[str, Any] = json.loads(meta_path.read_text())
     return meta
 
 
@@ -315,7 +347,12 @@ def prepare(source: str = SOURCE, num_shards: int = 10, download_workers: int = 
             meta.update(data_dir="data", val_file="val.parquet", train_docs=n_train, val_docs=n_val)
             print(f"Data: {n_train} train / {n_val} val documents in {time.time() - t0:.1f}s")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        train_tokenizer(list_parquet_files("train", tmp), tmp / "tokenizer")
+        train_files = list_parquet_files("train", tmp)
+        train_tokenizer(train_files, tmp / "tokenizer")
+        train_tokens = estimate_train_tokens(train_files, tmp / "tokenizer")
+        meta["train_tokens"] = train_tokens
+        print(f"Data: ~{train_tokens / 1e6:.1f}M training tokens")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.rename(tmp, final)
         except OSError:  # another prepare got there first: its cache is as good as ours
@@ -324,6 +361,8 @@ def prepare(source: str = SOURCE, num_shards: int = 10, download_workers: int = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"Prepared: {final}")
+    if warning := data_size_warning(read_meta(final)):
+        print(warning)
     return final
 
 
@@ -341,7 +380,9 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir: Path = TOKENIZER_DIR) -> "Tokenizer":
-        read_meta(tokenizer_dir.parent)  # a clear message when prepare.py has not run
+        meta = read_meta(tokenizer_dir.parent)  # a clear message when prepare.py has not run
+        if warning := data_size_warning(meta):
+            print(warning)
         with open(tokenizer_dir / "tokenizer.pkl", "rb") as f:
             return cls(pickle.load(f))
 
@@ -399,46 +440,58 @@ def make_dataloader(tokenizer: Tokenizer, B: int, T: int, split: str, buffer_siz
     batches = _document_batches(split, prepared_dir=prepared_dir)
     bos_token = tokenizer.get_bos_token_id()
     doc_buffer: list[list[int]] = []
+    doc_lens: list[int] = []  # len() of each buffered document, kept in step with doc_buffer
     epoch = 1
 
     def refill_buffer() -> None:
         nonlocal epoch
         doc_batch, epoch = next(batches)
-        doc_buffer.extend(tokenizer.encode(doc_batch, prepend=bos_token))  # type: ignore[arg-type]
+        docs: list[list[int]] = tokenizer.encode(doc_batch, prepend=bos_token)  # type: ignore[assignment]
+        doc_buffer.extend(docs)
+        doc_lens.extend(map(len, docs))
 
-    # Pre-allocate buffers: [inputs (B*T) | targets (B*T)]
+    def pack_row() -> list[int]:
+        # Plain lists and C-level max/index: a gpu-profile step places ~500 documents, on the
+        # same CPU thread that feeds the GPU, so this must stay well under a step's time.
+        row: list[int] = []
+        while len(row) < row_capacity:
+            while len(doc_buffer) < buffer_size:
+                refill_buffer()
+            remaining = row_capacity - len(row)
+            # Find largest doc that fits entirely (the first of equals)
+            best_len = max((n for n in doc_lens if n <= remaining), default=0)
+            if best_len:
+                i = doc_lens.index(best_len)
+                row += doc_buffer.pop(i)
+            else:  # No doc fits: crop shortest to fill remaining
+                i = doc_lens.index(min(doc_lens))
+                row += doc_buffer.pop(i)[:remaining]
+            doc_lens.pop(i)
+        return row
+
+    # Layout of each buffer: [inputs (B*T) | targets (B*T)]. On CUDA two pinned host buffers take
+    # turns: the copy out of one is asynchronous, so it is rewritten only once that copy is done.
     on_cuda = device.type == "cuda"
-    row_buffer = torch.empty((B, row_capacity), dtype=torch.long)
-    cpu_buffer = torch.empty(2 * B * T, dtype=torch.long, pin_memory=on_cuda)
-    dev_buffer = torch.empty(2 * B * T, dtype=torch.long, device=device) if on_cuda else cpu_buffer
+    cpu_buffers = [torch.empty(2 * B * T, dtype=torch.long, pin_memory=on_cuda)
+                   for _ in range(2 if on_cuda else 1)]
+    copied: list[torch.cuda.Event | None] = [None] * len(cpu_buffers)
+    dev_buffer = torch.empty(2 * B * T, dtype=torch.long, device=device) if on_cuda else cpu_buffers[0]
     inputs = dev_buffer[:B * T].view(B, T)
     targets = dev_buffer[B * T:].view(B, T)
 
-    while True:
-        for row_idx in range(B):
-            pos = 0
-            while pos < row_capacity:
-                while len(doc_buffer) < buffer_size:
-                    refill_buffer()
-                remaining = row_capacity - pos
-                # Find largest doc that fits entirely
-                best_idx, best_len = -1, 0
-                for i, doc in enumerate(doc_buffer):
-                    if best_len < len(doc) <= remaining:
-                        best_idx, best_len = i, len(doc)
-                if best_idx >= 0:
-                    doc = doc_buffer.pop(best_idx)
-                    row_buffer[row_idx, pos:pos + len(doc)] = torch.tensor(doc, dtype=torch.long)
-                    pos += len(doc)
-                else:  # No doc fits: crop shortest to fill remaining
-                    shortest_idx = min(range(len(doc_buffer)), key=lambda i: len(doc_buffer[i]))
-                    doc = doc_buffer.pop(shortest_idx)
-                    row_buffer[row_idx, pos:] = torch.tensor(doc[:remaining], dtype=torch.long)
-                    pos += remaining
-        cpu_buffer[:B * T].view(B, T).copy_(row_buffer[:, :-1])
-        cpu_buffer[B * T:].view(B, T).copy_(row_buffer[:, 1:])
+    for n in itertools.count():
+        rows = torch.tensor([pack_row() for _ in range(B)], dtype=torch.long)
+        k = n % len(cpu_buffers)
+        event = copied[k]
+        if event is not None:
+            event.synchronize()
+        cpu_buffers[k][:B * T].view(B, T).copy_(rows[:, :-1])
+        cpu_buffers[k][B * T:].view(B, T).copy_(rows[:, 1:])
         if on_cuda:
-            dev_buffer.copy_(cpu_buffer, non_blocking=True)
+            dev_buffer.copy_(cpu_buffers[k], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            copied[k] = done
         yield inputs, targets, epoch
 
 

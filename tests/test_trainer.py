@@ -190,7 +190,7 @@ def test_training_token_estimate_and_the_small_data_warning(prep: ModuleType) ->
     docs = pq.read_table(files[0], columns=["text"]).column("text").to_pylist()
     exact = sum(len(ids) for ids in tok.enc.encode_ordinary_batch(docs))
     assert sum(map(len, docs)) > 300_000  # so that the sample is a part of it
-    estimate = prep.estimate_train_tokens(files, prep.TOKENIZER_DIR, sample_chars=100_000)
+    estimate = prep.estimate_train_tokens(files, tok.enc, sample_chars=100_000)
     assert estimate == pytest.approx(exact, rel=0.05)
     # The offline source is too small for a gpu run (the seed reads ~480M tokens on an H200)
     meta = prep.read_meta()

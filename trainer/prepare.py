@@ -228,14 +228,12 @@ def build_text_source(source: str, data_dir: Path) -> tuple[int, int]:
     return len(train), len(val)
 
 
-def estimate_train_tokens(files: list[Path], tokenizer_dir: Path, sample_chars: int = 2_000_000,
-                          ) -> int:
+def estimate_train_tokens(files: list[Path], enc: tiktoken.Encoding,
+                          sample_chars: int = 2_000_000) -> int:
     """Training tokens of a source: all its characters, over the characters per token of a
     sample (tokenizing everything could take minutes for a large data set)."""
     total_chars = sum(pc.sum(pc.utf8_length(pq.read_table(f, columns=["text"]).column("text")))
                       .as_py() or 0 for f in files)
-    with open(tokenizer_dir / "tokenizer.pkl", "rb") as fh:
-        enc = pickle.load(fh)
     sample = list(text_iterator(files, sample_chars))
     sample_tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(sample))
     return int(total_chars * sample_tokens / max(1, sum(map(len, sample))))
@@ -295,7 +293,7 @@ def text_iterator(files: list[Path], max_chars: int, doc_cap: int = 10_000) -> I
                     return
 
 
-def train_tokenizer(files: list[Path], tokenizer_dir: Path) -> None:
+def train_tokenizer(files: list[Path], tokenizer_dir: Path) -> tiktoken.Encoding:
     """Train BPE with rustbpe, save it as a tiktoken pickle plus each token's byte length."""
     t0 = time.time()
     tokenizer = rustbpe.Tokenizer()
@@ -322,6 +320,7 @@ def train_tokenizer(files: list[Path], tokenizer_dir: Path) -> None:
     test = "Hello world! Numbers: 123. Unicode: 你好\n\tdef f(x):  return x ** 2\n"
     assert enc.decode(enc.encode_ordinary(test)) == test, "Tokenizer roundtrip failed"
     print(f"Tokenizer: trained in {time.time() - t0:.1f}s (vocab_size={enc.n_vocab})")
+    return enc
 
 
 def prepare(source: str = SOURCE, num_shards: int = 10, download_workers: int = 8) -> Path:
@@ -348,8 +347,8 @@ def prepare(source: str = SOURCE, num_shards: int = 10, download_workers: int = 
             print(f"Data: {n_train} train / {n_val} val documents in {time.time() - t0:.1f}s")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         train_files = list_parquet_files("train", tmp)
-        train_tokenizer(train_files, tmp / "tokenizer")
-        train_tokens = estimate_train_tokens(train_files, tmp / "tokenizer")
+        enc = train_tokenizer(train_files, tmp / "tokenizer")
+        train_tokens = estimate_train_tokens(train_files, enc)
         meta["train_tokens"] = train_tokens
         print(f"Data: ~{train_tokens / 1e6:.1f}M training tokens")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -73,17 +73,11 @@ def is_seed(name: str) -> bool:
 
 
 def set_constants(source: str, values: dict[str, float | int]) -> str:
-    """The source with the named module-level constants rewritten as literals."""
+    """The source with the named knobs (as parse_constants reads them) rewritten as literals."""
     lines = source.splitlines(keepends=True)
-    tree = ast.parse(source)
-    for stmt in reversed(tree.body):
-        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
-            target, value_node = stmt.targets[0], stmt.value
-        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
-            target, value_node = stmt.target, stmt.value
-        else:
-            continue
-        if not isinstance(target, ast.Name) or target.id not in values:
+    # Last first, so that a rewrite never moves the columns of one still to come on its line
+    for target, value_node in reversed(list(knob_assignments(ast.parse(source)))):
+        if target.id not in values:
             continue
         if value_node.end_lineno != value_node.lineno or value_node.end_col_offset is None:
             continue

@@ -13,7 +13,7 @@ sim backend, measuring how much of the fleet's time goes to training.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 import json
 import os
 import signal
@@ -28,9 +28,9 @@ from pathlib import Path
 import msgspec
 
 from services.broker import EmbeddedNats
-from services.bus import Bus
+from services.bus import Bus, Delivery, Handlers
 from services.campaign import start_campaign
-from services.contracts import AnyEvent, CampaignStopped, ResultEvaluated, RunFinished, RunStarted
+from services.contracts import CampaignStopped, ResultEvaluated, RunFinished, RunStarted
 from services.settings import Settings
 from services.supervisor import run_services, wait_until_consumed
 
@@ -60,17 +60,29 @@ class _Observed:
     results: int = 0
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def on_event(self, event: AnyEvent, _: int) -> None:
-        if event.campaign != self.campaign:
-            return
-        if isinstance(event, RunStarted):
+    def handlers(self) -> Handlers:
+        return {
+            RunStarted: self.on_run_started,
+            RunFinished: self.on_run_finished,
+            ResultEvaluated: self.on_result_evaluated,
+            CampaignStopped: self.on_stopped,
+        }
+
+    async def on_run_started(self, event: RunStarted, _: Delivery) -> None:
+        if event.campaign == self.campaign:
             self.slot_of[event.run_id] = (event.host, event.slot)
-        elif isinstance(event, RunFinished) and not event.infra_failure:
+
+    async def on_run_finished(self, event: RunFinished, _: Delivery) -> None:
+        if event.campaign == self.campaign and not event.infra_failure:
             slot = self.slot_of.get(event.run_id, ("?", -1))
             self.spans.append((slot, event.started_at, event.finished_at))
-        elif isinstance(event, ResultEvaluated) and event.status != "infra":
+
+    async def on_result_evaluated(self, event: ResultEvaluated, _: Delivery) -> None:
+        if event.campaign == self.campaign and event.status != "infra":
             self.results += 1
-        elif isinstance(event, CampaignStopped):
+
+    async def on_stopped(self, event: CampaignStopped, _: Delivery) -> None:
+        if event.campaign == self.campaign:
             self.stopped.set()
 
 
@@ -97,16 +109,26 @@ def _overheads(spans: list[tuple[tuple[str, int], float, float]]) -> list[float]
     gaps: list[float] = []
     for runs in by_slot.values():
         runs.sort()
-        gaps.extend(max(0.0, nxt[0] - prev[1]) for prev, nxt in zip(runs, runs[1:], strict=False))
+        gaps.extend(max(0.0, nxt[0] - prev[1]) for prev, nxt in itertools.pairwise(runs))
     return gaps
 
 
 def bench_settings(home: Path, url: str, slots: int, experiments: int, run_s: float) -> Settings:
     return Settings(
-        nats_url=url, home=str(home), backend="sim", slots=slots, campaign="bench",
-        trainer_dir=str(REPO / "trainer"), max_experiments=experiments, http_port=0,
-        sim_budget_s=300.0, sim_time_scale=run_s / 300.0, run_timeout_s=600.0,
-        log_format="json", log_level="warning", noise_floor=7e-4,
+        nats_url=url,
+        home=str(home),
+        backend="sim",
+        slots=slots,
+        campaign="bench",
+        trainer_dir=str(REPO / "trainer"),
+        max_experiments=experiments,
+        http_port=0,
+        sim_budget_s=300.0,
+        sim_time_scale=run_s / 300.0,
+        run_timeout_s=600.0,
+        log_format="json",
+        log_level="warning",
+        noise_floor=7e-4,
     )
 
 
@@ -128,8 +150,12 @@ class ServiceProcesses:
         env = settings_env(settings)
         logs = Path(settings.home)
         self.procs = [
-            subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env,
-                             stdout=(logs / f"{name}.log").open("wb"), stderr=subprocess.STDOUT)
+            subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"],
+                env=env,
+                stdout=(logs / f"{name}.log").open("wb"),
+                stderr=subprocess.STDOUT,
+            )
             for name in ("ledger", "evaluator", "launcher", "proposer")
         ]
 
@@ -143,8 +169,9 @@ class ServiceProcesses:
                 proc.kill()
 
 
-async def fleet_bench(slots: int, experiments: int = 0, run_seconds: float = 0.0,
-                      processes: bool = True) -> FleetReport:
+async def fleet_bench(
+    slots: int, experiments: int = 0, run_seconds: float = 0.0, processes: bool = True
+) -> FleetReport:
     experiments = experiments or slots * 6
     # Runs are compressed from 300 s to run_seconds: the fleet then needs slots/run_seconds
     # runs per second from two cores. Keep that near 8/s at every fleet size.
@@ -158,8 +185,9 @@ async def fleet_bench(slots: int, experiments: int = 0, run_seconds: float = 0.0
             server.stop()
 
 
-async def _bench(home: Path, url: str, slots: int, experiments: int, run_s: float,
-                 processes: bool) -> FleetReport:
+async def _bench(
+    home: Path, url: str, slots: int, experiments: int, run_s: float, processes: bool
+) -> FleetReport:
     settings = bench_settings(home, url, slots, experiments, run_s)
     stop = asyncio.Event()
     children: ServiceProcesses | None = None
@@ -169,10 +197,9 @@ async def _bench(home: Path, url: str, slots: int, experiments: int, run_s: floa
         children = ServiceProcesses(settings)
     else:
         buses, tasks = await run_services(settings, url, stop)
-    bus = await Bus.connect(url, name="nightshift-bench")
+    bus = await Bus.from_settings(settings, "bench")
     observed = _Observed(settings.campaign)
-    follower = asyncio.create_task(bus.follow(
-        [RunStarted, RunFinished, ResultEvaluated, CampaignStopped], observed.on_event, stop=stop))
+    follower = asyncio.create_task(bus.follow(observed.handlers(), stop=stop))
     t0 = time.monotonic()
     await start_campaign(bus, settings)
     await observed.stopped.wait()
@@ -183,58 +210,56 @@ async def _bench(home: Path, url: str, slots: int, experiments: int, run_s: floa
         await asyncio.to_thread(children.stop)
     if tasks:
         await asyncio.wait(tasks, timeout=30)
-    follower.cancel()
-    info = await bus.js.stream_info(bus.stream)
-    replay_rate = await _ledger_replay(bus, settings, home, url, info.state.messages)
+    await follower
+    events = await bus.last_seq()  # limits retention, nothing deleted: the event count
+    replay_rate = await _ledger_replay(bus, settings)
     for b in (bus, *buses):
-        with contextlib.suppress(Exception):
-            await b.close()
+        await b.close()
     spans = [(s, e) for _, s, e in observed.spans]
     first, last = min(s for s, _ in spans), max(e for _, e in spans)
     last_start = max(s for s, _ in spans)
     gaps = _overheads(observed.spans)
     return FleetReport(
-        slots=slots, experiments=observed.results,
+        slots=slots,
+        experiments=observed.results,
         utilization=round(_busy_fraction(spans, slots, first, last_start), 4),
         utilization_with_drain=round(_busy_fraction(spans, slots, first, last), 4),
         overhead_p50_s=round(_percentile(gaps, 50), 4),
         overhead_p95_s=round(_percentile(gaps, 95), 4),
         events_per_s=round(replay_rate, 1),
-        live_events_per_s=round(info.state.messages / live_s, 1),
-        run_seconds=run_s, wall_s=round(last - first, 2), stream_events=info.state.messages,
+        live_events_per_s=round(events / live_s, 1),
+        run_seconds=run_s,
+        wall_s=round(last - first, 2),
+        stream_events=events,
     )
 
 
-async def _ledger_replay(bus: Bus, settings: Settings, home: Path, url: str, total: int) -> float:
+async def _ledger_replay(bus: Bus, settings: Settings) -> float:
     """Project the whole stream into a fresh ledger and return events per second.
 
     Timed from the first event the new ledger acknowledges to the last, so the start-up
     of the service (connect, HTTP server) is not counted.
     """
-    with contextlib.suppress(Exception):
-        await bus.js.delete_consumer(bus.stream, "ledger")
-    replay = msgspec.structs.replace(settings, ledger_db=str(home / "replay.db"))
+    await bus.reset_consumer("ledger")
+    replay = msgspec.structs.replace(settings, ledger_db=str(Path(settings.home) / "replay.db"))
     stop = asyncio.Event()
-    buses, tasks = await run_services(replay, url, stop, names=["ledger"])
+    buses, tasks = await run_services(replay, settings.nats_url, stop, names=["ledger"])
     first: tuple[float, int] | None = None
     last: tuple[float, int] = (time.monotonic(), 0)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            info = await bus.js.consumer_info(bus.stream, "ledger")
-            acked = info.ack_floor.stream_seq if info.ack_floor else 0
-            now = time.monotonic()
-            if first is None and acked > 0:
-                first = (now, acked)
-            last = (now, acked)
-            if info.num_pending == 0 and info.num_ack_pending == 0 and acked > 0:
+    while time.monotonic() < deadline:  # samples the ledger's progress every 20 ms
+        lag = await bus.consumer_lag("ledger")
+        now = time.monotonic()
+        if lag is not None and lag.acked_seq > 0:
+            first = first or (now, lag.acked_seq)
+            last = (now, lag.acked_seq)
+            if lag.pending == 0 and lag.ack_pending == 0:
                 break
         await asyncio.sleep(0.02)
     stop.set()
     await asyncio.wait(tasks, timeout=30)
     for b in buses:
-        with contextlib.suppress(Exception):
-            await b.close()
+        await b.close()
     if first is None or last[0] <= first[0]:
         return 0.0
     return (last[1] - first[1]) / (last[0] - first[0])

@@ -20,11 +20,26 @@ def free_port() -> int:
 
 
 class EmbeddedNats:
-    """nats-server with JetStream on a loopback port, its store in `store_dir`."""
+    """nats-server with JetStream on a loopback port, its store in `store_dir`.
 
-    def __init__(self, store_dir: Path | str, port: int = 0) -> None:
+    With `user` and `password` (or `token`) the server refuses anonymous clients, as a
+    deployment's does; tests use it to prove credentials reach every connection.
+    """
+
+    def __init__(
+        self,
+        store_dir: Path | str,
+        port: int = 0,
+        *,
+        user: str = "",
+        password: str = "",
+        token: str = "",
+    ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
+        self.auth_args = (["--user", user, "--pass", password] if user else []) + (
+            ["--auth", token] if token else []
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.store_dir / "nats-server.log"
 
@@ -34,12 +49,22 @@ class EmbeddedNats:
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port),
-               "-sd", str(self.store_dir)]
+        cmd = [
+            nats_server_binary(),
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-sd",
+            str(self.store_dir),
+            *self.auth_args,
+        ]
         log = self.log_path.open("ab")
         # Its own session, so a Ctrl-C meant for us does not kill it before we drain.
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

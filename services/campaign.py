@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import tarfile
 from pathlib import Path
 
 import msgspec
@@ -16,31 +14,13 @@ from services.contracts import (
     ProposerConfig,
     RunCancel,
     event_id_for,
+    harness_tar,
 )
 from services.settings import Settings
 
 
 class CampaignError(ValueError):
     """A campaign that cannot start as asked (missing trainer, bad name, ...)."""
-
-
-def harness_tar(trainer_dir: Path, edit_file: str) -> bytes:
-    """A reproducible tar.gz of the trainer directory without the edited file and caches."""
-    buffer = io.BytesIO()
-    files = sorted(
-        p for p in trainer_dir.rglob("*")
-        if p.is_file() and p.name != edit_file and "__pycache__" not in p.parts
-        and not p.name.endswith(".pyc")
-    )
-    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
-        for path in files:
-            info = tar.gettarinfo(str(path), arcname=str(path.relative_to(trainer_dir)))
-            info.mtime = 0
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            with path.open("rb") as fh:
-                tar.addfile(info, fh)
-    return buffer.getvalue()
 
 
 def campaign_event(settings: Settings, seed_digest: str, harness_key: str) -> CampaignStarted:
@@ -52,7 +32,7 @@ def campaign_event(settings: Settings, seed_digest: str, harness_key: str) -> Ca
         trainer_dir=settings.trainer_dir,
         edit_file=settings.edit_file,
         metric=settings.metric,
-        direction="maximize" if settings.direction == "maximize" else "minimize",
+        direction=settings.direction,
         profile=settings.profile,
         max_experiments=settings.max_experiments,
         run_timeout_s=settings.run_timeout_s,
@@ -87,15 +67,15 @@ async def start_campaign(bus: Bus, settings: Settings) -> tuple[CampaignStarted,
             f"{seed_path} not found: --trainer must name a directory holding the file the "
             f"researcher edits ({settings.edit_file})"
         )
-    existing = await bus.load_campaign(settings.campaign)
-    stopped = await bus.campaign_stopped(settings.campaign)
+    existing = await bus.campaigns.load(settings.campaign)
+    stopped = await bus.campaigns.is_stopped(settings.campaign)
     if existing is not None and not stopped:
         return existing, True
     seed = seed_path.read_text()
     seed_digest = await bus.put_source(seed)
     tar = harness_tar(trainer, settings.edit_file)
     harness_key = "harness-" + hashlib.sha256(tar).hexdigest()[:32]
-    await bus.put_object(bus.sources_bucket, harness_key, tar)
+    await bus.sources.put(harness_key, tar)
     event = campaign_event(settings, seed_digest, harness_key)
     if existing is not None:
         # A stopped campaign started again: same seed and history, new limits.
@@ -104,20 +84,22 @@ async def start_campaign(bus: Bus, settings: Settings) -> tuple[CampaignStarted,
             seed_digest=existing.seed_digest,
             event_id=event_id_for("restarted", settings.campaign, event.ts),
         )
-        await bus.kv_delete(f"stopped.{settings.campaign}")
-    await bus.save_campaign(event)
+        await bus.campaigns.clear_stopped(settings.campaign)
+    await bus.campaigns.save(event)
     await bus.publish(event)
     return event, existing is not None
 
 
 async def stop_campaign(bus: Bus, name: str, reason: str = "stopped", detail: str = "") -> None:
     """Stop proposing and cancel the campaign's runs; its history stays in the ledger."""
-    if await bus.load_campaign(name) is None:
+    if await bus.campaigns.load(name) is None:
         raise CampaignError(f"no campaign named {name!r} on this deployment")
-    await bus.mark_campaign_stopped(name, reason)
-    event = CampaignStopped(campaign=name, reason=reason,
-                            detail=detail or "stopped by `nightshift campaign stop`")
+    await bus.campaigns.mark_stopped(name, reason)
+    event = CampaignStopped(
+        campaign=name, reason=reason, detail=detail or "stopped by `nightshift campaign stop`"
+    )
     # One id per stop request (a later restart may be stopped again).
-    await bus.publish(msgspec.structs.replace(
-        event, event_id=event_id_for("user-stop", name, event.ts)))
+    await bus.publish(
+        msgspec.structs.replace(event, event_id=event_id_for("user-stop", name, event.ts))
+    )
     await bus.publish(RunCancel(campaign=name, run_id="*", reason=reason))

@@ -1,4 +1,8 @@
-"""The `nightshift` command."""
+"""The `nightshift` command.
+
+Flags that set a setting are built from the setting's field (services.settings), so a
+flag's type, its choices and its help are the setting's: there is one list of options.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +12,68 @@ import json
 import sys
 from typing import Any
 
-from services.settings import Settings, SettingsError, load_settings
+from services.settings import SETTING_FIELDS, Settings, SettingsError, load_settings
 from services.telemetry import configure_logging, configure_tracing
 
+# The settings a campaign is started with: `up` and `campaign start` take the same flags.
+CAMPAIGN_SETTINGS = (
+    "campaign",
+    "trainer_dir",
+    "edit_file",
+    "metric",
+    "direction",
+    "profile",
+    "strategy",
+    "max_experiments",
+    "run_timeout_s",
+)
 
-def _campaign_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--campaign", "--name", dest="campaign", help="campaign name (default: default)")
-    p.add_argument("--trainer", dest="trainer_dir", help="trainer directory (default: trainer/)")
-    p.add_argument("--edit-file", dest="edit_file", help="the file the researcher edits")
-    p.add_argument("--metric", help="metric key in the summary block (default: val_bpb)")
-    p.add_argument("--direction", choices=["minimize", "maximize"])
-    p.add_argument("--profile", help="NIGHTSHIFT_PROFILE passed to runs (cpu | gpu)")
-    p.add_argument("--strategy", choices=["auto", "grid", "claude"],
-                   help="auto (default): claude when an Anthropic API key is configured")
-    p.add_argument("--max-experiments", dest="max_experiments", type=int,
-                   help="stop after N finished experiments (0: until stopped)")
-    p.add_argument("--run-timeout", dest="run_timeout_s", type=float,
-                   help="seconds before a run is killed and recorded as timeout")
+# Which settings each command takes from its flags. The flags of `up` and `campaign start`
+# are built from the fields (type, choices, help), so they cannot drift from the settings.
+COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "up": (*CAMPAIGN_SETTINGS, "backend", "slots", "http_port", "home"),
+    "campaign start": CAMPAIGN_SETTINGS,
+    "status": ("campaign", "home"),
+    "best": ("campaign", "home"),
+    "results": ("campaign", "home"),
+}
+
+# Flag spellings other than `--<name-with-dashes>`, kept for the users who type them.
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {
+    "campaign": ("--campaign", "--name"),
+    "trainer_dir": ("--trainer",),
+    "run_timeout_s": ("--run-timeout",),
+}
+
+
+def setting_flag(
+    parser: argparse.ArgumentParser, name: str, *flags: str, help_text: str | None = None
+) -> argparse.Action:
+    """Add the flag that sets `name`: its type, choices and help come from the field, and an
+    absent flag leaves the value to the file, the environment or the default."""
+    field = SETTING_FIELDS[name]
+    flags = flags or FLAG_ALIASES.get(name) or (f"--{name.replace('_', '-')}",)
+    text = help_text if help_text is not None else field.description
+    if help_text is None and field.default not in ("", None) and "default" not in text:
+        # "stop after N (0: until stopped; default 0)", "campaign name (default: default)"
+        text = (
+            text[:-1] + f"; default {field.default})"
+            if text.endswith(")")
+            else f"{text} (default: {field.default})"
+        )
+    kwargs: dict[str, Any] = {"dest": name, "default": None, "help": text.replace("%", "%%")}
+    if field.choices:
+        kwargs["choices"] = list(field.choices)
+    elif field.base in (int, float):
+        kwargs.update(type=field.base, metavar="N")
+    elif field.base is not str:
+        raise TypeError(f"setting {name!r} of type {field.base!r} has no flag form")
+    return parser.add_argument(*flags, **kwargs)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    for name in COMMAND_SETTINGS[command]:
+        setting_flag(parser, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,47 +83,72 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run everything here (private nats-server, four services)")
-    _campaign_flags(up)
-    up.add_argument("--backend", choices=["local", "sim"])
-    up.add_argument("--slots", type=int, help="concurrent runs (default 1; one per GPU)")
-    up.add_argument("--http-port", dest="http_port", type=int, help="ledger HTTP port")
-    up.add_argument("--home", help="state directory (default .nightshift)")
+    add_setting_flags(up, "up")
 
-    for name, text in (("status", "campaigns and their progress"),
-                       ("best", "the best train.py of a campaign"),
-                       ("results", "results.tsv of a campaign")):
+    for name, text in (
+        ("status", "campaigns and their progress"),
+        ("best", "the best train.py of a campaign"),
+        ("results", "results.tsv of a campaign"),
+    ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--campaign", help="campaign name (default: the only/first one)")
+        setting_flag(
+            p, "campaign", "--campaign", help_text="campaign name (default: the only/first one)"
+        )
         p.add_argument("--url", help="ledger HTTP address (default: the ledger on disk)")
-        p.add_argument("--home", help="state directory (default .nightshift)")
+        setting_flag(p, "home")
         if name == "best":
             p.add_argument("-o", "--output", help="write the source to this file")
 
     camp = sub.add_parser("campaign", help="start or stop a campaign on a running deployment")
     camp_sub = camp.add_subparsers(dest="action", required=True)
     start = camp_sub.add_parser("start", help="start (or resume) a campaign")
-    _campaign_flags(start)
+    add_setting_flags(start, "campaign start")
     stop = camp_sub.add_parser("stop", help="stop a campaign: no new proposals, runs cancelled")
     stop.add_argument("name")
 
+    _bench_parser(sub)
+    return parser
+
+
+def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`bench fleet`: its flags describe the benchmark, not settings of a deployment."""
     bench = sub.add_parser("bench", help="measure the system")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     fleet = bench_sub.add_parser("fleet", help="the whole system on the sim backend")
     fleet.add_argument("--slots", type=int, default=16)
-    fleet.add_argument("--experiments", type=int, default=0,
-                       help="experiments to run (default: 6 waves of the slots)")
-    fleet.add_argument("--run-seconds", type=float, default=0.0,
-                       help="wall seconds one simulated run takes (default: by slots)")
-    fleet.add_argument("--in-process", action="store_true",
-                       help="run the services in this process (as `up` does), not one each")
+    fleet.add_argument(
+        "--experiments",
+        type=int,
+        default=0,
+        help="experiments to run (default: 6 waves of the slots)",
+    )
+    fleet.add_argument(
+        "--run-seconds",
+        type=float,
+        default=0.0,
+        help="wall seconds one simulated run takes (default: by slots)",
+    )
+    fleet.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the services in this process (as `up` does), not one each",
+    )
     fleet.add_argument("--json", action="store_true", help="print one JSON object")
-    return parser
+
+
+def command_key(args: argparse.Namespace) -> str:
+    """The key of COMMAND_SETTINGS for parsed arguments: `up`, `campaign start`, ..."""
+    if args.command == "campaign":
+        return f"campaign {args.action}"
+    if args.command == "bench":
+        return f"bench {args.bench}"
+    return str(args.command)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("campaign", "trainer_dir", "edit_file", "metric", "direction", "profile", "strategy",
-            "max_experiments", "run_timeout_s", "backend", "slots", "http_port", "home")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    """The settings the command line gives: the command's flags that were used."""
+    names = COMMAND_SETTINGS.get(command_key(args), ())
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"nightshift: {exc}", file=sys.stderr)
         return 2
-    configure_logging(f"cli-{args.command}", settings.log_format, "warning"
-                      if args.command in ("up", "bench") else settings.log_level)
+    configure_logging(
+        f"cli-{args.command}",
+        settings.log_format,
+        "warning" if args.command in ("up", "bench") else settings.log_level,
+    )
     configure_tracing("cli")
     try:
         return _dispatch(args, settings)
@@ -110,8 +187,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "bench":
         from services.bench import fleet_bench, print_report
 
-        report = asyncio.run(fleet_bench(args.slots, args.experiments, args.run_seconds,
-                                         processes=not args.in_process))
+        report = asyncio.run(
+            fleet_bench(
+                args.slots, args.experiments, args.run_seconds, processes=not args.in_process
+            )
+        )
         print_report(report, as_json=args.json)
         return 0
     return 2
@@ -124,15 +204,22 @@ async def _campaign(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.nats_url:
         print("nightshift: set NATS_URL to the deployment's NATS server", file=sys.stderr)
         return 2
-    bus = await Bus.connect(settings.nats_url, prefix=settings.subject_prefix,
-                            name="nightshift-cli", creds=settings.nats_creds)
+    # The deployment's credentials (nats_creds / nats_user / nats_token) come with settings.
+    bus = await Bus.from_settings(settings, "cli")
     try:
         if args.action == "start":
             event, resumed = await start_campaign(bus, settings)
-            print(json.dumps({"campaign": event.campaign, "resumed": resumed,
-                              "seed_digest": event.seed_digest,
-                              "strategy": event.proposer.strategy,
-                              "max_experiments": event.max_experiments}))
+            print(
+                json.dumps(
+                    {
+                        "campaign": event.campaign,
+                        "resumed": resumed,
+                        "seed_digest": event.seed_digest,
+                        "strategy": event.proposer.strategy,
+                        "max_experiments": event.max_experiments,
+                    }
+                )
+            )
         else:
             await stop_campaign(bus, args.name)
             print(f"campaign {args.name} stopped")
@@ -143,4 +230,3 @@ async def _campaign(args: argparse.Namespace, settings: Settings) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -1,106 +1,178 @@
 """`nightshift status | best | results`: read the ledger over HTTP, or from disk.
 
-With `--url` (or `NIGHTSHIFT_LEDGER_URL`) the CLI asks a running ledger; otherwise it
-reads the SQLite file under `.nightshift/` directly, which also works after the system
-stopped.
+Two readers answer the same questions (`LedgerReader`): `HttpLedgerReader` asks a running
+ledger's API, `FileLedgerReader` reads the SQLite file under `.nightshift/` directly, which
+also works after the system stopped. `reader_for` picks one: with `--url` (or
+`NIGHTSHIFT_LEDGER_URL`) the HTTP one, otherwise the file. Both raise LookupError for an
+unknown campaign or a campaign without a best (the HTTP one with the API's detail), and
+the HTTP one ConnectionError for a ledger it cannot reach or that fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
+from services.ledger import queries
+from services.ledger.db import open_read
 from services.settings import Settings
+
+T = TypeVar("T")
+
+HTTP_TIMEOUT_S = 10.0
 
 
 class LedgerUnavailable(LookupError):
     """Neither a ledger URL nor a ledger file to read."""
 
 
-class _Reader:
-    """One of two sources with the same questions: a ledger URL or the file on disk."""
+def unknown_campaign(name: str) -> LookupError:
+    return LookupError(f"unknown campaign {name!r}")
 
-    def __init__(self, settings: Settings, url: str | None) -> None:
-        self.url = (url or os.environ.get("NIGHTSHIFT_LEDGER_URL") or "").rstrip("/")
-        self.db_path = settings.ledger_path
-        if not self.url and not self.db_path.exists():
-            raise LedgerUnavailable(
-                f"no ledger at {self.db_path}; run `nightshift up` first, or pass --url "
-                "with the ledger's HTTP address"
-            )
 
-    def _get(self, path: str) -> httpx.Response:
-        response = httpx.get(f"{self.url}{path}", timeout=10)
-        if response.status_code == 404:
-            raise LookupError(response.json().get("detail", f"not found: {path}"))
-        response.raise_for_status()
-        return response
+def no_best(name: str) -> LookupError:
+    return LookupError(f"campaign {name!r} has no best variant yet")
 
-    def _query(self, name: str, *args: Any) -> Any:
-        from services.ledger import queries
-        from services.ledger.db import open_read
 
-        conn = open_read(self.db_path)
-        try:
-            return getattr(queries, name)(conn, *args)
-        finally:
-            conn.close()
+class LedgerReader(Protocol):
+    """What the CLI asks a ledger."""
 
     def campaigns(self) -> list[dict[str, Any]]:
-        if self.url:
-            data: list[dict[str, Any]] = self._get("/campaigns").json()
-            return data
-        result: list[dict[str, Any]] = self._query("list_campaigns")
-        return result
+        """Every campaign, oldest first."""
+        ...
 
     def summary(self, name: str) -> dict[str, Any]:
-        if self.url:
-            data: dict[str, Any] = self._get(f"/campaigns/{name}").json()
-            return data
-        found = self._query("campaign_summary", name)
-        if found is None:
-            raise LookupError(f"unknown campaign {name!r}")
-        return dict(found)
+        """The campaign with its counts, best and LLM cost."""
+        ...
 
     def best_source(self, name: str) -> str:
-        if self.url:
-            return self._get(f"/campaigns/{name}/best/train.py").text
-        found = self._query("best", name)
+        """The source of the campaign's best variant."""
+        ...
+
+    def results_tsv(self, name: str) -> str:
+        """The campaign's results in autoresearch's results.tsv format."""
+        ...
+
+
+class HttpLedgerReader:
+    """A running ledger's HTTP API."""
+
+    def __init__(self, url: str, timeout_s: float = HTTP_TIMEOUT_S) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def _get(self, path: str) -> httpx.Response:
+        try:
+            response = httpx.get(f"{self.url}{path}", timeout=self.timeout_s)
+        except httpx.TransportError as exc:
+            raise ConnectionError(f"cannot reach the ledger at {self.url}: {exc!r}") from exc
+        if response.status_code == 404:
+            raise LookupError(_detail(response) or f"not found: {path}")
+        if response.is_error:
+            raise ConnectionError(
+                f"the ledger at {self.url} answered {response.status_code} to {path}: "
+                f"{_detail(response)}"
+            )
+        return response
+
+    def campaigns(self) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self._get("/campaigns").json()
+        return data
+
+    def summary(self, name: str) -> dict[str, Any]:
+        data: dict[str, Any] = self._get(f"/campaigns/{name}").json()
+        return data
+
+    def best_source(self, name: str) -> str:
+        return self._get(f"/campaigns/{name}/best/train.py").text
+
+    def results_tsv(self, name: str) -> str:
+        return self._get(f"/campaigns/{name}/results.tsv").text
+
+
+def _detail(response: httpx.Response) -> str:
+    """The API's `detail` of an error, or the body when it is not the API's JSON."""
+    try:
+        body = response.json()
+    except ValueError:  # not JSON: a proxy's page, say
+        return response.text[:200]
+    return str(body.get("detail", "")) if isinstance(body, dict) else str(body)[:200]
+
+
+class FileLedgerReader:
+    """The ledger's SQLite file, read-only (also while the service writes it)."""
+
+    def __init__(self, db_path: Path) -> None:
+        if not db_path.exists():
+            raise LedgerUnavailable(
+                f"no ledger at {db_path}; run `nightshift up` first, or pass --url "
+                "with the ledger's HTTP address"
+            )
+        self.db_path = db_path
+
+    def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        with contextlib.closing(open_read(self.db_path)) as conn:
+            return query(conn)
+
+    def campaigns(self) -> list[dict[str, Any]]:
+        return self._read(queries.list_campaigns)
+
+    def summary(self, name: str) -> dict[str, Any]:
+        found = self._read(lambda conn: queries.campaign_summary(conn, name))
+        if found is None:
+            raise unknown_campaign(name)
+        return found
+
+    def best_source(self, name: str) -> str:
+        found = self._read(lambda conn: queries.best(conn, name))
         if found is None or not found.get("source"):
-            raise LookupError(f"campaign {name!r} has no best variant yet")
+            raise no_best(name)
         return str(found["source"])
 
     def results_tsv(self, name: str) -> str:
-        if self.url:
-            return self._get(f"/campaigns/{name}/results.tsv").text
-        found = self._query("results_tsv", name)
+        found = self._read(lambda conn: queries.results_tsv(conn, name))
         if found is None:
-            raise LookupError(f"unknown campaign {name!r}")
-        return str(found)
+            raise unknown_campaign(name)
+        return found
 
 
-def _campaign_name(reader: _Reader, wanted: str | None) -> str:
+def reader_for(settings: Settings, url: str | None) -> LedgerReader:
+    """The HTTP reader for `url` (or NIGHTSHIFT_LEDGER_URL), else the file of `settings`."""
+    url = url or os.environ.get("NIGHTSHIFT_LEDGER_URL") or ""
+    if url:
+        return HttpLedgerReader(url)
+    return FileLedgerReader(settings.ledger_path)
+
+
+def _campaign_name(reader: LedgerReader, wanted: str | None) -> str:
     if wanted:
         return wanted
     names = [c["name"] for c in reader.campaigns()]
     if not names:
         raise LookupError("the ledger holds no campaign yet")
     if len(names) > 1:
-        print(f"several campaigns ({', '.join(names)}); showing {names[-1]}; "
-              "pick one with --campaign", file=sys.stderr)
+        print(
+            f"several campaigns ({', '.join(names)}); showing {names[-1]}; "
+            "pick one with --campaign",
+            file=sys.stderr,
+        )
     return str(names[-1])
 
 
 def show(command: str, settings: Settings, args: argparse.Namespace) -> int:
-    reader = _Reader(settings, args.url)
-    name = _campaign_name(reader, args.campaign or (
-        settings.campaign if settings.campaign != "default" else None))
+    reader = reader_for(settings, args.url)
+    name = _campaign_name(
+        reader, args.campaign or (settings.campaign if settings.campaign != "default" else None)
+    )
     if command == "best":
         source = reader.best_source(name)
         if args.output:

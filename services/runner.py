@@ -1,34 +1,35 @@
 """Run one service as its own process: `python -m services.<name>`.
 
-Configuration comes from the environment (see services/settings.py); SIGTERM and SIGINT
-stop the service cleanly (handlers in hand finish, then the connection drains).
+The shape of nats.py's examples/micro/service.py: connect (Bus.from_settings), start the
+service's handlers, wait for SIGTERM or SIGINT, then stop cleanly (handlers in hand
+finish, then the connection drains). Configuration comes from the environment
+(services/settings.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from services.bus import Bus
-from services.settings import Settings, load_settings
+from services.settings import Settings, SettingsError, load_settings
 from services.telemetry import configure_logging, configure_tracing, get_logger
 
+# A service: its handlers run on `bus` until `stop` is set.
 ServiceMain = Callable[[Settings, Bus, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 async def serve(name: str, run: ServiceMain, settings: Settings) -> None:
-    if not settings.nats_url:
-        raise SystemExit(f"{name}: set NATS_URL to the NATS server to use")
-    bus = await Bus.connect(settings.nats_url, prefix=settings.subject_prefix,
-                            name=f"nightshift-{name}", creds=settings.nats_creds)
+    bus = await Bus.from_settings(settings, name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log = get_logger(service=name)
-    log.info("service_started", nats_url=settings.nats_url)
+    log.info("service_started", nats_url=settings.redacted()["nats_url"])
     try:
         await run(settings, bus, stop)
     finally:
@@ -37,7 +38,13 @@ async def serve(name: str, run: ServiceMain, settings: Settings) -> None:
 
 
 def run_service(name: str, run: ServiceMain) -> None:
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        sys.exit(f"{name}: {exc}")
     configure_logging(name, settings.log_format, settings.log_level)
     configure_tracing(name)
-    asyncio.run(serve(name, run, settings))
+    try:
+        asyncio.run(serve(name, run, settings))
+    except ConnectionError as exc:
+        sys.exit(f"{name}: {exc}")

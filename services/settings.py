@@ -3,18 +3,42 @@
 Every field `name` can be set by the environment variable `NIGHTSHIFT_<NAME>` (upper case)
 or by the key `name` in `nightshift.toml` (in the working directory, or the file named by
 `NIGHTSHIFT_CONFIG`). `NATS_URL` is also read as is, as every NATS tool does.
-Secrets (ANTHROPIC_API_KEY, NATS credentials) are not settings: they stay in the
-environment or a secrets file and are never logged.
+
+Each field's type says what it accepts: msgspec converts a raw toml or environment value to
+it (lax: "4" is an int), checks its range (`Meta(ge=...)`) and its choices (a `Literal`), so
+a bad value fails at load time with an error naming the setting and where its value came
+from, not minutes later in the service that reads it. The field's `Meta(description=...)`
+is the one line the CLI shows as a flag's help: the settings are the only list of options.
+
+The NATS credentials (`nats_password`, `nats_token`, a password inside `nats_url`) are
+settings so that every service reads them the same way, and are never printed: `repr()` and
+`redacted()` mask them. ANTHROPIC_API_KEY stays out of the settings (see the proposer).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
+from msgspec import Meta
+
+Backend = Literal["local", "sim"]
+Direction = Literal["minimize", "maximize"]
+StrategyName = Literal["auto", "grid", "claude"]
+KeepRuleName = Literal["strict"]  # the names in services.ledger.keep.RULES
+LogFormat = Literal["", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+# Settings whose values are secrets: masked by repr() and redacted().
+SECRET_SETTINGS = frozenset({"nats_password", "nats_token"})
+REDACTED = "[redacted]"
 
 
 class SettingsError(ValueError):
@@ -22,60 +46,122 @@ class SettingsError(ValueError):
 
 
 class Settings(msgspec.Struct, kw_only=True):
+    """Every option of every service; build it with `load_settings()`.
+
+    `Settings(**values)` and `msgspec.structs.replace()` do not check ranges or choices
+    (msgspec checks on conversion, not on construction): call `validate_settings()` on
+    settings built in code from values that did not come through `load_settings()`.
+    """
+
     # --- broker ---------------------------------------------------------------------
-    nats_url: str = ""  # empty: `nightshift up` starts a private nats-server
-    nats_creds: str = ""  # path to a NATS credentials file (never logged)
-    subject_prefix: str = "ns"
-    home: str = ".nightshift"  # embedded state: nats store, ledger, run directories
+    nats_url: Annotated[
+        str,
+        Meta(description="NATS server URL; empty: `nightshift up` starts a private nats-server"),
+    ] = ""
+    nats_creds: Annotated[str, Meta(description="path to a NATS credentials file")] = ""
+    nats_user: Annotated[str, Meta(description="NATS user name (with nats_password)")] = ""
+    nats_password: Annotated[str, Meta(description="NATS password (never printed)")] = ""
+    nats_token: Annotated[str, Meta(description="NATS auth token (never printed)")] = ""
+    subject_prefix: Annotated[str, Meta(description="prefix of every NATS subject")] = "ns"
+    home: Annotated[
+        str, Meta(description="state directory: nats store, ledger, run directories")
+    ] = ".nightshift"
 
     # --- ledger ---------------------------------------------------------------------
-    ledger_db: str = ""  # default: <home>/ledger.db
-    http_host: str = "127.0.0.1"
-    http_port: int = 8780  # 0: any free port
+    ledger_db: Annotated[str, Meta(description="ledger database; empty: <home>/ledger.db")] = ""
+    http_host: Annotated[str, Meta(description="ledger HTTP address")] = "127.0.0.1"
+    http_port: Annotated[
+        int, Meta(ge=0, le=65535, description="ledger HTTP port (0: any free port)")
+    ] = 8780
 
     # --- launcher -------------------------------------------------------------------
-    backend: str = "local"  # local | sim
-    slots: int = 1
-    tier: str = "default"
-    launcher_id: str = ""  # default: hostname-pid
-    run_dir: str = ""  # default: <home>/runs
-    gpus: str = ""  # comma-separated CUDA device ids, one slot each ("" = CPU slots)
-    log_tail_lines: int = 60
-    ack_wait_s: float = 30.0  # a run whose launcher stops heartbeating is redelivered after this
-    sim_time_scale: float = 0.002  # sim: seconds of wall time per second of budget
-    sim_budget_s: float = 300.0  # sim: the training budget a simulated run "trains" for
-    sim_noise: float = 7e-4  # sim: run-to-run spread of val_bpb (std)
-    sim_failure_rate: float = 0.5  # sim: failure chance for a value far from its optimum
-    sim_seed: int = 0
+    backend: Annotated[Backend, Meta(description="where runs execute")] = "local"
+    slots: Annotated[int, Meta(ge=1, description="concurrent runs (one per GPU)")] = 1
+    tier: Annotated[str, Meta(description="the hardware tier this launcher serves")] = "default"
+    launcher_id: Annotated[str, Meta(description="launcher name; empty: hostname-pid")] = ""
+    run_dir: Annotated[str, Meta(description="run directories; empty: <home>/runs")] = ""
+    gpus: Annotated[
+        str, Meta(description="comma-separated CUDA device ids, one slot each (empty: CPU slots)")
+    ] = ""
+    log_tail_lines: Annotated[
+        int, Meta(ge=0, description="lines of a failed run's log kept in its result")
+    ] = 60
+    ack_wait_s: Annotated[
+        float, Meta(gt=0, description="seconds before a silent launcher's run is redelivered")
+    ] = 30.0
+    sim_time_scale: Annotated[
+        float, Meta(ge=0, description="sim: seconds of wall time per second of budget")
+    ] = 0.002
+    sim_budget_s: Annotated[
+        float, Meta(gt=0, description="sim: the training budget a simulated run trains for")
+    ] = 300.0
+    sim_noise: Annotated[
+        float, Meta(ge=0, description="sim: run-to-run spread of val_bpb (std)")
+    ] = 7e-4
+    sim_failure_rate: Annotated[
+        float, Meta(ge=0, le=1, description="sim: failure chance for a value far from its optimum")
+    ] = 0.5
+    sim_seed: Annotated[int, Meta(description="sim: random seed")] = 0
 
     # --- proposer -------------------------------------------------------------------
-    strategy: str = "auto"  # auto (claude when an API key is configured, else grid) | grid | claude
-    lookahead: int = 0  # variants queued beyond the slots; 0: a quarter of the slots, >= 2
-    wave_size: int = 0  # 0: follow free capacity
-    noise_floor: float = 0.0  # run-to-run spread of the metric; 0: 0.017 on cpu, 7e-4 on gpu
-    model: str = ""  # claude: default model when empty
-    budget_usd: float = 0.0  # claude: 0 = no cap
-    budget_requests: int = 0  # claude: 0 = no cap
-    claude_timeout_s: float = 240.0  # claude: one request (the SDK's timeout)
-    claude_max_retries: int = 4  # claude: SDK retries on 429 / 5xx / 529 overloaded
-    claude_max_tokens: int = 32000  # claude: output budget of one request, thinking included
-    claude_effort: str = ""  # claude: output_config.effort when set
-    claude_price: str = ""  # claude: "$in,$out[,$cache_write,$cache_read]" per million tokens
+    strategy: Annotated[
+        StrategyName,
+        Meta(description="auto: claude when an Anthropic API key is configured, else grid"),
+    ] = "auto"
+    lookahead: Annotated[
+        int,
+        Meta(
+            ge=0, description="variants queued beyond the slots (0: a quarter of the slots, >= 2)"
+        ),
+    ] = 0
+    wave_size: Annotated[int, Meta(ge=0, description="variants per wave (0: free capacity)")] = 0
+    noise_floor: Annotated[
+        float,
+        Meta(ge=0, description="run-to-run spread of the metric (0: 0.017 on cpu, 7e-4 on gpu)"),
+    ] = 0.0
+    model: Annotated[str, Meta(description="claude: model name; empty: the default")] = ""
+    budget_usd: Annotated[float, Meta(ge=0, description="claude: spend cap (0: none)")] = 0.0
+    budget_requests: Annotated[int, Meta(ge=0, description="claude: request cap (0: none)")] = 0
+    claude_timeout_s: Annotated[
+        float, Meta(gt=0, description="claude: seconds one request may take")
+    ] = 240.0
+    claude_max_retries: Annotated[
+        int, Meta(ge=0, description="claude: SDK retries on 429 / 5xx / 529 overloaded")
+    ] = 4
+    claude_max_tokens: Annotated[
+        int, Meta(ge=1, description="claude: output budget of one request, thinking included")
+    ] = 32000
+    claude_effort: Annotated[
+        str, Meta(description="claude: output_config.effort; empty: not sent")
+    ] = ""
+    claude_price: Annotated[
+        str, Meta(description="claude: '$in,$out[,$cache_write,$cache_read]' per million tokens")
+    ] = ""
 
     # --- campaign -------------------------------------------------------------------
-    campaign: str = "default"
-    trainer_dir: str = "trainer"
-    edit_file: str = "train.py"
-    metric: str = "val_bpb"
-    direction: str = "minimize"
-    profile: str = "cpu"
-    max_experiments: int = 0  # 0: until stopped
-    run_timeout_s: float = 600.0
-    keep_rule: str = "strict"
+    campaign: Annotated[str, Meta(description="campaign name")] = "default"
+    trainer_dir: Annotated[str, Meta(description="trainer directory")] = "trainer"
+    edit_file: Annotated[str, Meta(description="the file the researcher edits")] = "train.py"
+    metric: Annotated[str, Meta(description="metric key in the summary block")] = "val_bpb"
+    direction: Annotated[
+        Direction, Meta(description="whether a lower or a higher metric is better")
+    ] = "minimize"
+    profile: Annotated[str, Meta(description="NIGHTSHIFT_PROFILE passed to runs")] = "cpu"
+    max_experiments: Annotated[
+        int, Meta(ge=0, description="stop after N finished experiments (0: until stopped)")
+    ] = 0
+    run_timeout_s: Annotated[
+        float, Meta(gt=0, description="seconds before a run is killed and recorded as timeout")
+    ] = 600.0
+    keep_rule: Annotated[KeepRuleName, Meta(description="when a variant replaces the best")] = (
+        "strict"
+    )
 
     # --- telemetry ------------------------------------------------------------------
-    log_format: str = ""  # json | console; default: console on a TTY, else json
-    log_level: str = "info"
+    log_format: Annotated[
+        LogFormat, Meta(description="log output; empty: console on a TTY, else json")
+    ] = ""
+    log_level: Annotated[LogLevel, Meta(description="lowest level logged")] = "info"
 
     @property
     def ledger_path(self) -> Path:
@@ -85,27 +171,102 @@ class Settings(msgspec.Struct, kw_only=True):
     def runs_path(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path(self.home) / "runs"
 
+    def redacted(self) -> dict[str, Any]:
+        """Every setting, secrets masked: what may be logged or printed."""
+        out = msgspec.structs.asdict(self)
+        for name in SECRET_SETTINGS:
+            if out[name]:
+                out[name] = REDACTED
+        out["nats_url"] = redact_url(self.nats_url)
+        return out
 
-_FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
+    def __repr__(self) -> str:
+        # msgspec's repr would print the secrets; this one is safe in a log or a traceback.
+        body = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"Settings({body})"
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return list(self.redacted().items())
 
 
-def _coerce(name: str, raw: Any, origin: str) -> Any:
-    """Turn a raw toml/env value into the field's type, with an error naming its origin."""
-    default = _FIELDS[name].default
+def redact_url(url: str) -> str:
+    """`nats://user:secret@host` -> `nats://[redacted]@host`, for each server of a list."""
+    return re.sub(r"//[^/@,\s]+@", f"//{REDACTED}@", url)
+
+
+class SettingField(NamedTuple):
+    """One setting as the loader and the CLI see it."""
+
+    name: str
+    type: Any  # the annotated type: what msgspec converts a raw value to, constraints included
+    base: Any  # the type without its constraints: str, int, float or a Literal
+    default: Any
+    description: str
+    choices: tuple[str, ...]  # the Literal's values; empty for a free value
+
+
+def _describe_fields() -> Mapping[str, SettingField]:
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    out: dict[str, SettingField] = {}
+    for f in msgspec.structs.fields(Settings):
+        annotated = hints[f.name]
+        base, *extras = typing.get_args(annotated) or (annotated,)
+        description = next(
+            (m.description for m in extras if isinstance(m, Meta) and m.description), ""
+        )
+        choices = typing.get_args(base) if typing.get_origin(base) is Literal else ()
+        out[f.name] = SettingField(f.name, annotated, base, f.default, description, choices)
+    return MappingProxyType(out)
+
+
+SETTING_FIELDS: Mapping[str, SettingField] = _describe_fields()
+
+
+def convert_setting(name: str, raw: Any, origin: str, *, strict: bool = False) -> Any:
+    """`raw` (a toml value, an environment string, a flag) as the field's type, or a
+    SettingsError that names the setting, where `raw` came from and, for a choice, the
+    values allowed. Lax by default: text from the environment or a flag is parsed."""
+    field = SETTING_FIELDS.get(name)
+    if field is None:
+        raise SettingsError(f"unknown setting {name!r} from {origin}")
     try:
-        if isinstance(default, bool):
-            if isinstance(raw, bool):
-                return raw
-            return str(raw).strip().lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        return str(raw)
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(
-            f"setting {name!r} from {origin} must be a {type(default).__name__}, got {raw!r}"
-        ) from exc
+        return msgspec.convert(raw, type=field.type, strict=strict)
+    except msgspec.ValidationError as exc:
+        why = str(exc).replace("`", "")
+        if field.choices:
+            why += f" (allowed: {', '.join(repr(c) for c in field.choices)})"
+        raise SettingsError(f"setting {name!r} from {origin}: {why}") from None
+
+
+def _from_file(path: Path, named: bool) -> dict[str, Any]:
+    """The toml layer. A missing default file is no layer; a missing named one is an error."""
+    if not path.is_file():
+        if named:
+            raise SettingsError(f"$NIGHTSHIFT_CONFIG names {path}, which is not a file")
+        return {}
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key not in SETTING_FIELDS:
+            raise SettingsError(f"unknown setting {key!r} in {path}")
+        values[key] = convert_setting(key, raw, str(path))
+    return values
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """The environment layer: `NATS_URL`, then `NIGHTSHIFT_<NAME>`; empty values are unset."""
+    values: dict[str, Any] = {}
+    if env.get("NATS_URL"):
+        values["nats_url"] = convert_setting("nats_url", env["NATS_URL"], "$NATS_URL")
+    for name in SETTING_FIELDS:
+        var = f"NIGHTSHIFT_{name.upper()}"
+        if env.get(var):
+            values[name] = convert_setting(name, env[var], f"${var}")
+    return values
 
 
 def load_settings(
@@ -113,42 +274,20 @@ def load_settings(
     env: dict[str, str] | None = None,
     config_file: str | Path | None = None,
 ) -> Settings:
-    """Build the settings from the file, the environment and explicit overrides (flags)."""
+    """Build the settings from the file, the environment and explicit overrides (flags);
+    an override of None is no override (a flag not given)."""
     env = dict(os.environ) if env is None else env
-    values: dict[str, Any] = {}
+    named = config_file is None and bool(env.get("NIGHTSHIFT_CONFIG"))
     path = Path(config_file or env.get("NIGHTSHIFT_CONFIG") or "nightshift.toml")
-    if path.is_file():
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-        for key, raw in data.items():
-            if key not in _FIELDS:
-                raise SettingsError(f"unknown setting {key!r} in {path}")
-            values[key] = _coerce(key, raw, str(path))
-    if env.get("NATS_URL"):
-        values["nats_url"] = env["NATS_URL"]
-    for name in _FIELDS:
-        var = f"NIGHTSHIFT_{name.upper()}"
-        if var in env and env[var] != "":
-            values[name] = _coerce(name, env[var], f"${var}")
+    values = _from_file(path, named)
+    values.update(_from_env(env))
     for name, raw in (overrides or {}).items():
-        if raw is None:
-            continue
-        if name not in _FIELDS:
-            raise SettingsError(f"unknown setting {name!r}")
-        values[name] = _coerce(name, raw, "the command line")
-    settings = Settings(**values)
-    validate_settings(settings)
-    return settings
+        if raw is not None:
+            values[name] = convert_setting(name, raw, "the command line")
+    return Settings(**values)
 
 
 def validate_settings(s: Settings) -> None:
-    if s.backend not in ("local", "sim", "skypilot"):
-        raise SettingsError(f"backend must be local, sim or skypilot, got {s.backend!r}")
-    if s.direction not in ("minimize", "maximize"):
-        raise SettingsError(f"direction must be minimize or maximize, got {s.direction!r}")
-    if s.slots < 1:
-        raise SettingsError(f"slots must be >= 1, got {s.slots}")
-    if s.max_experiments < 0:
-        raise SettingsError(f"max_experiments must be >= 0, got {s.max_experiments}")
-    if s.run_timeout_s <= 0:
-        raise SettingsError(f"run_timeout_s must be > 0, got {s.run_timeout_s}")
+    """Check settings built in code (not by `load_settings`) against the fields' types."""
+    for name in SETTING_FIELDS:
+        convert_setting(name, getattr(s, name), "the settings object", strict=True)

@@ -8,22 +8,19 @@ prints a line per finished experiment and stops everything on Ctrl-C or completi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import sys
-import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import msgspec
+import stamina
 
 from services.broker import EmbeddedNats
-from services.bus import Bus
+from services.bus import Bus, Delivery, Handlers
 from services.campaign import start_campaign
 from services.contracts import (
-    AnyEvent,
     BestUpdated,
     CampaignStarted,
     CampaignStopped,
@@ -31,12 +28,16 @@ from services.contracts import (
     ResultEvaluated,
     VariantProposed,
 )
+from services.runner import ServiceMain
 from services.settings import Settings
 from services.telemetry import get_logger
 
-ServiceMain = Callable[[Settings, Bus, asyncio.Event], Coroutine[Any, Any, None]]
 log = get_logger(component="supervisor")
 PRINT_DELAY_S = 0.5
+
+
+class NotYet(Exception):
+    """A condition polled for is not true yet (retried until its deadline)."""
 
 
 def service_mains() -> dict[str, ServiceMain]:
@@ -62,24 +63,44 @@ class LiveView:
     completed: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: str = ""
 
-    async def on_event(self, event: AnyEvent, _: int) -> None:
-        if event.campaign != self.campaign:
-            return
-        if isinstance(event, VariantProposed):
+    def handlers(self) -> Handlers:
+        return {
+            CampaignStarted: self.on_campaign_started,
+            VariantProposed: self.on_variant_proposed,
+            BestUpdated: self.on_best_updated,
+            ResultEvaluated: self.on_result_evaluated,
+            ProposerHalted: self.on_proposer_halted,
+            CampaignStopped: self.on_campaign_stopped,
+        }
+
+    async def on_campaign_started(self, event: CampaignStarted, _: Delivery) -> None:
+        pass  # followed so that the history is read up to the campaign's (re)start
+
+    async def on_variant_proposed(self, event: VariantProposed, _: Delivery) -> None:
+        if event.campaign == self.campaign:
             self.titles[event.variant_id] = event.title
-        elif isinstance(event, BestUpdated):
+
+    async def on_best_updated(self, event: BestUpdated, _: Delivery) -> None:
+        if event.campaign == self.campaign:
             self.best = event.value
-        elif isinstance(event, ResultEvaluated) and event.status != "infra":
-            self.finished += 1
-            if self.live:
-                # The ledger's keep decision (BestUpdated) follows the result by
-                # milliseconds; print once it had the chance to land.
-                number = self.finished
-                asyncio.get_running_loop().call_later(
-                    PRINT_DELAY_S, self.print_result, event, number)
-        elif isinstance(event, ProposerHalted) and self.live:
+
+    async def on_result_evaluated(self, event: ResultEvaluated, _: Delivery) -> None:
+        if event.campaign != self.campaign or event.status == "infra":
+            return
+        self.finished += 1
+        if self.live:
+            # The ledger's keep decision (BestUpdated) follows the result by milliseconds;
+            # print once it had the chance to land.
+            asyncio.get_running_loop().call_later(
+                PRINT_DELAY_S, self.print_result, event, self.finished
+            )
+
+    async def on_proposer_halted(self, event: ProposerHalted, _: Delivery) -> None:
+        if event.campaign == self.campaign and self.live:
             print(f"proposer halted: {event.reason} {event.detail}", file=self.out, flush=True)
-        elif isinstance(event, CampaignStopped):
+
+    async def on_campaign_stopped(self, event: CampaignStopped, _: Delivery) -> None:
+        if event.campaign == self.campaign:
             self.stop_reason = f"{event.reason}: {event.detail}".strip(": ")
             self.completed.set()
 
@@ -89,31 +110,50 @@ class LiveView:
         title = self.titles.get(event.variant_id, event.variant_id)
         reason = f"  ({event.crash_reason[:60]})" if event.crash_reason else ""
         print(
-            f"[{number:4d}] {event.status:<8} {self.metric} {value}  best {best}  "
-            f"{title}{reason}",
-            file=self.out, flush=True,
+            f"[{number:4d}] {event.status:<8} {self.metric} {value}  best {best}  {title}{reason}",
+            file=self.out,
+            flush=True,
         )
 
 
 async def wait_for_ledger_url(home: Path, timeout_s: float = 20.0) -> str:
+    """The ledger's address once it listens (it writes `<home>/ledger.url`)."""
     path = home / "ledger.url"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text().strip()
-        await asyncio.sleep(0.1)
+    try:
+        async for attempt in stamina.retry_context(
+            on=NotYet,
+            attempts=None,
+            timeout=timeout_s,
+            wait_initial=0.05,
+            wait_max=0.2,
+        ):
+            with attempt:
+                if not path.exists():
+                    raise NotYet(str(path))
+                return path.read_text().strip()
+    except NotYet:
+        pass
     return "(ledger HTTP not up yet)"
 
 
-async def wait_until_consumed(bus: Bus, durable: str, timeout_s: float = 30.0) -> None:
+async def wait_until_consumed(bus: Bus, durable: str, timeout_s: float = 30.0) -> bool:
     """Wait until a durable consumer has nothing pending or unacked (the ledger caught up)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            info = await bus.js.consumer_info(bus.stream, durable)
-            if info.num_pending == 0 and info.num_ack_pending == 0:
-                return
-        await asyncio.sleep(0.2)
+    try:
+        async for attempt in stamina.retry_context(
+            on=NotYet,
+            attempts=None,
+            timeout=timeout_s,
+            wait_initial=0.05,
+            wait_max=0.2,
+        ):
+            with attempt:
+                lag = await bus.consumer_lag(durable)
+                if lag is None or lag.pending or lag.ack_pending:
+                    raise NotYet(f"consumer {durable}: {lag}")
+                return True
+    except NotYet:
+        pass
+    return False
 
 
 async def run_services(
@@ -123,7 +163,7 @@ async def run_services(
     buses: list[Bus] = []
     tasks: list[asyncio.Task[None]] = []
     for name in names or list(mains):
-        svc_bus = await Bus.connect(url, prefix=settings.subject_prefix, name=f"nightshift-{name}")
+        svc_bus = await Bus.from_settings(msgspec.structs.replace(settings, nats_url=url), name)
         buses.append(svc_bus)
         task = asyncio.create_task(mains[name](settings, svc_bus, stop), name=name)
         task.add_done_callback(lambda t: _on_service_exit(t, stop))
@@ -136,8 +176,9 @@ def _on_service_exit(task: asyncio.Task[None], stop: asyncio.Event) -> None:
         return
     exc = task.exception()
     log.error("service_exited", service=task.get_name(), error=repr(exc))
-    print(f"service {task.get_name()} stopped unexpectedly: {exc!r}; shutting down",
-          file=sys.stderr)
+    print(
+        f"service {task.get_name()} stopped unexpectedly: {exc!r}; shutting down", file=sys.stderr
+    )
     stop.set()
 
 
@@ -159,7 +200,7 @@ async def up(settings: Settings, out: TextIO = sys.stdout) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    bus = await Bus.connect(url, prefix=settings.subject_prefix, name="nightshift-up")
+    bus = await Bus.from_settings(settings, "up")
     buses, tasks = await run_services(settings, url, stop)
     try:
         return await _run_campaign(settings, bus, stop, home, out)
@@ -173,16 +214,18 @@ async def _run_campaign(
 ) -> int:
     view = LiveView(settings.campaign, metric=settings.metric, out=out)
     caught_up = asyncio.Event()
-    follower = asyncio.create_task(bus.follow(
-        [CampaignStarted, VariantProposed, ResultEvaluated, BestUpdated, CampaignStopped,
-         ProposerHalted], view.on_event, stop=stop, caught_up=caught_up))
+    follower = asyncio.create_task(bus.follow(view.handlers(), stop=stop, caught_up=caught_up))
     await asyncio.wait_for(caught_up.wait(), 60)
     limit = settings.max_experiments
     if view.completed.is_set() and limit and view.finished >= limit:
-        print(f"campaign {settings.campaign!r} already finished {view.finished} experiments "
-              f"(--max-experiments {limit}); raise --max-experiments to go on, or start "
-              "another with --campaign NAME", file=out)
-        follower.cancel()
+        print(
+            f"campaign {settings.campaign!r} already finished {view.finished} experiments "
+            f"(--max-experiments {limit}); raise --max-experiments to go on, or start "
+            "another with --campaign NAME",
+            file=out,
+        )
+        stop.set()
+        await follower
         return 0
     view.completed.clear()  # a stop from an earlier session does not end this one
     event, resumed = await start_campaign(bus, settings)
@@ -195,18 +238,25 @@ async def _run_campaign(
     if view.completed.is_set():
         await wait_until_consumed(bus, "ledger")
         await asyncio.sleep(PRINT_DELAY_S * 1.5)  # the last result lines
-        print(f"campaign {event.campaign} {view.stop_reason}; {view.finished} experiments, "
-              f"best {view.best}. The ledger stays in {settings.ledger_path}.", file=out)
+        print(
+            f"campaign {event.campaign} {view.stop_reason}; {view.finished} experiments, "
+            f"best {view.best}. The ledger stays in {settings.ledger_path}.",
+            file=out,
+        )
     else:
         print("stopping (Ctrl-C): running experiments will be re-run on resume", file=out)
     stop.set()
-    for task in (waiter, stopper, follower):
-        task.cancel()
+    waiter.cancel()
+    await asyncio.gather(waiter, stopper, follower, return_exceptions=True)
     return 0
 
 
 def _print_banner(
-    settings: Settings, event: CampaignStarted, resumed: bool, view: LiveView, url: str,
+    settings: Settings,
+    event: CampaignStarted,
+    resumed: bool,
+    view: LiveView,
+    url: str,
     out: TextIO,
 ) -> None:
     verb = "resuming" if resumed else "started"
@@ -216,18 +266,24 @@ def _print_banner(
         f"{settings.slots} slot(s), strategy {event.proposer.strategy}{limit})\n"
         f"  ledger + dashboard: {url}\n"
         f"  {view.finished} experiments finished so far; Ctrl-C stops, `nightshift up` resumes",
-        file=out, flush=True,
+        file=out,
+        flush=True,
     )
 
 
 async def _shutdown(
     tasks: list[asyncio.Task[None]], buses: list[Bus], server: EmbeddedNats | None
 ) -> None:
-    done, pending = await asyncio.wait(tasks, timeout=30) if tasks else (set(), set())
-    for task in pending:
-        task.cancel()
+    """Let the services finish (their handlers in hand), then drain, then stop the broker."""
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=30)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # retrieved: nothing is printed
     for bus in buses:
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(bus.close(), 5)
+        except TimeoutError:
+            log.warning("drain_timed_out", connection=bus.nc.options.get("name"))
     if server is not None:
         server.stop()

@@ -24,8 +24,18 @@ _configured_tracing = False
 
 # Values of keys named like a secret are replaced before a log line is written. Matched
 # on whole name parts, so `input_tokens` is logged but `api_key` or `auth_token` is not.
-_SECRET_NAMES = {"api_key", "apikey", "password", "passwd", "token", "secret", "creds",
-                 "credentials", "authorization", "x_api_key"}
+_SECRET_NAMES = {
+    "api_key",
+    "apikey",
+    "password",
+    "passwd",
+    "token",
+    "secret",
+    "creds",
+    "credentials",
+    "authorization",
+    "x_api_key",
+}
 _SECRET_SUFFIXES = ("_key", "_token", "_secret", "_password", "_creds")
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from services.broker import EmbeddedNats
 from services.bus import Bus
+from services.settings import Settings
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
 
 @pytest.fixture
 async def bus(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
-    connected = await Bus.connect(nats_server.url, name="test")
+    connected = await Bus.from_settings(Settings(nats_url=nats_server.url), "test")
     yield connected
     await connected.close()
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from services.bus import Bus
+from services.bus import Bus, Delivery
 from services.contracts import AnyEvent, Event
 from services.settings import Settings
 from services.supervisor import run_services
@@ -19,12 +18,21 @@ SEED = REPO / "trainer" / "train.py"
 
 
 def sim_settings(home: Path, url: str, **overrides: object) -> Settings:
-    values: dict[str, object] = dict(
-        nats_url=url, home=str(home), backend="sim", slots=4, campaign="e2e",
-        trainer_dir=str(REPO / "trainer"), max_experiments=30, http_port=0,
-        sim_budget_s=300.0, sim_time_scale=0.2 / 300.0, log_format="json", log_level="warning",
-        noise_floor=7e-4,
-    )
+    values: dict[str, object] = {
+        "nats_url": url,
+        "home": str(home),
+        "backend": "sim",
+        "slots": 4,
+        "campaign": "e2e",
+        "trainer_dir": str(REPO / "trainer"),
+        "max_experiments": 30,
+        "http_port": 0,
+        "sim_budget_s": 300.0,
+        "sim_time_scale": 0.2 / 300.0,
+        "log_format": "json",
+        "log_level": "warning",
+        "noise_floor": 7e-4,
+    }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 
@@ -34,13 +42,19 @@ def sim_env(home: Path, url: str, **overrides: str) -> dict[str, str]:
     import os
 
     env = dict(os.environ)
-    env.update({
-        "NATS_URL": url, "NIGHTSHIFT_HOME": str(home), "NIGHTSHIFT_BACKEND": "sim",
-        "NIGHTSHIFT_SLOTS": "4", "NIGHTSHIFT_HTTP_PORT": "0",
-        "NIGHTSHIFT_SIM_TIME_SCALE": str(0.2 / 300.0), "NIGHTSHIFT_LOG_FORMAT": "json",
-        "NIGHTSHIFT_TRAINER_DIR": str(REPO / "trainer"),
-        "NIGHTSHIFT_NOISE_FLOOR": "7e-4",
-    })
+    env.update(
+        {
+            "NATS_URL": url,
+            "NIGHTSHIFT_HOME": str(home),
+            "NIGHTSHIFT_BACKEND": "sim",
+            "NIGHTSHIFT_SLOTS": "4",
+            "NIGHTSHIFT_HTTP_PORT": "0",
+            "NIGHTSHIFT_SIM_TIME_SCALE": str(0.2 / 300.0),
+            "NIGHTSHIFT_LOG_FORMAT": "json",
+            "NIGHTSHIFT_TRAINER_DIR": str(REPO / "trainer"),
+            "NIGHTSHIFT_NOISE_FLOOR": "7e-4",
+        }
+    )
     env.update(overrides)
     return env
 
@@ -65,22 +79,16 @@ async def history(bus: Bus, types: list[type[Event]]) -> list[AnyEvent]:
     caught_up = asyncio.Event()
     stop = asyncio.Event()
 
-    async def collect(event: AnyEvent, _: int) -> None:
+    async def collect(event: AnyEvent, _: Delivery) -> None:
         found.append(event)
 
-    task = asyncio.create_task(bus.follow(types, collect, stop=stop, caught_up=caught_up))
+    task = asyncio.create_task(
+        bus.follow(dict.fromkeys(types, collect), stop=stop, caught_up=caught_up)
+    )
     await asyncio.wait_for(caught_up.wait(), 20)
     stop.set()
     await task
     return found
-
-
-async def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 def ledger_rows(db: Path, sql: str, *args: object) -> list[tuple[object, ...]]:

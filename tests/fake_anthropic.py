@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tests.anthropic_requests import Body, parent_source, prompt_segments, wanted
+
 TOOL_NAME = "propose_variants"
-PARENT_RE = re.compile(r"<parent_source>\n(.*)\n</parent_source>", re.S)
-WANTED_RE = re.compile(r"Propose exactly (\d+)")
-CONST_RE = re.compile(r"^([A-Z][A-Z0-9_]*) = ([-+]?(?:\d[\d_]*\.?\d*(?:[eE][-+]?\d+)?|\.\d+))(\s.*)?$")
+CONST_RE = re.compile(
+    r"^([A-Z][A-Z0-9_]*) = ([-+]?(?:\d[\d_]*\.?\d*(?:[eE][-+]?\d+)?|\.\d+))(\s.*)?$"
+)
 FACTORS = (2.0, 0.5, 1.5, 0.75, 1.25, 0.8, 3.0, 0.33, 1.1, 0.9)
 MIN_CACHEABLE_TOKENS = 1024
-
-Body = dict[str, Any]
 
 
 @dataclass
@@ -49,20 +49,33 @@ class Scripted:
     usage: dict[str, int] | None = None  # overrides the estimated usage of a 200 answer
 
 
-def tool_answer(variants: list[Body] | Any, *, usage: dict[str, int] | None = None,
-                thinking: str = "", stop_reason: str = "tool_use", extra: Body | None = None) -> Scripted:
+def tool_answer(
+    variants: list[Body] | Any,
+    *,
+    usage: dict[str, int] | None = None,
+    thinking: str = "",
+    stop_reason: str = "tool_use",
+    extra: Body | None = None,
+) -> Scripted:
     """A message whose content is one propose_variants call with `variants` as its list."""
     tool_input = {"variants": variants, **(extra or {})}
     return raw_input_answer(tool_input, usage=usage, thinking=thinking, stop_reason=stop_reason)
 
 
-def raw_input_answer(tool_input: Any, *, usage: dict[str, int] | None = None, thinking: str = "",
-                     stop_reason: str = "tool_use") -> Scripted:
+def raw_input_answer(
+    tool_input: Any,
+    *,
+    usage: dict[str, int] | None = None,
+    thinking: str = "",
+    stop_reason: str = "tool_use",
+) -> Scripted:
     """A tool_use block with any input at all (for malformed answers)."""
     content: list[Body] = []
     if thinking:
         content.append({"type": "thinking", "thinking": thinking, "signature": "sig-" + _id()})
-    content.append({"type": "tool_use", "id": "toolu_" + _id(), "name": TOOL_NAME, "input": tool_input})
+    content.append(
+        {"type": "tool_use", "id": "toolu_" + _id(), "name": TOOL_NAME, "input": tool_input}
+    )
     return Scripted(body=_message(content, stop_reason), usage=usage)
 
 
@@ -70,7 +83,9 @@ def text_answer(text: str, *, usage: dict[str, int] | None = None) -> Scripted:
     return Scripted(body=_message([{"type": "text", "text": text}], "end_turn"), usage=usage)
 
 
-def error(status: int, etype: str, message: str = "", *, retry_after_ms: int | None = 10) -> Scripted:
+def error(
+    status: int, etype: str, message: str = "", *, retry_after_ms: int | None = 10
+) -> Scripted:
     headers = {} if retry_after_ms is None else {"retry-after-ms": str(retry_after_ms)}
     body = {"type": "error", "error": {"type": etype, "message": message or etype}}
     return Scripted(status=status, body=body, headers=headers)
@@ -78,7 +93,10 @@ def error(status: int, etype: str, message: str = "", *, retry_after_ms: int | N
 
 def rate_limited(retry_after_s: float = 0.05) -> Scripted:
     s = error(429, "rate_limit_error", "Number of request tokens has exceeded your rate limit")
-    s.headers = {"retry-after": f"{retry_after_s:g}", "retry-after-ms": str(int(retry_after_s * 1000))}
+    s.headers = {
+        "retry-after": f"{retry_after_s:g}",
+        "retry-after-ms": str(int(retry_after_s * 1000)),
+    }
     return s
 
 
@@ -94,8 +112,11 @@ def slow(seconds: float, then: Scripted | None = None) -> Scripted:
 
 
 def variant(title: str, edits: list[tuple[str, str]], hypothesis: str = "") -> Body:
-    return {"title": title, "hypothesis": hypothesis or f"test: {title}",
-            "edits": [{"old": o, "new": n} for o, n in edits]}
+    return {
+        "title": title,
+        "hypothesis": hypothesis or f"test: {title}",
+        "edits": [{"old": o, "new": n} for o, n in edits],
+    }
 
 
 def _id() -> str:
@@ -103,71 +124,16 @@ def _id() -> str:
 
 
 def _message(content: list[Body], stop_reason: str) -> Body:
-    return {"id": "msg_" + _id(), "type": "message", "role": "assistant", "model": "",
-            "content": content, "stop_reason": stop_reason, "stop_sequence": None, "usage": {}}
-
-
-# --- request reading ------------------------------------------------------------------
-
-
-def _segments(body: Body) -> list[tuple[str, bool]]:
-    """The prompt in cache order (tools, system, messages) as (text, is a cache breakpoint)."""
-    segs: list[tuple[str, bool]] = [(json.dumps(t, sort_keys=True), "cache_control" in t)
-                                    for t in body.get("tools", [])]
-    system = body.get("system", [])
-    if isinstance(system, str):
-        system = [{"type": "text", "text": system}]
-    for block in system:
-        segs.append((block.get("text", ""), "cache_control" in block))
-    for msg in body.get("messages", []):
-        content = msg["content"]
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        for block in content:
-            text = block.get("text") if block.get("type") == "text" else json.dumps(block, sort_keys=True)
-            segs.append((text or "", "cache_control" in block))
-    return segs
-
-
-def user_texts(body: Body) -> list[str]:
-    """Every text of the user turns, tool_result contents included, in order."""
-    out: list[str] = []
-    for msg in body.get("messages", []):
-        if msg.get("role") != "user":
-            continue
-        content = msg["content"]
-        if isinstance(content, str):
-            out.append(content)
-            continue
-        for block in content:
-            if block.get("type") == "text":
-                out.append(block["text"])
-            elif block.get("type") == "tool_result":
-                inner = block.get("content")
-                out += [inner] if isinstance(inner, str) else [b.get("text", "") for b in inner or []]
-    return out
-
-
-def request_text(body: Body) -> str:
-    """The whole prompt as text (for assertions)."""
-    return "\n".join(text for text, _ in _segments(body))
-
-
-def parent_source(body: Body) -> str | None:
-    for text in user_texts(body):
-        match = PARENT_RE.search(text)
-        if match:
-            return match.group(1)
-    return None
-
-
-def wanted(body: Body, default: int = 4) -> int:
-    texts = user_texts(body)
-    for text in reversed(texts):
-        found = WANTED_RE.findall(text)
-        if found:
-            return int(found[-1])
-    return default
+    return {
+        "id": "msg_" + _id(),
+        "type": "message",
+        "role": "assistant",
+        "model": "",
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": {},
+    }
 
 
 # --- auto mode ------------------------------------------------------------------------
@@ -195,7 +161,7 @@ def auto_variants(parent: str, k: int, used: set[str], rng: random.Random) -> li
     rng.shuffle(consts)
     pairs = list(itertools.combinations(consts, 2))
     rng.shuffle(pairs)
-    steps = [FACTORS[i:i + 2] for i in range(0, len(FACTORS), 2)]  # (up, down) per step
+    steps = [FACTORS[i : i + 2] for i in range(0, len(FACTORS), 2)]  # (up, down) per step
     plans = [([c], f) for step in steps for c in consts for f in step]
     plans += [(list(p), f) for step in steps for p in pairs for f in step]
     out: list[Body] = []
@@ -224,8 +190,14 @@ def auto_variants(parent: str, k: int, used: set[str], rng: random.Random) -> li
 class FakeAnthropic:
     """The server. Use as a context manager; `url` for ANTHROPIC_BASE_URL."""
 
-    def __init__(self, *, auto: bool = True, chars_per_token: float = 4.0, seed: int = 0,
-                 auto_thinking_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        auto: bool = True,
+        chars_per_token: float = 4.0,
+        seed: int = 0,
+        auto_thinking_tokens: int = 0,
+    ) -> None:
         self.auto = auto
         self.chars_per_token = chars_per_token
         self.auto_thinking_tokens = auto_thinking_tokens
@@ -251,7 +223,9 @@ class FakeAnthropic:
     def start(self, port: int = 0) -> FakeAnthropic:
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
         return self
 
     def stop(self) -> None:
@@ -269,10 +243,14 @@ class FakeAnthropic:
     def usage_for(self, body: Body, output_chars: int) -> dict[str, int]:
         """Estimated usage, with the cache simulated at the request's breakpoints."""
         tok = self.chars_per_token
-        segs = _segments(body)
+        segs = prompt_segments(body)
         total = sum(len(t) for t, _ in segs)
         prefixes = list(itertools.accumulate(len(t) for t, _ in segs))
-        marks = [prefixes[i] for i, (_, bp) in enumerate(segs) if bp and prefixes[i] / tok >= MIN_CACHEABLE_TOKENS]
+        marks = [
+            prefixes[i]
+            for i, (_, bp) in enumerate(segs)
+            if bp and prefixes[i] / tok >= MIN_CACHEABLE_TOKENS
+        ]
         joined = "".join(t for t, _ in segs)
         keys = {n: hashlib.sha256(joined[:n].encode()).hexdigest() for n in marks}
         with self._lock:
@@ -291,7 +269,9 @@ class FakeAnthropic:
             scripted = self.queue.popleft() if self.queue else None
         if scripted is None:
             if not self.auto:
-                answer = error(500, "api_error", "fake_anthropic: no scripted answer left", retry_after_ms=None)
+                answer = error(
+                    500, "api_error", "fake_anthropic: no scripted answer left", retry_after_ms=None
+                )
                 answer.headers["x-should-retry"] = "false"
                 return answer
             scripted = Scripted()
@@ -313,7 +293,9 @@ class FakeAnthropic:
     def _auto(self, body: Body) -> Body:
         parent = parent_source(body)
         if parent is None:
-            return _message([{"type": "text", "text": "No parent source in the request."}], "end_turn")
+            return _message(
+                [{"type": "text", "text": "No parent source in the request."}], "end_turn"
+            )
         with self._lock:
             variants = auto_variants(parent, wanted(body), self._used, self._rng)
         return tool_answer(variants).body  # type: ignore[return-value]
@@ -326,11 +308,15 @@ def _handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *_: Any) -> None:  # quiet
             pass
 
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        def do_POST(self) -> None:  # http.server's name for a POST handler
             length = int(self.headers.get("content-length") or 0)
             raw = self.rfile.read(length)
             if self.path.split("?")[0] != "/v1/messages":
-                self._send(404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}}, {})
+                self._send(
+                    404,
+                    {"type": "error", "error": {"type": "not_found_error", "message": self.path}},
+                    {},
+                )
                 return
             body = json.loads(raw or b"{}")
             with fake._lock:
@@ -362,7 +348,9 @@ def _handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="A local fake of the Anthropic Messages API (auto mode).")
+    parser = argparse.ArgumentParser(
+        description="A local fake of the Anthropic Messages API (auto mode)."
+    )
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--chars-per-token", type=float, default=4.0)
     args = parser.parse_args()

@@ -13,7 +13,7 @@ from services.contracts import RunStarted, run_id_for
 from services.ledger.api import create_app
 from services.ledger.db import open_db
 from services.ledger.projection import apply_event
-from services.ledger.synthetic import synthetic_campaign
+from tests.synthetic import synthetic_campaign
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,16 @@ def test_variants_query_params(client: TestClient) -> None:
     page1 = _variants(client, sort="time", limit=4)
     page2 = _variants(client, sort="time", limit=4, offset=4)
     assert len(page1) == 4 and not {v["variant_id"] for v in page1} & {
-        v["variant_id"] for v in page2}
-    for params in ({"limit": 0}, {"limit": 1001}, {"offset": -1}, {"sort": "bogus"},
-                   {"order": "up"}, {"status": "nope"}):
+        v["variant_id"] for v in page2
+    }
+    for params in (
+        {"limit": 0},
+        {"limit": 1001},
+        {"offset": -1},
+        {"sort": "bogus"},
+        {"order": "up"},
+        {"status": "nope"},
+    ):
         assert client.get("/campaigns/demo/variants", params=params).status_code == 422, params
 
 
@@ -115,12 +122,23 @@ def test_deadletters_and_history(client: TestClient) -> None:
     assert history[-1]["variant_id"] == client.get("/campaigns/demo/best").json()["variant_id"]
 
 
-@pytest.mark.parametrize("url", [
-    "/campaigns/nope", "/campaigns/nope/best", "/campaigns/nope/best/train.py",
-    "/campaigns/nope/variants", "/campaigns/nope/results.tsv", "/campaigns/nope/deadletters",
-    "/variants/nope", "/variants/nope/source", "/variants/nope/diff", "/variants/nope/lineage",
-    "/runs/nope", "/runs/nope/log",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/campaigns/nope",
+        "/campaigns/nope/best",
+        "/campaigns/nope/best/train.py",
+        "/campaigns/nope/variants",
+        "/campaigns/nope/results.tsv",
+        "/campaigns/nope/deadletters",
+        "/variants/nope",
+        "/variants/nope/source",
+        "/variants/nope/diff",
+        "/variants/nope/lineage",
+        "/runs/nope",
+        "/runs/nope/log",
+    ],
+)
 def test_unknown_ids_are_404(client: TestClient, url: str) -> None:
     response = client.get(url)
     assert response.status_code == 404
@@ -129,8 +147,7 @@ def test_unknown_ids_are_404(client: TestClient, url: str) -> None:
 
 def test_dashboard(client: TestClient) -> None:
     response = client.get("/")
-    assert response.status_code == 200 and response.headers["content-type"].startswith(
-        "text/html")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     page = response.text
     assert "<svg" in page and 'http-equiv="refresh"' in page and "demo" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")

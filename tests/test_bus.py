@@ -3,33 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
+import stamina
 
-from services.bus import Bus, Delivery, PoisonError
-from services.contracts import AnyEvent, CampaignStopped, DeadLettered
-from services.object_reads import read_small_object
+from services.broker import EmbeddedNats
+from services.bus import AuthenticationError, Bus, Delivery, PoisonError, TransientError
+from services.contracts import CampaignStopped, DeadLettered, ProposerHalted
+from services.settings import Settings
+from tests.eventually import eventually
 
 
 def stopped(i: int, campaign: str = "c") -> CampaignStopped:
     return CampaignStopped(campaign=campaign, event_id=f"stop-{i}", reason=f"r{i}")
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 async def consume_in_background(
-    bus: Bus, handler: Callable[[AnyEvent, Delivery], Awaitable[None]], **kwargs: object
+    bus: Bus, handler: Callable[[CampaignStopped, Delivery], Awaitable[None]], **kwargs: Any
 ) -> tuple[asyncio.Task[None], asyncio.Event]:
     stop = asyncio.Event()
-    task = asyncio.create_task(
-        bus.consume("test", [CampaignStopped], handler, stop=stop, **kwargs)  # type: ignore[arg-type]
-    )
+    task = asyncio.create_task(bus.consume("test", {CampaignStopped: handler}, stop=stop, **kwargs))
     return task, stop
 
 
@@ -38,11 +34,10 @@ async def dead_letters(bus: Bus) -> list[DeadLettered]:
     caught_up = asyncio.Event()
     stop = asyncio.Event()
 
-    async def collect(event: AnyEvent, _: int) -> None:
-        if isinstance(event, DeadLettered):
-            found.append(event)
+    async def collect(event: DeadLettered, _: Delivery) -> None:
+        found.append(event)
 
-    task = asyncio.create_task(bus.follow([DeadLettered], collect, stop=stop, caught_up=caught_up))
+    task = asyncio.create_task(bus.follow({DeadLettered: collect}, stop=stop, caught_up=caught_up))
     await asyncio.wait_for(caught_up.wait(), 10)
     stop.set()
     await task
@@ -52,7 +47,7 @@ async def dead_letters(bus: Bus) -> list[DeadLettered]:
 async def test_failed_handler_is_redelivered(bus: Bus) -> None:
     attempts: list[int] = []
 
-    async def flaky(event: AnyEvent, delivery: Delivery) -> None:
+    async def flaky(event: CampaignStopped, delivery: Delivery) -> None:
         attempts.append(delivery.num_delivered)
         if delivery.num_delivered < 3:
             raise RuntimeError("transient")
@@ -69,7 +64,7 @@ async def test_failed_handler_is_redelivered(bus: Bus) -> None:
 async def test_duplicate_msg_id_is_dropped(bus: Bus) -> None:
     seen: list[str] = []
 
-    async def record(event: AnyEvent, _: Delivery) -> None:
+    async def record(event: CampaignStopped, _: Delivery) -> None:
         seen.append(event.event_id)
 
     for _ in range(3):
@@ -86,8 +81,7 @@ async def test_duplicate_msg_id_is_dropped(bus: Bus) -> None:
 async def test_poison_message_is_dead_lettered_and_does_not_block(bus: Bus) -> None:
     handled: list[str] = []
 
-    async def handler(event: AnyEvent, _: Delivery) -> None:
-        assert isinstance(event, CampaignStopped)
+    async def handler(event: CampaignStopped, _: Delivery) -> None:
         if event.reason == "r1":
             raise PoisonError("can never succeed")
         if event.reason == "r2":
@@ -95,7 +89,7 @@ async def test_poison_message_is_dead_lettered_and_does_not_block(bus: Bus) -> N
         handled.append(event.reason)
 
     # An undecodable payload on a stream subject, then two bad events, then good ones.
-    await bus.js.publish("ns.campaign.stopped", b"{not json", headers={"Nats-Msg-Id": "junk"})
+    await bus.nc.publish("ns.campaign.stopped", b"{not json", headers={"Nats-Msg-Id": "junk"})
     for i in range(1, 6):
         await bus.publish(stopped(i))
     task, stop = await consume_in_background(bus, handler, concurrency=1, max_deliver=2)
@@ -117,7 +111,7 @@ async def test_poison_message_is_dead_lettered_and_does_not_block(bus: Bus) -> N
 async def test_in_progress_keeps_a_long_handler_from_redelivery(bus: Bus) -> None:
     deliveries: list[int] = []
 
-    async def slow(event: AnyEvent, delivery: Delivery) -> None:
+    async def slow(event: CampaignStopped, delivery: Delivery) -> None:
         deliveries.append(delivery.num_delivered)
         await asyncio.sleep(4.0)  # four times ack_wait
 
@@ -139,7 +133,7 @@ async def test_publish_waits_for_a_restarted_broker(nats_server, bus: Bus) -> No
     await asyncio.wait_for(publish, 30)
     seen: list[str] = []
 
-    async def record(event: AnyEvent, _: Delivery) -> None:
+    async def record(event: CampaignStopped, _: Delivery) -> None:
         seen.append(event.event_id)
 
     task, stop = await consume_in_background(bus, record)
@@ -150,14 +144,115 @@ async def test_publish_waits_for_a_restarted_broker(nats_server, bus: Bus) -> No
 
 async def test_small_objects_are_read_directly_and_agree_with_the_store(bus: Bus) -> None:
     big = bytes(range(256)) * 2000  # 512 KB: several chunks, the object store's own read
+    store = await bus.logs.declare()
     for key, data in (("small", b"print('hi')\n"), ("empty", b""), ("big", big)):
-        await bus.put_object(bus.logs_bucket, key, data)
-        fast = await read_small_object(bus.js, bus.logs_bucket, key)
+        await bus.logs.put(key, data)
+        fast = await bus.logs._read_small(key)
         assert fast == (None if key == "big" else data)
-        assert await bus.get_object(bus.logs_bucket, key) == data
-        store = await bus.js.object_store(bus.logs_bucket)
+        assert await bus.logs.get(key) == data
         assert bytes((await store.get(key)).data or b"") == data
-    await bus.put_object(bus.logs_bucket, "small", b"replaced")
-    assert await bus.get_object(bus.logs_bucket, "small") == b"replaced"
+    await bus.logs.put("small", b"replaced")
+    assert await bus.logs.get("small") == b"replaced"
     with pytest.raises(KeyError):
-        await bus.get_object(bus.logs_bucket, "absent")
+        await bus.logs.get("absent")
+
+
+async def test_bucket_handles_are_declared_once(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every get and put reuses the handle: no bucket lookup (a stream_info) per call."""
+    lookups: list[str] = []
+    js = bus.logs.js
+    real_object_store, real_key_value = js.object_store, js.key_value
+
+    async def object_store(name: str) -> Any:
+        lookups.append(name)
+        return await real_object_store(name)
+
+    async def key_value(name: str) -> Any:
+        lookups.append(name)
+        return await real_key_value(name)
+
+    monkeypatch.setattr(js, "object_store", object_store)
+    monkeypatch.setattr(js, "key_value", key_value)
+    for i in range(5):
+        await bus.logs.put(f"k{i}", b"x" * i)
+        assert await bus.logs.get(f"k{i}") == b"x" * i
+        digest = await bus.put_source(f"X = {i}\n")
+        assert await bus.get_source(digest) == f"X = {i}\n"
+        await bus.campaigns.mark_stopped(f"c{i}", "test")
+        assert await bus.campaigns.is_stopped(f"c{i}")
+    assert lookups == []
+
+
+async def test_handlers_receive_their_own_type(bus: Bus) -> None:
+    """A consumer declared as {Type: handler}: filter subjects from the types, dispatch by type."""
+    stops: list[CampaignStopped] = []
+    halts: list[ProposerHalted] = []
+
+    async def on_stop(event: CampaignStopped, _: Delivery) -> None:
+        stops.append(event)
+
+    async def on_halt(event: ProposerHalted, _: Delivery) -> None:
+        halts.append(event)
+
+    await bus.publish(stopped(1))
+    await bus.publish(ProposerHalted(campaign="c", event_id="halt-1", reason="budget"))
+    await bus.publish(
+        DeadLettered(
+            campaign="c",
+            event_id="d",
+            subject_name="x",
+            stream_seq=1,
+            consumer="x",
+            error="not for this consumer",
+        )
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        bus.consume("typed", {CampaignStopped: on_stop, ProposerHalted: on_halt}, stop=stop)
+    )
+    await eventually(lambda: len(stops) == 1 and len(halts) == 1, what="both handlers")
+    stop.set()
+    await task
+    assert [type(e) for e in stops + halts] == [CampaignStopped, ProposerHalted]
+    lag = await bus.consumer_lag("typed")
+    assert lag is not None and lag.pending == 0  # the DeadLettered never matched the filter
+
+
+async def test_publish_to_a_dead_broker_with_retries_off_fails_fast(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    """With retries switched off (as a test may), the failure is a TransientError naming
+    what could not be published, not a hang."""
+    nats_server.stop()
+    started = time.monotonic()
+    with (
+        stamina.set_testing(True),
+        pytest.raises(TransientError, match=r"ns\.campaign\.stopped stop-9"),
+    ):
+        await bus.publish(stopped(9))
+    assert time.monotonic() - started < 10
+    nats_server.start()
+
+
+async def test_credentials_from_settings(tmp_path: Any) -> None:
+    """A server that requires a user and password: the settings' credentials get in, wrong
+    ones fail at once with a message that names the settings to fix (and no password)."""
+    server = EmbeddedNats(tmp_path / "nats", user="alice", password="s3cret-pw").start()
+    try:
+        good = Settings(nats_url=server.url, nats_user="alice", nats_password="s3cret-pw")
+        bus = await Bus.from_settings(good, "test")
+        await bus.publish(stopped(1))
+        assert await bus.last_seq() == 1
+        await bus.close()
+        started = time.monotonic()
+        for bad in (
+            Settings(nats_url=server.url),
+            Settings(nats_url=server.url, nats_user="alice", nats_password="wrong"),
+        ):
+            with pytest.raises(AuthenticationError) as refused:
+                await Bus.from_settings(bad, "test", connect_timeout_s=20)
+            assert "NIGHTSHIFT_NATS_PASSWORD" in str(refused.value)
+            assert "wrong" not in str(refused.value) and "s3cret" not in str(refused.value)
+        assert time.monotonic() - started < 5
+    finally:
+        server.stop()

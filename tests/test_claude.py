@@ -2,95 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from services.contracts import CampaignStarted, ProposerConfig, variant_id_for
-from services.proposer.claude import ClaudeStrategy, ClaudeUnavailable, build_claude_strategy
+from services.contracts import variant_id_for
+from services.proposer.claude import ClaudeUnavailable, build_claude_strategy
 from services.proposer.prompt import TOOL_NAME
-from services.proposer.strategy import BudgetExhausted, ProposalRequest, ResultRow
-from services.settings import Settings, load_settings
+from services.proposer.strategy import ResultRow
+from services.settings import Settings
+from tests.anthropic_requests import request_text
+from tests.claude_helpers import (
+    CAMPAIGN,
+    PARENT,
+    Make,
+    campaign,
+    depth,
+    lr,
+    make_request,
+    scripted_server,
+    strategy_maker,
+)
 from tests.fake_anthropic import (
     FakeAnthropic,
     error,
     overloaded,
     rate_limited,
     raw_input_answer,
-    request_text,
     slow,
     text_answer,
     tool_answer,
     variant,
 )
 
-CAMPAIGN = "c1"
-PARENT = '''"""A toy train.py."""
-import math
-
-DEPTH = 4  # number of layers
-MATRIX_LR = 0.04  # Muon learning rate
-WEIGHT_DECAY = 0.2
-WARMDOWN_RATIO = 0.5
-
-
-def train() -> float:
-    return 1.0 / math.log(2 + DEPTH * MATRIX_LR)
-
-
-val_bpb = train()
-print("---")
-print(f"val_bpb:          {val_bpb:.6f}")
-'''
-
-
-def lr(value: str) -> dict[str, Any]:
-    return variant(f"MATRIX_LR -> {value}", [("MATRIX_LR = 0.04", f"MATRIX_LR = {value}")])
-
-
-def depth(value: int) -> dict[str, Any]:
-    return variant(f"DEPTH -> {value}", [("DEPTH = 4", f"DEPTH = {value}")])
-
-
-def make_request(k: int = 3, **kw: Any) -> ProposalRequest:
-    fields: dict[str, Any] = dict(
-        campaign=CAMPAIGN, parent_id="p0", parent_source=PARENT, best_value=None, results=[],
-        in_flight_titles=[], known_ids=set(), k=k, wave=1, free_slots={"default": k},
-    )
-    fields.update(kw)
-    return ProposalRequest(**fields)
-
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeAnthropic]:
-    with FakeAnthropic(auto=False) as server:
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
-        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-key-123")
-        monkeypatch.setenv("HOME", str(tmp_path))
-        monkeypatch.setenv("NIGHTSHIFT_CLAUDE_TIMEOUT_S", "5")
-        monkeypatch.setenv("NIGHTSHIFT_CLAUDE_MAX_RETRIES", "4")
-        for var in ("NIGHTSHIFT_CLAUDE_PRICE", "NIGHTSHIFT_ANTHROPIC_KEY_FILE", "ANTHROPIC_AUTH_TOKEN"):
-            monkeypatch.delenv(var, raising=False)
+    with scripted_server(monkeypatch, tmp_path) as server:
         yield server
 
 
-def campaign(**proposer: Any) -> CampaignStarted:
-    return CampaignStarted(campaign=CAMPAIGN, seed_digest="d", harness_key="h",
-                           proposer=ProposerConfig(strategy="claude", **proposer))
-
-
-Make = Callable[..., ClaudeStrategy]
-
-
 @pytest.fixture
-def make(fake: FakeAnthropic) -> Make:
-    def build(settings: Settings | None = None, **proposer: Any) -> ClaudeStrategy:
-        strategy = build_claude_strategy(settings or load_settings(), campaign(**proposer))
-        assert strategy is not None
-        return strategy
-    return build
+def make(fake: FakeAnthropic) -> Make:  # the server runs while strategies are made
+    return strategy_maker()
 
 
 def last_user_blocks(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -102,16 +58,25 @@ def last_user_blocks(body: dict[str, Any]) -> list[dict[str, Any]]:
 # --- a wave ------------------------------------------------------------------------------
 
 
-async def test_tool_answer_becomes_proposals_and_request_carries_context(fake: FakeAnthropic, make: Make) -> None:
+async def test_tool_answer_becomes_proposals_and_request_carries_context(
+    fake: FakeAnthropic, make: Make
+) -> None:
     fake.push(tool_answer([lr("0.06"), lr("0.02"), depth(6)]))
     results = [
         ResultRow("v1", "baseline", "ok", 0.9912, finished_at=1.0),
         ResultRow("v2", "WEIGHT_DECAY -> 0.1", "ok", 0.9871, finished_at=2.0),
-        ResultRow("v3", "DEPTH -> 12", "oom", None, crash_reason="CUDA out of memory", finished_at=3.0),
+        ResultRow(
+            "v3", "DEPTH -> 12", "oom", None, crash_reason="CUDA out of memory", finished_at=3.0
+        ),
     ]
     request = make_request(
-        k=3, results=results, best_value=0.9871, parent_id="v2", noise_floor=7e-4,
-        in_flight_titles=["WARMDOWN_RATIO -> 0.3"], free_slots={"h100": 2, "h200": 1},
+        k=3,
+        results=results,
+        best_value=0.9871,
+        parent_id="v2",
+        noise_floor=7e-4,
+        in_flight_titles=["WARMDOWN_RATIO -> 0.3"],
+        free_slots={"h100": 2, "h200": 1},
         program="# program.md\nOnly train.py may change. Aim for the lowest val_bpb.",
     )
     proposals = await make().propose(request)
@@ -129,10 +94,17 @@ async def test_tool_answer_becomes_proposals_and_request_carries_context(fake: F
     assert PARENT in parent_block["text"]
     state = state_block["text"]
     assert "cache_control" not in state_block
-    for expected in ("WEIGHT_DECAY -> 0.1 | 0.987100 | +0.000000 | ok",
-                     "baseline | 0.991200 | +0.004100 | ok", "oom: CUDA out of memory",
-                     "- WARMDOWN_RATIO -> 0.3", "h100=2, h200=1", "Wave size K: 3",
-                     "noise floor: 0.000700", "Propose exactly 3 variants", "the current best"):
+    for expected in (
+        "WEIGHT_DECAY -> 0.1 | 0.987100 | +0.000000 | ok",
+        "baseline | 0.991200 | +0.004100 | ok",
+        "oom: CUDA out of memory",
+        "- WARMDOWN_RATIO -> 0.3",
+        "h100=2, h200=1",
+        "Wave size K: 3",
+        "noise floor: 0.000700",
+        "Propose exactly 3 variants",
+        "the current best",
+    ):
         assert expected in state, expected
 
 
@@ -143,10 +115,19 @@ async def test_forced_tool_choice_for_models_that_take_it(fake: FakeAnthropic, m
     assert fake.requests[0]["model"] == "claude-sonnet-4-6"
 
 
-async def test_refused_forced_tool_choice_falls_back_to_auto(fake: FakeAnthropic, make: Make) -> None:
-    fake.push(error(400, "invalid_request_error", "tool_choice forcing tool use is not supported",
-                    retry_after_ms=None),
-              tool_answer([lr("0.06")]), tool_answer([lr("0.02")]))
+async def test_refused_forced_tool_choice_falls_back_to_auto(
+    fake: FakeAnthropic, make: Make
+) -> None:
+    fake.push(
+        error(
+            400,
+            "invalid_request_error",
+            "tool_choice forcing tool use is not supported",
+            retry_after_ms=None,
+        ),
+        tool_answer([lr("0.06")]),
+        tool_answer([lr("0.02")]),
+    )
     strategy = make(model="claude-opus-4-8")
     assert len(await strategy.propose(make_request(k=1))) == 1
     assert len(await strategy.propose(make_request(k=1))) == 1
@@ -158,8 +139,10 @@ async def test_refused_forced_tool_choice_falls_back_to_auto(fake: FakeAnthropic
 
 
 async def test_malformed_tool_input_gets_one_repair_round(fake: FakeAnthropic, make: Make) -> None:
-    fake.push(raw_input_answer({"variantz": []}, thinking="let me think"),
-              tool_answer([lr("0.06"), depth(6)]))
+    fake.push(
+        raw_input_answer({"variantz": []}, thinking="let me think"),
+        tool_answer([lr("0.06"), depth(6)]),
+    )
     strategy = make()
     proposals = await strategy.propose(make_request(k=2))
     assert [p.title for p in proposals] == ["MATRIX_LR -> 0.06", "DEPTH -> 6"]
@@ -174,7 +157,9 @@ async def test_malformed_tool_input_gets_one_repair_round(fake: FakeAnthropic, m
     assert (strategy.requests, strategy.waves, strategy.repaired, strategy.failed) == (2, 1, 2, 0)
 
 
-async def test_unusable_twice_returns_nothing_without_crashing(fake: FakeAnthropic, make: Make) -> None:
+async def test_unusable_twice_returns_nothing_without_crashing(
+    fake: FakeAnthropic, make: Make
+) -> None:
     fake.push(raw_input_answer("not an object"), text_answer("I would rather chat."))
     strategy = make()
     assert await strategy.propose(make_request()) == []
@@ -193,12 +178,19 @@ async def test_rejected_edits_go_back_with_reasons(fake: FakeAnthropic, make: Ma
     missing = variant("bogus", [("MATRIX_LR = 0.05", "MATRIX_LR = 0.07")])
     ambiguous = variant("ambiguous", [("LR", "XX")])
     harness = variant("fake result", [('print("---")', 'print("---")\nprint("val_bpb: 0.5")')])
-    fake.push(tool_answer([lr("0.06"), missing, lr("0.06"), ambiguous, harness]),
-              tool_answer([lr("0.03"), depth(8), depth(2), depth(3)]))
+    fake.push(
+        tool_answer([lr("0.06"), missing, lr("0.06"), ambiguous, harness]),
+        tool_answer([lr("0.03"), depth(8), depth(2), depth(3)]),
+    )
     strategy = make()
     proposals = await strategy.propose(make_request(k=5))
-    assert [p.title for p in proposals] == ["MATRIX_LR -> 0.06", "MATRIX_LR -> 0.03", "DEPTH -> 8",
-                                            "DEPTH -> 2", "DEPTH -> 3"]
+    assert [p.title for p in proposals] == [
+        "MATRIX_LR -> 0.06",
+        "MATRIX_LR -> 0.03",
+        "DEPTH -> 8",
+        "DEPTH -> 2",
+        "DEPTH -> 3",
+    ]
     (result,) = last_user_blocks(fake.requests[1])
     text = result["content"]
     assert "'bogus': edit 1: `old` not found in the parent source" in text
@@ -221,8 +213,10 @@ async def test_duplicates_are_never_returned(fake: FakeAnthropic, make: Make) ->
     fake.push(tool_answer([lr("0.06"), lr("0.01")]))
     proposals = await strategy.propose(make_request(k=1, known_ids={known}))
     assert [p.title for p in proposals] == ["MATRIX_LR -> 0.01"]
-    ids = [variant_id_for(CAMPAIGN, PARENT.replace("MATRIX_LR = 0.04", f"MATRIX_LR = {v}"))
-           for v in ("0.06", "0.01")]
+    ids = [
+        variant_id_for(CAMPAIGN, PARENT.replace("MATRIX_LR = 0.04", f"MATRIX_LR = {v}"))
+        for v in ("0.06", "0.01")
+    ]
     assert len(set(ids)) == 2
 
 
@@ -238,7 +232,9 @@ async def test_429_and_529_are_retried(fake: FakeAnthropic, make: Make) -> None:
     assert strategy.requests == 1 and strategy.failed == 0
 
 
-async def test_persistent_overload_fails_the_request_not_the_strategy(fake: FakeAnthropic, make: Make) -> None:
+async def test_persistent_overload_fails_the_request_not_the_strategy(
+    fake: FakeAnthropic, make: Make
+) -> None:
     fake.push(*[overloaded() for _ in range(5)])
     strategy = make()
     assert await strategy.propose(make_request()) == []
@@ -248,7 +244,9 @@ async def test_persistent_overload_fails_the_request_not_the_strategy(fake: Fake
 
 
 async def test_timeouts_are_retried_then_survived(
-    fake: FakeAnthropic, make: Make, monkeypatch: pytest.MonkeyPatch,
+    fake: FakeAnthropic,
+    make: Make,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("NIGHTSHIFT_CLAUDE_TIMEOUT_S", "0.3")
     monkeypatch.setenv("NIGHTSHIFT_CLAUDE_MAX_RETRIES", "1")
@@ -266,92 +264,19 @@ async def test_a_refused_key_halts_with_a_clear_reason(fake: FakeAnthropic, make
         await make().propose(make_request())
 
 
-# --- budget ---------------------------------------------------------------------------------
-
-BIG = {"input_tokens": 2000, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-       "output_tokens": 1000}  # $0.014 at Sonnet 5.5 prices
-
-
-async def test_dollar_budget_stops_proposing(fake: FakeAnthropic, make: Make) -> None:
-    fake.push(tool_answer([lr("0.06")], usage=BIG))
-    strategy = make(Settings(budget_usd=0.01))
-    assert len(await strategy.propose(make_request(k=1))) == 1
-    with pytest.raises(BudgetExhausted, match=r"spent \$0\.01 of \$0\.01 after 1 requests.*NIGHTSHIFT_BUDGET_USD"):
-        await strategy.propose(make_request(k=1))
-    # A restarted proposer learns the spend from the history and stops before any call.
-    fresh = make(budget_usd=0.01)
-    with pytest.raises(BudgetExhausted):
-        await fresh.propose(make_request(k=1, spent_usd=0.014, requests_made=1))
-    assert len(fake.requests) == 1
-
-
-async def test_request_budget_stops_proposing(fake: FakeAnthropic, make: Make) -> None:
-    fake.push(tool_answer([lr("0.06")]))
-    strategy = make(budget_requests=1)
-    await strategy.propose(make_request(k=1))
-    with pytest.raises(BudgetExhausted, match="made 1 of 1 requests.*NIGHTSHIFT_BUDGET_REQUESTS"):
-        await strategy.propose(make_request(k=1))
-    with pytest.raises(BudgetExhausted):
-        await make(budget_requests=1).propose(make_request(k=1, requests_made=1))
-
-
-async def test_spend_is_not_counted_twice_once_the_history_has_it(fake: FakeAnthropic, make: Make) -> None:
-    fake.push(tool_answer([lr("0.06"), depth(6)], usage=BIG))
-    strategy = make()
-    proposals = await strategy.propose(make_request(k=2))
-    usd = sum(p.llm_cost.usd for p in proposals if p.llm_cost)
-    assert strategy.campaign_spend(make_request()) == (pytest.approx(usd), 1)
-    ids = {variant_id_for(CAMPAIGN, p.source) for p in proposals}
-    in_history = make_request(known_ids=ids, spent_usd=usd, requests_made=1)
-    assert strategy.campaign_spend(in_history) == (pytest.approx(usd), 1)
-
-
-# --- cost -----------------------------------------------------------------------------------
-
-
-async def test_cost_per_variant_sums_to_the_priced_usage(fake: FakeAnthropic, make: Make) -> None:
-    first = {"input_tokens": 1200, "cache_creation_input_tokens": 9000, "cache_read_input_tokens": 0,
-             "output_tokens": 2500}
-    second = {"input_tokens": 3800, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 9000,
-              "output_tokens": 900}
-    bad = variant("bad", [("nope", "x")])
-    fake.push(tool_answer([lr("0.06"), bad, depth(6)], usage=first),
-              tool_answer([depth(8)], usage=second))
-    strategy = make()
-    proposals = await strategy.propose(make_request(k=3))
-    assert len(proposals) == 3
-    # Sonnet 5.5: $2 input, $2.50 cache write, $0.10 cache read, $10 output per million.
-    expected = (5000 * 2.0 + 9000 * 2.5 + 9000 * 0.10 + 3400 * 10.0) / 1e6
-    costs = [p.llm_cost for p in proposals if p.llm_cost]
-    assert len(costs) == 3 and all(c.model == "claude-sonnet-5-5" for c in costs)
-    assert sum(c.usd for c in costs) == pytest.approx(expected)
-    assert sum(c.input_tokens for c in costs) == pytest.approx(5000)
-    assert sum(c.cache_creation_input_tokens for c in costs) == pytest.approx(9000)
-    assert sum(c.cache_read_input_tokens for c in costs) == pytest.approx(9000)
-    assert sum(c.output_tokens for c in costs) == pytest.approx(3400)
-    assert strategy.spent_usd == pytest.approx(expected)
-
-
-async def test_unknown_model_is_priced_by_setting(fake: FakeAnthropic, make: Make,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NIGHTSHIFT_CLAUDE_PRICE", "1,2")
-    fake.push(tool_answer([lr("0.06")], usage=BIG))
-    strategy = make(model="claude-future-9")
-    (proposal,) = await strategy.propose(make_request(k=1))
-    assert proposal.llm_cost is not None
-    assert proposal.llm_cost.usd == pytest.approx((2000 * 1 + 1000 * 2) / 1e6)
-
-
 # --- the key ----------------------------------------------------------------------------------
 
 
-def test_no_key_means_no_strategy(fake: FakeAnthropic, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("fake")
+def test_no_key_means_no_strategy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY")
     assert build_claude_strategy(Settings(), campaign()) is None
 
 
 async def test_key_file_is_used_and_never_logged(
-    fake: FakeAnthropic, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    fake: FakeAnthropic,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY")
@@ -377,7 +302,8 @@ async def test_key_file_is_used_and_never_logged(
 
 
 async def test_auto_mode_answers_any_wave_with_fresh_valid_variants(
-    fake: FakeAnthropic, make: Make,
+    fake: FakeAnthropic,
+    make: Make,
 ) -> None:
     fake.auto = True
     strategy = make()

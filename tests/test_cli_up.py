@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from services.broker import EmbeddedNats
 from tests.e2e_helpers import REPO
 
 CLI = [sys.executable, "-m", "services.cli"]
@@ -16,15 +17,35 @@ CLI = [sys.executable, "-m", "services.cli"]
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "NIGHTSHIFT_"))}
-    env.update({"NIGHTSHIFT_HOME": str(home), "NIGHTSHIFT_HTTP_PORT": "0",
-                "NIGHTSHIFT_SIM_TIME_SCALE": str(0.3 / 300.0), "NIGHTSHIFT_LOG_FORMAT": "json"})
+    env.update(
+        {
+            "NIGHTSHIFT_HOME": str(home),
+            "NIGHTSHIFT_HTTP_PORT": "0",
+            "NIGHTSHIFT_SIM_TIME_SCALE": str(0.3 / 300.0),
+            "NIGHTSHIFT_LOG_FORMAT": "json",
+        }
+    )
     env.update(extra)
     return env
 
 
-def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_quiet(stderr: str) -> None:
+    """A completed campaign or a Ctrl-C ends without a traceback or asyncio's complaints."""
+    for noise in (
+        "Traceback",
+        "exception was never retrieved",
+        "CancelledError",
+        "Task was destroyed",
+    ):
+        assert noise not in stderr, stderr[-3000:]
 
 
 def alive(pid: int) -> bool:
@@ -39,13 +60,15 @@ def alive(pid: int) -> bool:
 
 def test_up_runs_to_max_experiments_then_resume_reruns_nothing(tmp_path: Path) -> None:
     env = cli_env(tmp_path)
-    first = run_cli(env, "up", "--backend", "sim", "--slots", "2", "--max-experiments", "8",
-                    "--campaign", "cli")
+    first = run_cli(
+        env, "up", "--backend", "sim", "--slots", "2", "--max-experiments", "8", "--campaign", "cli"
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     lines = [line for line in first.stdout.splitlines() if line.startswith("[")]
     assert len(lines) == 8, first.stdout
     assert "ledger + dashboard: http://" in first.stdout
     assert "completed" in first.stdout
+    assert_quiet(first.stderr)
 
     results = run_cli(env, "results", "--campaign", "cli")
     assert results.returncode == 0, results.stderr
@@ -63,8 +86,18 @@ def test_up_runs_to_max_experiments_then_resume_reruns_nothing(tmp_path: Path) -
     again = run_cli(env, "up", "--backend", "sim", "--max-experiments", "8", "--campaign", "cli")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished 8 experiments" in again.stdout
-    more = run_cli(env, "up", "--backend", "sim", "--slots", "2", "--max-experiments", "11",
-                   "--campaign", "cli")
+    more = run_cli(
+        env,
+        "up",
+        "--backend",
+        "sim",
+        "--slots",
+        "2",
+        "--max-experiments",
+        "11",
+        "--campaign",
+        "cli",
+    )
     assert more.returncode == 0, more.stderr[-3000:]
     assert len([line for line in more.stdout.splitlines() if line.startswith("[")]) == 3
     rows = run_cli(env, "results", "--campaign", "cli").stdout.strip().splitlines()
@@ -72,14 +105,14 @@ def test_up_runs_to_max_experiments_then_resume_reruns_nothing(tmp_path: Path) -
     assert len({r.split("\t")[0] for r in rows[1:]}) == 11
 
 
-SLOW_TRAINER = '''
+SLOW_TRAINER = """
 import os, subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
 with open(os.path.join(os.environ["PIDS_DIR"], f"{os.getpid()}-{child.pid}"), "w") as fh:
     fh.write("")
 print("step 00001 (1.0%) | loss: 3.000000 | lrm: 1.00 | dt: 1ms | tok/sec: 1,000 | x", flush=True)
 time.sleep(300)
-'''
+"""
 
 
 def test_ctrl_c_stops_everything_and_leaves_no_orphans(tmp_path: Path) -> None:
@@ -90,9 +123,23 @@ def test_ctrl_c_stops_everything_and_leaves_no_orphans(tmp_path: Path) -> None:
     pids_dir.mkdir()
     env = cli_env(tmp_path / "home", PIDS_DIR=str(pids_dir))
     proc = subprocess.Popen(
-        [*CLI, "up", "--backend", "local", "--slots", "2", "--trainer", str(trainer),
-         "--campaign", "ctrlc"], env=env, cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        [
+            *CLI,
+            "up",
+            "--backend",
+            "local",
+            "--slots",
+            "2",
+            "--trainer",
+            str(trainer),
+            "--campaign",
+            "ctrlc",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 60
     while len(list(pids_dir.iterdir())) < 2 and time.monotonic() < deadline:
@@ -104,6 +151,7 @@ def test_ctrl_c_stops_everything_and_leaves_no_orphans(tmp_path: Path) -> None:
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr[-3000:]
     assert "stopping (Ctrl-C)" in stdout
+    assert_quiet(stderr)
     time.sleep(0.5)
     for parent, child in trainers:
         assert not alive(parent) and not alive(child), "a trainer process outlived Ctrl-C"
@@ -118,8 +166,53 @@ def _nats_server_pid(home: Path) -> int | None:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if cmdline and cmdline[0].endswith(b"nats-server") and str(home).encode() in b" ".join(
+        if (
             cmdline
+            and cmdline[0].endswith(b"nats-server")
+            and str(home).encode() in b" ".join(cmdline)
         ):
             return int(entry.name)
     return None
+
+
+def test_up_against_a_broker_that_requires_a_password(tmp_path: Path) -> None:
+    """`nightshift up` with NATS_URL: the supervisor's own connections carry the credentials
+    from the settings too (they used to be dropped), and nothing prints the password."""
+    server = EmbeddedNats(tmp_path / "nats", user="lab", password="pw-7c1e").start()
+    try:
+        env = cli_env(
+            tmp_path / "home",
+            NATS_URL=server.url,
+            NIGHTSHIFT_NATS_USER="lab",
+            NIGHTSHIFT_NATS_PASSWORD="pw-7c1e",
+        )
+        done = run_cli(
+            env,
+            "up",
+            "--backend",
+            "sim",
+            "--slots",
+            "2",
+            "--max-experiments",
+            "4",
+            "--campaign",
+            "auth",
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert len([x for x in done.stdout.splitlines() if x.startswith("[")]) == 4
+        assert "pw-7c1e" not in done.stdout + done.stderr
+        assert_quiet(done.stderr)
+        refused = run_cli(
+            {**env, "NIGHTSHIFT_NATS_PASSWORD": "nope"},
+            "up",
+            "--backend",
+            "sim",
+            "--campaign",
+            "auth",
+            timeout=60,
+        )
+        assert refused.returncode == 1
+        assert "refused" in refused.stderr and "NIGHTSHIFT_NATS_PASSWORD" in refused.stderr
+        assert_quiet(refused.stderr)
+    finally:
+        server.stop()

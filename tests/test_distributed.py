@@ -17,6 +17,7 @@ from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.contracts import ResultEvaluated, RunFinished, RunStarted
 from tests.e2e_helpers import REPO, history, sim_env
+from tests.eventually import eventually
 
 SERVICES = ("ledger", "evaluator", "launcher", "proposer")
 
@@ -32,8 +33,11 @@ class Fleet:
     def start(self, name: str) -> None:
         log = (self.logs / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"], env=self.env, cwd=REPO,
-            stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", f"services.{name}"],
+            env=self.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     def kill(self, name: str) -> None:
@@ -67,7 +71,11 @@ def fleet(tmp_path: Path, fleet_env: dict[str, str]) -> Iterator[Fleet]:
 def start_campaign_cli(env: dict[str, str], *args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "services.cli", "campaign", "start", *args],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -86,24 +94,21 @@ async def campaign_status(home: Path, name: str) -> str:
 
 
 async def wait_completed(home: Path, name: str, timeout: float) -> None:
-    state = {"status": ""}
-
-    async def poll() -> None:
-        while state["status"] != "completed":
-            state["status"] = await campaign_status(home, name)
-            await asyncio.sleep(0.3)
+    async def completed() -> bool:
+        return await campaign_status(home, name) == "completed"
 
     try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError as exc:
+        await eventually(completed, timeout, f"campaign {name} to complete", interval=0.3)
+    except AssertionError as exc:
         logs = "\n".join(
             f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(home.glob("*.log"))
         )
-        raise AssertionError(f"campaign {name} not completed in {timeout}s; {logs}") from exc
+        raise AssertionError(f"{exc}; {logs}") from exc
 
 
-async def test_each_service_in_its_own_process(tmp_path: Path, fleet: Fleet,
-                                               fleet_env: dict[str, str], bus: Bus) -> None:
+async def test_each_service_in_its_own_process(
+    tmp_path: Path, fleet: Fleet, fleet_env: dict[str, str], bus: Bus
+) -> None:
     for name in SERVICES:
         fleet.start(name)
     out = start_campaign_cli(fleet_env, "--name", "dist", "--max-experiments", "12")
@@ -117,30 +122,38 @@ async def test_sigkilled_launcher_reruns_the_run_and_the_ledger_keeps_one_result
     tmp_path: Path, fleet: Fleet, fleet_env: dict[str, str], bus: Bus
 ) -> None:
     # Runs of 3 s so the kill lands mid-run; 6 experiments on 2 slots.
-    fleet.env = {**fleet_env, "NIGHTSHIFT_SIM_TIME_SCALE": str(3.0 / 300.0),
-                 "NIGHTSHIFT_SLOTS": "2", "NIGHTSHIFT_ACK_WAIT_S": "5"}
+    fleet.env = {
+        **fleet_env,
+        "NIGHTSHIFT_SIM_TIME_SCALE": str(3.0 / 300.0),
+        "NIGHTSHIFT_SLOTS": "2",
+        "NIGHTSHIFT_ACK_WAIT_S": "5",
+    }
     for name in SERVICES:
         fleet.start(name)
     start_campaign_cli(fleet.env, "--name", "dist", "--max-experiments", "6")
 
     started: list[RunStarted] = []
 
-    async def poll_started() -> None:
-        while not started:
-            started.extend(e for e in await history(bus, [RunStarted])
-                           if isinstance(e, RunStarted))
-            await asyncio.sleep(0.2)
+    async def some_run_started() -> bool:
+        started.extend(e for e in await history(bus, [RunStarted]) if isinstance(e, RunStarted))
+        return bool(started)
 
-    await asyncio.wait_for(poll_started(), 30)
+    await eventually(some_run_started, 30, "a run to start", interval=0.2)
     victim = started[0].run_id
     fleet.kill("launcher")
-    finished_before = [e for e in await history(bus, [RunFinished])
-                       if isinstance(e, RunFinished) and e.run_id == victim]
+    finished_before = [
+        e
+        for e in await history(bus, [RunFinished])
+        if isinstance(e, RunFinished) and e.run_id == victim
+    ]
     assert finished_before == [], "the run finished before the launcher was killed"
     fleet.start("launcher")
     await wait_completed(tmp_path, "dist", 120)
-    attempts = [e.attempt for e in await history(bus, [RunStarted])
-                if isinstance(e, RunStarted) and e.run_id == victim]
+    attempts = [
+        e.attempt
+        for e in await history(bus, [RunStarted])
+        if isinstance(e, RunStarted) and e.run_id == victim
+    ]
     assert len(attempts) >= 2 and attempts[-1] >= 2, attempts
     async with httpx.AsyncClient(base_url=(tmp_path / "ledger.url").read_text().strip()) as http:
         tsv = (await http.get("/campaigns/dist/results.tsv")).text
@@ -157,11 +170,10 @@ async def test_services_survive_a_nats_server_restart(
         fleet.start(name)
     start_campaign_cli(fleet.env, "--name", "dist", "--max-experiments", "16")
 
-    async def some_results() -> None:
-        while len([e for e in await history(bus, [ResultEvaluated])]) < 3:
-            await asyncio.sleep(0.2)
+    async def some_results() -> bool:
+        return len(await history(bus, [ResultEvaluated])) >= 3
 
-    await asyncio.wait_for(some_results(), 60)
+    await eventually(some_results, 60, "three results", interval=0.2)
     nats_server.stop()  # same port, same store dir
     await asyncio.sleep(2.0)
     nats_server.start()
@@ -175,7 +187,50 @@ async def test_services_survive_a_nats_server_restart(
 def test_campaign_cli_needs_a_broker(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
     env["NIGHTSHIFT_HOME"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "services.cli", "campaign", "start"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "campaign", "start"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "NATS_URL" in done.stderr
+
+
+async def test_services_and_the_cli_pass_nats_credentials(tmp_path: Path) -> None:
+    """A broker that refuses anonymous clients: every service process and the CLI connect
+    with the user and password from the settings, and a campaign runs to completion."""
+    server = EmbeddedNats(tmp_path / "nats-auth", user="nightshift", password="pw-9f3k").start()
+    env = sim_env(
+        tmp_path,
+        server.url,
+        NIGHTSHIFT_CAMPAIGN="auth",
+        NIGHTSHIFT_NATS_USER="nightshift",
+        NIGHTSHIFT_NATS_PASSWORD="pw-9f3k",
+    )
+    fleet = Fleet(env, tmp_path)
+    try:
+        for name in SERVICES:
+            fleet.start(name)
+        start_campaign_cli(env, "--name", "auth", "--max-experiments", "6")
+        await wait_completed(tmp_path, "auth", 90)
+        refused = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "services.cli", "campaign", "start", "--name", "auth"],
+            env={**env, "NIGHTSHIFT_NATS_PASSWORD": "wrong"},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        fleet.stop_all()
+        server.stop()
+    for name in SERVICES:
+        text = (tmp_path / f"{name}.log").read_text()
+        assert "pw-9f3k" not in text, f"the NATS password reached the {name} log"
+        assert "Authorization Violation" not in text, text[-2000:]
+    assert refused.returncode == 1
+    assert "refused" in refused.stderr and "NIGHTSHIFT_NATS_PASSWORD" in refused.stderr

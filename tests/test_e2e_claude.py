@@ -26,24 +26,30 @@ async def test_claude_campaign_on_the_sim_fleet(
     with FakeAnthropic(auto=True) as fake:
         monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-real-key")
         monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
-        settings = sim_settings(tmp_path, nats_server.url, strategy="claude", slots=slots,
-                                lookahead=lookahead, max_experiments=total, campaign="claude-e2e")
+        settings = sim_settings(
+            tmp_path,
+            nats_server.url,
+            strategy="claude",
+            slots=slots,
+            lookahead=lookahead,
+            max_experiments=total,
+            campaign="claude-e2e",
+        )
         async with services_running(settings, nats_server.url):
             await start_campaign(bus, settings)
 
             async def completed() -> None:
-                while not any(isinstance(e, CampaignStopped)
-                              for e in await history(bus, [CampaignStopped])):
+                while not any(
+                    isinstance(e, CampaignStopped) for e in await history(bus, [CampaignStopped])
+                ):
                     await asyncio.sleep(0.3)
 
             await asyncio.wait_for(completed(), 150)
             await wait_until_consumed(bus, "ledger")
         requests = len(fake.requests)
 
-    proposed = [e for e in await history(bus, [VariantProposed])
-                if isinstance(e, VariantProposed)]
-    results = [e for e in await history(bus, [ResultEvaluated])
-               if isinstance(e, ResultEvaluated)]
+    proposed = [e for e in await history(bus, [VariantProposed]) if isinstance(e, VariantProposed)]
+    results = [e for e in await history(bus, [ResultEvaluated]) if isinstance(e, ResultEvaluated)]
     assert len(proposed) == total
     assert len({p.variant_id for p in proposed}) == total
     assert {r.variant_id for r in results} == {p.variant_id for p in proposed}, "a variant was lost"
@@ -57,7 +63,8 @@ async def test_claude_campaign_on_the_sim_fleet(
     assert all(p.llm_cost is not None and p.llm_cost.usd > 0 for p in by_claude)
     spent = sum(p.llm_cost.usd for p in by_claude if p.llm_cost is not None)
     conn = sqlite3.connect(settings.ledger_path)
-    ledger_usd = conn.execute("SELECT SUM(llm_usd) FROM variants WHERE campaign = ?",
-                              ("claude-e2e",)).fetchone()[0]
+    ledger_usd = conn.execute(
+        "SELECT SUM(llm_usd) FROM variants WHERE campaign = ?", ("claude-e2e",)
+    ).fetchone()[0]
     conn.close()
     assert ledger_usd == pytest.approx(spent)

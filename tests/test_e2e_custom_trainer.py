@@ -28,16 +28,25 @@ print("training_seconds: 0.1")
 '''
 
 
-async def test_own_script_other_metric_maximized(tmp_path: Path, nats_server: EmbeddedNats,
-                                                 bus: Bus) -> None:
+async def test_own_script_other_metric_maximized(
+    tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
+) -> None:
     trainer = tmp_path / "mytrainer"
     trainer.mkdir()
     (trainer / "score.py").write_text(SCORE_PY)
     (trainer / "README.txt").write_text("shipped with every run\n")
     settings = sim_settings(
-        tmp_path / "home", nats_server.url, backend="local", slots=2, campaign="own",
-        trainer_dir=str(trainer), edit_file="score.py", metric="accuracy",
-        direction="maximize", max_experiments=8, run_timeout_s=30.0,
+        tmp_path / "home",
+        nats_server.url,
+        backend="local",
+        slots=2,
+        campaign="own",
+        trainer_dir=str(trainer),
+        edit_file="score.py",
+        metric="accuracy",
+        direction="maximize",
+        max_experiments=8,
+        run_timeout_s=30.0,
     )
     async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)
@@ -53,8 +62,7 @@ async def test_own_script_other_metric_maximized(tmp_path: Path, nats_server: Em
         await wait_until_consumed(bus, "ledger")
 
     results = [e for e in await history(bus, [ResultEvaluated]) if isinstance(e, ResultEvaluated)]
-    proposed = [e for e in await history(bus, [VariantProposed])
-                if isinstance(e, VariantProposed)]
+    proposed = [e for e in await history(bus, [VariantProposed]) if isinstance(e, VariantProposed)]
     assert len({r.variant_id for r in results}) == 8 == len(proposed)
     assert all(r.status == "ok" and r.metric == "accuracy" for r in results), results
     values = {r.variant_id: r.value for r in results if r.value is not None}

@@ -14,16 +14,18 @@ from services.bus import Bus
 from services.campaign import start_campaign
 from services.contracts import ResultEvaluated, RunStarted, VariantProposed
 from services.supervisor import wait_until_consumed
-from tests.e2e_helpers import history, services_running, sim_settings, wait_for
+from tests.e2e_helpers import history, services_running, sim_settings
+from tests.eventually import eventually
 
 
-async def test_campaign_of_30_variants_on_4_slots(tmp_path: Path, nats_server: EmbeddedNats,
-                                                  bus: Bus) -> None:
+async def test_campaign_of_30_variants_on_4_slots(
+    tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
+) -> None:
     settings = sim_settings(tmp_path, nats_server.url, max_experiments=30, slots=4)
     async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)
         url_file = tmp_path / "ledger.url"
-        await wait_for(url_file.exists, 20, "the ledger's HTTP server")
+        await eventually(url_file.exists, 20, "the ledger's HTTP server")
         base = url_file.read_text().strip()
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
 
@@ -40,15 +42,12 @@ async def test_campaign_of_30_variants_on_4_slots(tmp_path: Path, nats_server: E
             await asyncio.wait_for(poll(), 120)
             await wait_until_consumed(bus, "ledger")
             summary = (await http.get("/campaigns/e2e")).json()
-            variants = (await http.get("/campaigns/e2e/variants",
-                                       params={"limit": 1000})).json()
+            variants = (await http.get("/campaigns/e2e/variants", params={"limit": 1000})).json()
             tsv = (await http.get("/campaigns/e2e/results.tsv")).text
             best_source = (await http.get("/campaigns/e2e/best/train.py")).text
 
-    proposed = [e for e in await history(bus, [VariantProposed])
-                if isinstance(e, VariantProposed)]
-    results = [e for e in await history(bus, [ResultEvaluated])
-               if isinstance(e, ResultEvaluated)]
+    proposed = [e for e in await history(bus, [VariantProposed]) if isinstance(e, VariantProposed)]
+    results = [e for e in await history(bus, [ResultEvaluated]) if isinstance(e, ResultEvaluated)]
     assert len(proposed) == 30
     assert len({p.variant_id for p in proposed}) == 30
     # Exactly one result per variant in the ledger (the stream may hold retries).
@@ -75,10 +74,12 @@ async def test_campaign_of_30_variants_on_4_slots(tmp_path: Path, nats_server: E
     assert kept and kept[-1]["commit"] == best_id
 
 
-async def test_variants_are_spread_over_the_slots(tmp_path: Path, nats_server: EmbeddedNats,
-                                                 bus: Bus) -> None:
-    settings = sim_settings(tmp_path, nats_server.url, max_experiments=12, slots=4,
-                            sim_time_scale=0.5 / 300.0)
+async def test_variants_are_spread_over_the_slots(
+    tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    settings = sim_settings(
+        tmp_path, nats_server.url, max_experiments=12, slots=4, sim_time_scale=0.5 / 300.0
+    )
     async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)
 

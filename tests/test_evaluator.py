@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.contracts import RunFinished
+from services.contracts import RunFinished, parse_summary
 from services.evaluator.classify import evaluate_run, last_exception
-from services.evaluator.summary import parse_summary
 
 PROGRESS = "".join(
     f"\rstep {s:05d} ({s / 9.53:.1f}%) | loss: {4.0 - s / 953:.6f} | lrm: 1.00 | dt: 314ms | "
@@ -26,13 +25,17 @@ depth:            8
 """
 HEADER = "Profile: gpu, device: cuda, seed: 42, vocab_size: 8,192\nTime budget: 300.0s\n"
 OK_LOG = HEADER + PROGRESS + "\n" + BLOCK
-CRASH_LOG = HEADER + PROGRESS + """
+CRASH_LOG = (
+    HEADER
+    + PROGRESS
+    + """
 Traceback (most recent call last):
   File "/runs/c/r/train.py", line 612, in <module>
     lrm = 1 / (progress - progress)
           ~~^~~~~~~~~~~~~~~~~~~~~~~
 ZeroDivisionError: division by zero
 """
+)
 CHAINED_LOG = """Traceback (most recent call last):
   File "train.py", line 3, in <module>
     import flash_attn
@@ -50,13 +53,18 @@ SYNTAX_LOG = """  File "/runs/c/r/train.py", line 41
             ^
 SyntaxError: '(' was never closed
 """
-FAIL_LOG = HEADER + "step 00000 (0.0%) | loss: 9.010000 | lrm: 1.00 | dt: 900ms | tok/sec: 1,000 | x\n" \
+FAIL_LOG = (
+    HEADER + "step 00000 (0.0%) | loss: 9.010000 | lrm: 1.00 | dt: 900ms | tok/sec: 1,000 | x\n"
     "step 00001 (0.1%) | loss: nan | lrm: 1.00 | dt: 310ms | tok/sec: 1,690,000 | x\nFAIL\n"
-OOM_LOG = HEADER + """Traceback (most recent call last):
+)
+OOM_LOG = (
+    HEADER
+    + """Traceback (most recent call last):
   File "/runs/c/r/train.py", line 598, in <module>
     loss = model(x, y)
 torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB
 """
+)
 TRUNCATED_LOG = HEADER + PROGRESS + "\n---\nval_bp"
 GARBAGE_LOG = "\x00\x01 binary \ufffd noise\n--- not a block\nval_bpb = 0.9\n"
 NOISY_TAIL_LOG = OK_LOG + "[W1028 12:00:00 ProcessGroupNCCL.cpp] warning at exit\n"
@@ -64,11 +72,17 @@ CR_BLOCK_LOG = HEADER + PROGRESS + "\r---\r\nval_bpb: 0.991000\r\nnum_steps: 10\
 
 
 def finished(exit_code: int | None = 0, **kw: object) -> RunFinished:
-    fields: dict[str, object] = dict(
-        campaign="c", run_id="v-default-0", variant_id="v", tier="default",
-        exit_code=exit_code, started_at=100.0, finished_at=430.0, log_key="v-default-0",
-        log_tail="",
-    )
+    fields: dict[str, object] = {
+        "campaign": "c",
+        "run_id": "v-default-0",
+        "variant_id": "v",
+        "tier": "default",
+        "exit_code": exit_code,
+        "started_at": 100.0,
+        "finished_at": 430.0,
+        "log_key": "v-default-0",
+        "log_tail": "",
+    }
     fields.update(kw)
     return RunFinished(**fields)  # type: ignore[arg-type]
 
@@ -89,8 +103,20 @@ def finished(exit_code: int | None = 0, **kw: object) -> RunFinished:
         ("", None),
         (BLOCK + "\n---\n", None),  # a `---` with nothing after it: cut off there
     ],
-    ids=["ok", "trailing-noise", "carriage-returns", "last-block", "nan", "crash", "fail",
-         "oom", "truncated", "garbage", "empty", "cut-after-dashes"],
+    ids=[
+        "ok",
+        "trailing-noise",
+        "carriage-returns",
+        "last-block",
+        "nan",
+        "crash",
+        "fail",
+        "oom",
+        "truncated",
+        "garbage",
+        "empty",
+        "cut-after-dashes",
+    ],
 )
 def test_parse_summary(log: str, expected: dict[str, float] | None) -> None:
     block = parse_summary(log)
@@ -125,16 +151,27 @@ def test_parse_summary(log: str, expected: dict[str, float] | None) -> None:
         ("---\nval_bpb: 31.2\n", 0, {}, "crash", "implausible val_bpb"),
         ("---\nval_bpb: 0.99\nnum_steps: -3\n", 0, {}, "crash", "implausible num_steps"),
         (OK_LOG, None, {"timed_out": True}, "timeout", "timed out after 330s"),
-        (OK_LOG, None, {"infra_failure": True, "infra_reason": "harness h is missing"}, "infra",
-         "harness h is missing"),
-        (PROGRESS + "\n[nightshift] cancelled: campaign stopped\n", -15, {"cancelled": True},
-         "crash", "cancelled: campaign stopped"),
+        (
+            OK_LOG,
+            None,
+            {"infra_failure": True, "infra_reason": "harness h is missing"},
+            "infra",
+            "harness h is missing",
+        ),
+        (
+            PROGRESS + "\n[nightshift] cancelled: campaign stopped\n",
+            -15,
+            {"cancelled": True},
+            "crash",
+            "cancelled: campaign stopped",
+        ),
         (PROGRESS, -15, {"cancelled": True}, "crash", "cancelled: by request"),
     ],
 )
-def test_evaluate_run(log: str, exit_code: int | None, extra: dict[str, object], status: str,
-                      reason: str) -> None:
-    evaluation = evaluate_run(finished(exit_code, **extra), log, "val_bpb", "minimize")
+def test_evaluate_run(
+    log: str, exit_code: int | None, extra: dict[str, object], status: str, reason: str
+) -> None:
+    evaluation = evaluate_run(finished(exit_code, **extra), log, "val_bpb")
     assert evaluation.status == status
     assert reason in evaluation.crash_reason
     if status == "ok":
@@ -150,7 +187,7 @@ def test_ok_metrics_drop_non_finite_values() -> None:
 
 
 def test_other_metric_names_are_only_required_finite() -> None:
-    evaluation = evaluate_run(finished(0), "---\naccuracy: 93.5\n", "accuracy", "maximize")
+    evaluation = evaluate_run(finished(0), "---\naccuracy: 93.5\n", "accuracy")
     assert evaluation.status == "ok" and evaluation.value == 93.5
 
 

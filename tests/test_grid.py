@@ -42,8 +42,14 @@ def main() -> None:
 AFTER_DEF = 5
 '''
 
-OPTIMUM = {"DEPTH": 12, "MATRIX_LR": 0.07, "TOTAL_BATCH_SIZE": 2**18, "WARMUP_RATIO": 0.05,
-           "ADAM_BETA2": 0.95, "BIAS": -1.0}
+OPTIMUM = {
+    "DEPTH": 12,
+    "MATRIX_LR": 0.07,
+    "TOTAL_BATCH_SIZE": 2**18,
+    "WARMUP_RATIO": 0.05,
+    "ADAM_BETA2": 0.95,
+    "BIAS": -1.0,
+}
 
 
 def bowl(source: str) -> float:
@@ -58,19 +64,32 @@ def bowl(source: str) -> float:
 
 
 def request(parent_source: str = SEED, **kw: object) -> ProposalRequest:
-    args: dict[str, object] = dict(
-        campaign="c", parent_id=variant_id_for("c", parent_source),
-        parent_source=parent_source, best_value=None, results=[], in_flight_titles=[],
-        known_ids=set(), k=100, wave=1,
-    )
+    args: dict[str, object] = {
+        "campaign": "c",
+        "parent_id": variant_id_for("c", parent_source),
+        "parent_source": parent_source,
+        "best_value": None,
+        "results": [],
+        "in_flight_titles": [],
+        "known_ids": set(),
+        "k": 100,
+        "wave": 1,
+    }
     args.update(kw)
     return ProposalRequest(**args)  # type: ignore[arg-type]
 
 
 def test_constants_found_with_exact_spans_and_rewritten_in_place() -> None:
     consts = {c.name: c for c in find_constants(SEED)}
-    assert list(consts) == ["DEPTH", "MATRIX_LR", "TOTAL_BATCH_SIZE", "WARMUP_RATIO",
-                            "ADAM_BETA2", "BIAS", "SEED"]
+    assert list(consts) == [
+        "DEPTH",
+        "MATRIX_LR",
+        "TOTAL_BATCH_SIZE",
+        "WARMUP_RATIO",
+        "ADAM_BETA2",
+        "BIAS",
+        "SEED",
+    ]
     assert consts["TOTAL_BATCH_SIZE"].value == 2**19 and consts["TOTAL_BATCH_SIZE"].text == "2**19"
     assert consts["BIAS"].value == -1.0 and consts["BIAS"].text == "-1.0"
     new = rewrite(SEED, {"MATRIX_LR": "0.08", "TOTAL_BATCH_SIZE": "2**20"})
@@ -99,17 +118,31 @@ def test_first_wave_is_one_factor_coarse_then_fine() -> None:
     assert kinds == sorted(kinds)
     proposals = [p for p in planned if " + " not in p.title]
     titles = [p.title for p in proposals]
-    coarse = {"DEPTH 8 -> 4", "DEPTH 8 -> 16", "MATRIX_LR 0.04 -> 0.02",
-              "MATRIX_LR 0.04 -> 0.08", "TOTAL_BATCH_SIZE 2**19 -> 2**18",
-              "TOTAL_BATCH_SIZE 2**19 -> 2**20", "WARMUP_RATIO 0.0 -> 0.1",
-              "ADAM_BETA2 0.95 -> 0.975", "ADAM_BETA2 0.95 -> 0.9",
-              "BIAS -1.0 -> -1.5", "BIAS -1.0 -> -0.5"}
+    coarse = {
+        "DEPTH 8 -> 4",
+        "DEPTH 8 -> 16",
+        "MATRIX_LR 0.04 -> 0.02",
+        "MATRIX_LR 0.04 -> 0.08",
+        "TOTAL_BATCH_SIZE 2**19 -> 2**18",
+        "TOTAL_BATCH_SIZE 2**19 -> 2**20",
+        "WARMUP_RATIO 0.0 -> 0.1",
+        "ADAM_BETA2 0.95 -> 0.975",
+        "ADAM_BETA2 0.95 -> 0.9",
+        "BIAS -1.0 -> -1.5",
+        "BIAS -1.0 -> -0.5",
+    }
     assert set(titles[: len(coarse)]) == coarse
-    fine = set(titles[len(coarse):])
-    assert {"DEPTH 8 -> 6", "DEPTH 8 -> 11", "MATRIX_LR 0.04 -> 0.028",
-            "MATRIX_LR 0.04 -> 0.056", "WARMUP_RATIO 0.0 -> 0.05"} <= fine
-    assert not any("SEED" in t or "USE_FLAG" in t or "AFTER_DEF" in t or "LATE" in t
-                   for t in titles)
+    fine = set(titles[len(coarse) :])
+    assert {
+        "DEPTH 8 -> 6",
+        "DEPTH 8 -> 11",
+        "MATRIX_LR 0.04 -> 0.028",
+        "MATRIX_LR 0.04 -> 0.056",
+        "WARMUP_RATIO 0.0 -> 0.05",
+    } <= fine
+    assert not any(
+        "SEED" in t or "USE_FLAG" in t or "AFTER_DEF" in t or "LATE" in t for t in titles
+    )
     assert not any(t.startswith("TOTAL_BATCH_SIZE") for t in fine)  # powers of two only
     for p in proposals:
         ast.parse(p.source)
@@ -122,8 +155,15 @@ def test_first_wave_is_one_factor_coarse_then_fine() -> None:
     assert [p.title for p in again] == titles[:5]
 
 
-def drive(strategy: GridStrategy, seed: str, score: Callable[[str], float], n: int, k: int,
-          noise: float = 0.0, rng_seed: int = 0) -> tuple[str, list[Proposal]]:
+def drive(
+    strategy: GridStrategy,
+    seed: str,
+    score: Callable[[str], float],
+    n: int,
+    k: int,
+    noise: float = 0.0,
+    rng_seed: int = 0,
+) -> tuple[str, list[Proposal]]:
     """A synchronous campaign: waves of k, strict keep on the observed value."""
     rng = random.Random(rng_seed)
     seed_id = variant_id_for("c", seed)
@@ -133,9 +173,16 @@ def drive(strategy: GridStrategy, seed: str, score: Callable[[str], float], n: i
     proposed: list[Proposal] = []
     wave = 1
     while len(proposed) < n:
-        req = request(best_src, parent_id=best_id, best_value=best_val, results=list(rows),
-                      known_ids=set(known), k=min(k, n - len(proposed)), wave=wave,
-                      noise_floor=max(noise, 1e-6))
+        req = request(
+            best_src,
+            parent_id=best_id,
+            best_value=best_val,
+            results=list(rows),
+            known_ids=set(known),
+            k=min(k, n - len(proposed)),
+            wave=wave,
+            noise_floor=max(noise, 1e-6),
+        )
         try:
             batch = strategy.plan(req)
         except StrategyExhausted:
@@ -160,15 +207,27 @@ def test_factorial_combinations_follow_winners() -> None:
     by_title = {p.title: p for p in first}
     rows = [ResultRow(parent_id, "baseline", "ok", base)]
     for p in first:
-        rows.append(ResultRow(variant_id_for("c", p.source), p.title, "ok", bowl(p.source),
-                              parent_id=parent_id))
-    winners = sorted((r for r in rows[1:] if base - (r.value or 0) > 1e-4),
-                     key=lambda r: r.value or 0)
+        rows.append(
+            ResultRow(
+                variant_id_for("c", p.source), p.title, "ok", bowl(p.source), parent_id=parent_id
+            )
+        )
+    winners = sorted(
+        (r for r in rows[1:] if base - (r.value or 0) > 1e-4), key=lambda r: r.value or 0
+    )
     assert len(winners) >= 3
     best = winners[0]
     best_src = by_title[best.title].source
-    req = request(best_src, parent_id=best.variant_id, best_value=best.value, results=rows,
-                  known_ids={r.variant_id for r in rows}, k=6, wave=2, noise_floor=1e-4)
+    req = request(
+        best_src,
+        parent_id=best.variant_id,
+        best_value=best.value,
+        results=rows,
+        known_ids={r.variant_id for r in rows},
+        k=6,
+        wave=2,
+        noise_floor=1e-4,
+    )
     combos = GridStrategy().plan(req)
     assert parse_title(combos[0].title) is not None
     assert len(parse_title(combos[0].title) or ()) >= 2  # a 2x2x2 point first
@@ -198,15 +257,21 @@ def test_never_repeats_and_exhausts_when_nothing_is_in_flight() -> None:
             known.add(vid)
             titles.append(p.title)
     # N_LAYER = 1 can only go up; ints stay >= 1 and different from the original.
-    assert sorted(titles) == sorted([
-        "X_LR 0.1 -> 0.05", "X_LR 0.1 -> 0.2", "X_LR 0.1 -> 0.07", "X_LR 0.1 -> 0.14",
-        "X_LR 0.1 -> 0.085", "X_LR 0.1 -> 0.118",
-        "N_LAYER 1 -> 2",
-        "N_LAYER 1 -> 2 + X_LR 0.1 -> 0.05", "N_LAYER 1 -> 2 + X_LR 0.1 -> 0.2",
-    ])
+    assert sorted(titles) == sorted(
+        [
+            "X_LR 0.1 -> 0.05",
+            "X_LR 0.1 -> 0.2",
+            "X_LR 0.1 -> 0.07",
+            "X_LR 0.1 -> 0.14",
+            "X_LR 0.1 -> 0.085",
+            "X_LR 0.1 -> 0.118",
+            "N_LAYER 1 -> 2",
+            "N_LAYER 1 -> 2 + X_LR 0.1 -> 0.05",
+            "N_LAYER 1 -> 2 + X_LR 0.1 -> 0.2",
+        ]
+    )
     # Something still in flight: "try later", not exhausted.
-    assert strategy.plan(request(src, known_ids=known, in_flight_titles=["X_LR 0.1 -> 0.2"])) \
-        == []
+    assert strategy.plan(request(src, known_ids=known, in_flight_titles=["X_LR 0.1 -> 0.2"])) == []
 
 
 def test_grid_descends_a_bowl() -> None:
@@ -228,8 +293,9 @@ def test_grid_beats_the_seed_on_the_sim_landscape() -> None:
             return float(landscape.true_val_bpb(head(source)))
 
         assert truth(seed) == landscape.true_val_bpb(seed)
-        best, _ = drive(GridStrategy(profile="gpu"), seed, truth, n=60, k=4, noise=noise,
-                        rng_seed=sim_seed)
+        best, _ = drive(
+            GridStrategy(profile="gpu"), seed, truth, n=60, k=4, noise=noise, rng_seed=sim_seed
+        )
         gained = truth(seed) - truth(best)
         assert gained > noise, f"sim seed {sim_seed}: gained only {gained:.5f}"
 
@@ -237,6 +303,7 @@ def test_grid_beats_the_seed_on_the_sim_landscape() -> None:
 def head(source: str) -> str:
     """The lines before the first top-level def or class."""
     lines = source.splitlines(keepends=True)
-    end = next((i for i, line in enumerate(lines) if line.startswith(("def ", "class ", "@"))),
-               len(lines))
+    end = next(
+        (i for i, line in enumerate(lines) if line.startswith(("def ", "class ", "@"))), len(lines)
+    )
     return "".join(lines[:end])

@@ -77,7 +77,8 @@ def test_reference_scores_one_and_the_optimum_is_better() -> None:
 def test_landscape_is_deterministic_per_seed() -> None:
     variant = with_values(DEPTH=10, MATRIX_LR=0.05)
     assert ls.Landscape(FIXTURE, 0).true_val_bpb(variant) == ls.Landscape(FIXTURE, 0).true_val_bpb(
-        variant)
+        variant
+    )
     assert ls.Landscape(FIXTURE, 0).optimum_values() != ls.Landscape(FIXTURE, 1).optimum_values()
     assert ls.true_val_bpb(variant, FIXTURE) == ls.Landscape(FIXTURE).true_val_bpb(variant)
 
@@ -111,11 +112,16 @@ def test_observation_noise_is_seeded_by_key() -> None:
 
 @pytest.mark.parametrize(
     ("values", "failure"),
-    [({"DEPTH": 400}, "oom"), ({"DEVICE_BATCH_SIZE": 8192}, "oom"),
-     ({"MATRIX_LR": 4.0}, "diverged"), ({"WEIGHT_DECAY": 20.0}, "diverged")],
+    [
+        ({"DEPTH": 400}, "oom"),
+        ({"DEVICE_BATCH_SIZE": 8192}, "oom"),
+        ({"MATRIX_LR": 4.0}, "diverged"),
+        ({"WEIGHT_DECAY": 20.0}, "diverged"),
+    ],
 )
-def test_far_values_fail_at_about_the_configured_rate(values: dict[str, float], failure: str
-                                                      ) -> None:
+def test_far_values_fail_at_about_the_configured_rate(
+    values: dict[str, float], failure: str
+) -> None:
     scape = ls.Landscape(FIXTURE)
     source = with_values(**values)
     observations = [scape.observe(source, f"k{i}", 7e-4, 0.3) for i in range(500)]
@@ -128,8 +134,11 @@ def test_far_values_fail_at_about_the_configured_rate(values: dict[str, float], 
 
 def test_small_models_and_rates_and_near_values_never_fail() -> None:
     scape = ls.Landscape(FIXTURE)
-    for source in (with_values(DEPTH=1), with_values(EMBEDDING_LR=0.0006),
-                   with_values(DEPTH=10, MATRIX_LR=0.05)):
+    for source in (
+        with_values(DEPTH=1),
+        with_values(EMBEDDING_LR=0.0006),
+        with_values(DEPTH=10, MATRIX_LR=0.05),
+    ):
         assert not any(scape.observe(source, f"k{i}", 7e-4, 1.0).failure for i in range(50))
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from services.launcher.backend import Job, is_secret_name, log_tail
 from services.launcher.local import LocalBackend
+from tests.eventually import eventually
 
 OK_TRAIN = """
 import os
@@ -34,10 +35,15 @@ def harness(tmp_path: Path, files: dict[str, str] | None = None) -> Path:
 
 
 def job(tmp_path: Path, source: str, run_id: str = "v1-default-0", **kw: object) -> Job:
-    fields: dict[str, object] = dict(
-        run_id=run_id, variant_id=run_id.split("-")[0], campaign="camp", tier="default",
-        replica=0, attempt=1, source=source, harness_dir=tmp_path / "harness", timeout_s=30.0,
-    )
+    fields: dict[str, object] = {
+        "run_id": run_id,
+        "variant_id": run_id.split("-")[0],
+        "campaign": "camp",
+        "replica": 0,
+        "source": source,
+        "harness_dir": tmp_path / "harness",
+        "timeout_s": 30.0,
+    }
     fields.update(kw)
     return Job(**fields)  # type: ignore[arg-type]
 
@@ -59,7 +65,8 @@ async def test_a_run_streams_lines_and_writes_its_log(tmp_path: Path) -> None:
     assert outcome.log_path == tmp_path / "runs" / "camp" / "v1-default-0" / "run.log"
     assert (outcome.log_path.parent / "helper.py").is_file()  # the harness was copied
     assert [x for x in lines if x.startswith("step")] == [
-        x for x in log_tail(OK_OUTPUT, 100).splitlines() if x.startswith("step")]
+        x for x in log_tail(OK_OUTPUT, 100).splitlines() if x.startswith("step")
+    ]
     assert "val_bpb:          0.997900" in outcome.read_log()
     assert "profile:          0" in lines  # NIGHTSHIFT_PROFILE is the job's profile
 
@@ -86,10 +93,11 @@ time.sleep(60)
     assert time.monotonic() - t0 < 10
     assert outcome.timed_out and not outcome.cancelled and outcome.exit_code != 0
     child = int((tmp_path / "runs" / "camp" / "v1-default-0" / "child.pid").read_text())
-    for _ in range(50):
-        if not alive(child):
-            break
-        await asyncio.sleep(0.1)
+    await eventually(
+        lambda: not alive(child),
+        timeout=5.0,
+        what="the trainer's child to die with its process group",
+    )
     assert not alive(child), "the trainer's child outlived the timeout"
     assert "[nightshift] timed out after 2s" in outcome.read_log()
 
@@ -97,7 +105,8 @@ time.sleep(60)
 async def test_an_exception_is_a_non_zero_exit_with_its_traceback(tmp_path: Path) -> None:
     harness(tmp_path)
     outcome = await LocalBackend(tmp_path / "runs").run(
-        job(tmp_path, "print('hi')\nx = 1 / 0\n"), lambda _: None)
+        job(tmp_path, "print('hi')\nx = 1 / 0\n"), lambda _: None
+    )
     assert outcome.exit_code not in (0, None) and not outcome.infra_failure
     tail = log_tail(outcome.read_log(), 5)
     assert tail.splitlines()[-1] == "ZeroDivisionError: division by zero"
@@ -107,10 +116,18 @@ async def test_the_trainer_environment_holds_no_secrets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     secrets = {
-        "ANTHROPIC_API_KEY": "sk-ant-1", "OPENAI_API_KEY": "sk-2", "NATS_URL": "nats://x:4222",
-        "NATS_CREDS": "/creds", "NIGHTSHIFT_NATS_URL": "nats://y", "HF_TOKEN": "hf_3",
-        "GITHUB_TOKEN": "gh", "AWS_SECRET_ACCESS_KEY": "aws", "AWS_ACCESS_KEY_ID": "id",
-        "GOOGLE_APPLICATION_CREDENTIALS": "/g.json", "DB_PASSWORD": "pw", "MY_SECRET": "s",
+        "ANTHROPIC_API_KEY": "sk-ant-1",
+        "OPENAI_API_KEY": "sk-2",
+        "NATS_URL": "nats://x:4222",
+        "NATS_CREDS": "/creds",
+        "NIGHTSHIFT_NATS_URL": "nats://y",
+        "HF_TOKEN": "hf_3",
+        "GITHUB_TOKEN": "gh",
+        "AWS_SECRET_ACCESS_KEY": "aws",
+        "AWS_ACCESS_KEY_ID": "id",
+        "GOOGLE_APPLICATION_CREDENTIALS": "/g.json",
+        "DB_PASSWORD": "pw",
+        "MY_SECRET": "s",
     }
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
@@ -120,9 +137,10 @@ async def test_the_trainer_environment_holds_no_secrets(
     source = "import json, os\njson.dump(dict(os.environ), open('env.json', 'w'))\n"
     backend = LocalBackend(tmp_path / "runs", gpus="3,5")
     assert backend.slots == 2
-    outcome = await backend.run(job(tmp_path, source, profile="gpu", slot=1, replica=2),
-                                lambda _: None)
-    assert outcome.exit_code == 0 and outcome.accelerator == "cuda:5"
+    outcome = await backend.run(
+        job(tmp_path, source, profile="gpu", slot=1, replica=2), lambda _: None
+    )
+    assert outcome.exit_code == 0 and backend.placement(1)[1] == "cuda:5"
     env = json.loads((tmp_path / "runs" / "camp" / "v1-default-0" / "env.json").read_text())
     leaked = sorted(set(secrets) & set(env))
     assert leaked == []
@@ -134,8 +152,10 @@ async def test_the_trainer_environment_holds_no_secrets(
 
 
 async def test_prepare_runs_once_for_concurrent_runs(tmp_path: Path) -> None:
-    prepare = ("import os, time\ntime.sleep(0.3)\n"
-               "open('prepared.count', 'a').write(os.environ['NIGHTSHIFT_PROFILE'] + '\\n')\n")
+    prepare = (
+        "import os, time\ntime.sleep(0.3)\n"
+        "open('prepared.count', 'a').write(os.environ['NIGHTSHIFT_PROFILE'] + '\\n')\n"
+    )
     root = harness(tmp_path, {"prepare.py": prepare})
     backend = LocalBackend(tmp_path / "runs", slots=2)
     source = "import os\nassert os.path.exists('prepared.count')\nprint('ok')\n"
@@ -151,16 +171,14 @@ async def test_prepare_runs_once_for_concurrent_runs(tmp_path: Path) -> None:
 
 async def test_a_failing_prepare_is_an_infra_failure_with_its_tail(tmp_path: Path) -> None:
     harness(tmp_path, {"prepare.py": "print('downloading')\nraise SystemExit('no network')\n"})
-    outcome = await LocalBackend(tmp_path / "runs").run(job(tmp_path, "print(1)\n"),
-                                                        lambda _: None)
+    outcome = await LocalBackend(tmp_path / "runs").run(job(tmp_path, "print(1)\n"), lambda _: None)
     assert outcome.infra_failure and outcome.exit_code is None
     assert "prepare.py failed (exit 1)" in outcome.infra_reason
     assert "no network" in outcome.infra_reason
 
 
 async def test_a_missing_harness_is_an_infra_failure(tmp_path: Path) -> None:
-    outcome = await LocalBackend(tmp_path / "runs").run(job(tmp_path, "print(1)\n"),
-                                                        lambda _: None)
+    outcome = await LocalBackend(tmp_path / "runs").run(job(tmp_path, "print(1)\n"), lambda _: None)
     assert outcome.infra_failure and "does not exist" in outcome.infra_reason
     assert "infrastructure failure" in outcome.read_log()
 
@@ -183,8 +201,9 @@ async def test_a_rerun_starts_from_a_clean_directory(tmp_path: Path) -> None:
     harness(tmp_path)
     backend = LocalBackend(tmp_path / "runs")
     await backend.run(job(tmp_path, "open('left.over', 'w')\n"), lambda _: None)
-    outcome = await backend.run(job(tmp_path, "import os\nprint(os.path.exists('left.over'))\n"),
-                                lambda _: None)
+    outcome = await backend.run(
+        job(tmp_path, "import os\nprint(os.path.exists('left.over'))\n"), lambda _: None
+    )
     assert "False" in outcome.read_log()
 
 

@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 
 from services import contracts as c
-from services.bus import Bus
+from services.bus import Bus, Delivery
 from services.launcher import service
+from services.launcher.factory import make_backend
 from services.settings import Settings
+from tests.eventually import eventually
 
 SEED = """import os
 DEPTH = 8
@@ -38,16 +40,21 @@ def harness_tar(files: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-async def start_campaign(bus: Bus, name: str = "camp", source: str = SEED,
-                         **kw: object) -> c.CampaignStarted:
+async def start_campaign(
+    bus: Bus, name: str = "camp", source: str = SEED, **kw: object
+) -> c.CampaignStarted:
     digest = await bus.put_source(source)
-    await bus.put_object(bus.sources_bucket, "harness-1", harness_tar({"helper.py": "STEPS = 7\n"}))
-    fields: dict[str, object] = dict(campaign=name, event_id=f"campaign:{name}",
-                                     seed_digest=digest, harness_key="harness-1",
-                                     run_timeout_s=600.0)
+    await bus.sources.put("harness-1", harness_tar({"helper.py": "STEPS = 7\n"}))
+    fields: dict[str, object] = {
+        "campaign": name,
+        "event_id": f"campaign:{name}",
+        "seed_digest": digest,
+        "harness_key": "harness-1",
+        "run_timeout_s": 600.0,
+    }
     fields.update(kw)
     campaign = c.CampaignStarted(**fields)  # type: ignore[arg-type]
-    await bus.save_campaign(campaign)
+    await bus.campaigns.save(campaign)
     await bus.publish(campaign)
     return campaign
 
@@ -55,8 +62,13 @@ async def start_campaign(bus: Bus, name: str = "camp", source: str = SEED,
 async def propose(bus: Bus, campaign: str, source: str) -> c.VariantProposed:
     variant_id = c.variant_id_for(campaign, source)
     event = c.VariantProposed(
-        campaign=campaign, event_id=f"proposed:{campaign}:{variant_id}", variant_id=variant_id,
-        parent_id=None, source_digest=await bus.put_source(source), diff="", title="baseline",
+        campaign=campaign,
+        event_id=f"proposed:{campaign}:{variant_id}",
+        variant_id=variant_id,
+        parent_id=None,
+        source_digest=await bus.put_source(source),
+        diff="",
+        title="baseline",
     )
     await bus.publish(event)
     return event
@@ -67,37 +79,36 @@ class Recorder:
 
     def __init__(self) -> None:
         self.events: list[c.AnyEvent] = []
-        self.changed = asyncio.Event()
 
-    async def on_event(self, event: c.AnyEvent, seq: int) -> None:
+    async def on_event(self, event: c.AnyEvent, _delivery: Delivery) -> None:
         self.events.append(event)
-        self.changed.set()
 
     def of(self, kind: type) -> list[Any]:
         return [e for e in self.events if isinstance(e, kind)]
 
     async def wait_for(self, predicate: Callable[[], object], within_s: float = 20.0) -> None:
-        async def loop() -> None:
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(loop(), within_s)
+        await eventually(predicate, timeout=within_s, what="the recorded events")
 
 
 @pytest.fixture
 async def recorder(bus: Bus) -> AsyncIterator[Recorder]:
     rec = Recorder()
     stop = asyncio.Event()
-    task = asyncio.create_task(bus.follow([c.RunStarted, c.RunFinished], rec.on_event, stop=stop))
+    task = asyncio.create_task(
+        bus.follow({c.RunStarted: rec.on_event, c.RunFinished: rec.on_event}, stop=stop)
+    )
     yield rec
     stop.set()
     await asyncio.wait_for(task, 5)
 
 
 def settings(tmp_path: Path, **kw: object) -> Settings:
-    fields: dict[str, object] = dict(home=str(tmp_path / "home"), run_dir=str(tmp_path / "runs"),
-                                     launcher_id="test-launcher", slots=2)
+    fields: dict[str, object] = {
+        "home": str(tmp_path / "home"),
+        "run_dir": str(tmp_path / "runs"),
+        "launcher_id": "test-launcher",
+        "slots": 2,
+    }
     fields.update(kw)
     return Settings(**fields)  # type: ignore[arg-type]
 
@@ -112,8 +123,9 @@ class Running:
         await asyncio.wait_for(self.task, 15)
 
 
-async def test_a_proposed_variant_runs_and_finishes(bus: Bus, recorder: Recorder,
-                                                    tmp_path: Path) -> None:
+async def test_a_proposed_variant_runs_and_finishes(
+    bus: Bus, recorder: Recorder, tmp_path: Path
+) -> None:
     await start_campaign(bus)
     proposed = await propose(bus, "camp", SEED)
     launcher = Running(settings(tmp_path), bus)
@@ -125,11 +137,15 @@ async def test_a_proposed_variant_runs_and_finishes(bus: Bus, recorder: Recorder
     [started] = recorder.of(c.RunStarted)
     [finished] = recorder.of(c.RunFinished)
     assert (started.run_id, started.backend, started.host, started.attempt) == (
-        run_id, "local", started.host, 1)
+        run_id,
+        "local",
+        started.host,
+        1,
+    )
     assert finished.run_id == run_id and finished.exit_code == 0 and finished.attempt == 1
     assert "val_bpb:          0.997900" in finished.log_tail
     assert "num_steps:        7" in finished.log_tail  # the harness was there
-    log = (await bus.get_object(bus.logs_bucket, run_id)).decode()
+    log = (await bus.logs.get(run_id)).decode()
     assert log.endswith("num_steps:        7\n")
     assert (tmp_path / "runs" / "harness" / "harness-1" / "trainer" / "helper.py").is_file()
 
@@ -138,17 +154,16 @@ async def test_sim_runs_report_progress_fleet_status_and_honour_cancel(
     bus: Bus, recorder: Recorder, tmp_path: Path
 ) -> None:
     await start_campaign(bus)
-    progress: list[c.AnyEvent] = []
-    fleet: list[c.AnyEvent] = []
+    progress: list[c.RunProgress] = []
+    fleet: list[c.FleetStatus] = []
 
-    async def on_progress(event: c.AnyEvent) -> None:
+    async def on_progress(event: c.RunProgress, _delivery: Delivery) -> None:
         progress.append(event)
 
-    async def on_fleet(event: c.AnyEvent) -> None:
+    async def on_fleet(event: c.FleetStatus, _delivery: Delivery) -> None:
         fleet.append(event)
 
-    await bus.subscribe_lossy(c.RunProgress, on_progress, subject="ns.run.progress.>")
-    await bus.subscribe_lossy(c.FleetStatus, on_fleet)
+    subs = await bus.subscribe_lossy({c.RunProgress: on_progress, c.FleetStatus: on_fleet})
     # 300 simulated seconds x 0.02 = 6 s: long enough to see progress and cancel it.
     launcher = Running(settings(tmp_path, backend="sim", sim_time_scale=0.02, slots=3), bus)
     try:
@@ -160,20 +175,23 @@ async def test_sim_runs_report_progress_fleet_status_and_honour_cancel(
         await recorder.wait_for(lambda: recorder.of(c.RunFinished), within_s=10)
     finally:
         await launcher.close()
+        for sub in subs:
+            await sub.unsubscribe()
     [finished] = recorder.of(c.RunFinished)
     assert finished.cancelled and "[nightshift] cancelled: early stop" in finished.log_tail
-    assert progress and progress[0].run_id == run_id  # type: ignore[union-attr]
+    assert progress and progress[0].run_id == run_id
     status = fleet[-1]
     assert isinstance(status, c.FleetStatus) and status.launcher_id == "test-launcher"
     assert status.slots == {"default": 3} and any(
-        isinstance(f, c.FleetStatus) and f.busy == {"default": 1} for f in fleet)
+        isinstance(f, c.FleetStatus) and f.busy == {"default": 1} for f in fleet
+    )
 
 
 async def test_stopped_campaigns_and_other_tiers_are_skipped(
     bus: Bus, recorder: Recorder, tmp_path: Path
 ) -> None:
     await start_campaign(bus, "stopped")
-    await bus.mark_campaign_stopped("stopped", "stopped")
+    await bus.campaigns.mark_stopped("stopped", "stopped")
     await start_campaign(bus, "fast-tier", tiers=["h100", "h200"])
     await start_campaign(bus, "live")
     await propose(bus, "stopped", SEED)
@@ -183,12 +201,13 @@ async def test_stopped_campaigns_and_other_tiers_are_skipped(
     try:
         await recorder.wait_for(lambda: recorder.of(c.RunFinished))
         await asyncio.sleep(0.5)
-        info = await bus.js.consumer_info(bus.stream, "launcher-default")
+        lag = await bus.consumer_lag("launcher-default")
     finally:
         await launcher.close()
     assert [e.campaign for e in recorder.events] == ["live", "live"]
     assert recorder.of(c.RunFinished)[0].variant_id == live.variant_id
-    assert info.num_pending == 0 and info.num_ack_pending == 0  # skipped ones were acked
+    assert lag is not None
+    assert lag.pending == 0 and lag.ack_pending == 0  # skipped ones were acked
 
 
 async def test_a_campaign_stopped_mid_run_cancels_its_runs(
@@ -199,7 +218,7 @@ async def test_a_campaign_stopped_mid_run_cancels_its_runs(
     try:
         await propose(bus, "camp", SEED)
         await recorder.wait_for(lambda: recorder.of(c.RunStarted))
-        await bus.mark_campaign_stopped("camp", "stopped")
+        await bus.campaigns.mark_stopped("camp", "stopped")
         await recorder.wait_for(lambda: recorder.of(c.RunFinished), within_s=5)
     finally:
         await launcher.close()
@@ -243,4 +262,4 @@ async def test_stopping_the_launcher_mid_run_hands_the_run_back(
 
 def test_unknown_backends_are_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="skypilot"):
-        service.make_backend(settings(tmp_path, backend="skypilot"), "x")
+        make_backend(settings(tmp_path, backend="skypilot"), "x")

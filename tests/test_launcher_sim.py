@@ -8,39 +8,51 @@ from pathlib import Path
 
 import pytest
 
-from services.contracts import RunFinished
+from services.contracts import RunFinished, parse_progress, parse_summary
 from services.evaluator.classify import evaluate_run
-from services.evaluator.summary import parse_summary
 from services.launcher import landscape as ls
 from services.launcher.backend import Job, RunOutcome
-from services.launcher.progress import parse_progress
 from services.launcher.sim import SimBackend
 
-SEED = "DEPTH = 8\nDEVICE_BATCH_SIZE = 128\nMATRIX_LR = 0.04\nWEIGHT_DECAY = 0.2\n" \
-       "WARMUP_RATIO = 0.0\nprint('training')\n"
+SEED = (
+    "DEPTH = 8\nDEVICE_BATCH_SIZE = 128\nMATRIX_LR = 0.04\nWEIGHT_DECAY = 0.2\n"
+    "WARMUP_RATIO = 0.0\nprint('training')\n"
+)
 
 
 def job(source: str, run_id: str = "v-default-0", **kw: object) -> Job:
-    fields: dict[str, object] = dict(
-        run_id=run_id, variant_id=run_id.split("-")[0], campaign="c", tier="default",
-        replica=0, attempt=1, source=source, harness_dir=Path("/nonexistent"),
-        reference_source=SEED,
-    )
+    fields: dict[str, object] = {
+        "run_id": run_id,
+        "variant_id": run_id.split("-")[0],
+        "campaign": "c",
+        "replica": 0,
+        "source": source,
+        "harness_dir": Path("/nonexistent"),
+        "reference_source": SEED,
+    }
     fields.update(kw)
     return Job(**fields)  # type: ignore[arg-type]
 
 
 def backend(**kw: object) -> SimBackend:
-    fields: dict[str, object] = dict(slots=4, budget_s=300.0, time_scale=0.001, seed=0)
+    fields: dict[str, object] = {"slots": 4, "budget_s": 300.0, "time_scale": 0.001, "seed": 0}
     fields.update(kw)
     return SimBackend(**fields)  # type: ignore[arg-type]
 
 
 def evaluate(outcome: RunOutcome) -> tuple[str, float | None, str]:
     finished = RunFinished(
-        campaign="c", run_id="r", variant_id="v", tier="default", exit_code=outcome.exit_code,
-        started_at=outcome.started_at, finished_at=outcome.finished_at, log_key="r",
-        log_tail=outcome.log_text, timed_out=outcome.timed_out, cancelled=outcome.cancelled,
+        campaign="c",
+        run_id="r",
+        variant_id="v",
+        tier="default",
+        exit_code=outcome.exit_code,
+        started_at=outcome.started_at,
+        finished_at=outcome.finished_at,
+        log_key="r",
+        log_tail=outcome.log_text,
+        timed_out=outcome.timed_out,
+        cancelled=outcome.cancelled,
     )
     ev = evaluate_run(finished, outcome.read_log())
     return ev.status, ev.value, ev.crash_reason
@@ -52,7 +64,7 @@ async def test_a_sim_run_prints_progress_and_a_summary_block() -> None:
     t0 = time.monotonic()
     outcome = await sim.run(job(SEED), lines.append)
     assert 0.25 < time.monotonic() - t0 < 2.0  # (300 + 25) simulated seconds x 0.001
-    assert outcome.exit_code == 0 and outcome.backend == "sim"
+    assert outcome.exit_code == 0 and sim.name == "sim"
     progress = [p for p in map(parse_progress, lines) if p is not None]
     assert len(progress) == 5 and progress[-1].fraction == 1.0
     assert progress[0].train_loss > progress[-1].train_loss
@@ -103,10 +115,13 @@ async def test_cancel_stops_a_sim_run() -> None:
 
 async def test_hundreds_of_slots_fit_on_two_cores() -> None:
     sim = backend(slots=256, time_scale=0.002)
-    variants = [ls.set_constants(SEED, {"DEPTH": 6 + i % 5, "MATRIX_LR": 0.02 + 0.001 * i})
-                for i in range(256)]
+    variants = [
+        ls.set_constants(SEED, {"DEPTH": 6 + i % 5, "MATRIX_LR": 0.02 + 0.001 * i})
+        for i in range(256)
+    ]
     t0 = time.monotonic()
-    outcomes = await asyncio.gather(*(sim.run(job(v, f"v{i}-default-0"), lambda _: None)
-                                      for i, v in enumerate(variants)))
+    outcomes = await asyncio.gather(
+        *(sim.run(job(v, f"v{i}-default-0"), lambda _: None) for i, v in enumerate(variants))
+    )
     assert time.monotonic() - t0 < 5.0
     assert sum(o.exit_code == 0 for o in outcomes) == 256

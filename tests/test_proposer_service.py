@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from services.bus import Bus
+from services.bus import Bus, Delivery
 from services.contracts import (
-    AnyEvent,
     BestUpdated,
     CampaignStarted,
     CampaignStopped,
@@ -27,8 +26,10 @@ from services.contracts import (
     run_id_for,
     variant_id_for,
 )
-from services.proposer.service import read_program, run
+from services.proposer.program import program_from_harness
+from services.proposer.service import run
 from services.settings import Settings
+from tests.eventually import eventually
 
 SEED = """import os
 
@@ -41,13 +42,6 @@ WEIGHT_DECAY = 0.2
 def main() -> None:
     print(DEPTH, MATRIX_LR, EMBEDDING_LR, WEIGHT_DECAY)
 """
-
-
-async def eventually(check: Callable[[], bool], within: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"condition not met in time: {what}"
-        await asyncio.sleep(0.01)
 
 
 def holds(items: Sized, n: int) -> Callable[[], bool]:
@@ -63,18 +57,18 @@ class Watch:
     halted: list[ProposerHalted] = field(default_factory=list)
     arrived: dict[str, float] = field(default_factory=dict)  # variant -> monotonic time
 
-    async def on_live(self, event: AnyEvent) -> None:
-        """Core-NATS copy of each event: when it was published (the replay lags)."""
-        if isinstance(event, VariantProposed):
-            self.arrived.setdefault(event.variant_id, time.monotonic())
+    async def on_live(self, event: VariantProposed, _: Delivery) -> None:
+        """Core-NATS copy of each variant: when it was published (the replay lags)."""
+        self.arrived.setdefault(event.variant_id, time.monotonic())
 
-    async def on_event(self, event: AnyEvent, _: int) -> None:
-        if isinstance(event, VariantProposed):
-            self.proposed.append(event)
-        elif isinstance(event, CampaignStopped):
-            self.stopped.append(event)
-        elif isinstance(event, ProposerHalted):
-            self.halted.append(event)
+    async def on_proposed(self, event: VariantProposed, _: Delivery) -> None:
+        self.proposed.append(event)
+
+    async def on_stopped(self, event: CampaignStopped, _: Delivery) -> None:
+        self.stopped.append(event)
+
+    async def on_halted(self, event: ProposerHalted, _: Delivery) -> None:
+        self.halted.append(event)
 
 
 def harness(program: str = "Only edit train.py.") -> bytes:
@@ -87,26 +81,42 @@ def harness(program: str = "Only edit train.py.") -> bytes:
     return buffer.getvalue()
 
 
-async def start_campaign(bus: Bus, source: str = SEED, max_experiments: int = 0,
-                         lookahead: int = 2, strategy: str = "grid") -> CampaignStarted:
+async def start_campaign(
+    bus: Bus,
+    source: str = SEED,
+    max_experiments: int = 0,
+    lookahead: int = 2,
+    strategy: str = "grid",
+) -> CampaignStarted:
     digest = await bus.put_source(source)
-    await bus.put_object(bus.sources_bucket, "harness-1", harness())
+    await bus.sources.put("harness-1", harness())
     event = CampaignStarted(
-        campaign="c", event_id=event_id_for("started", "c"), seed_digest=digest,
-        harness_key="harness-1", max_experiments=max_experiments, profile="gpu",
+        campaign="c",
+        event_id=event_id_for("started", "c"),
+        seed_digest=digest,
+        harness_key="harness-1",
+        max_experiments=max_experiments,
+        profile="gpu",
         proposer=ProposerConfig(strategy=strategy, lookahead=lookahead),
     )
-    await bus.save_campaign(event)
+    await bus.campaigns.save(event)
     await bus.publish(event)
     return event
 
 
 async def finish(bus: Bus, variant: VariantProposed, value: float = 1.0) -> None:
     run_id = run_id_for(variant.variant_id, "default", 0)
-    await bus.publish(ResultEvaluated(
-        campaign="c", event_id=event_id_for("result", run_id, 1), run_id=run_id,
-        variant_id=variant.variant_id, tier="default", status="ok", value=value,
-    ))
+    await bus.publish(
+        ResultEvaluated(
+            campaign="c",
+            event_id=event_id_for("result", run_id, 1),
+            run_id=run_id,
+            variant_id=variant.variant_id,
+            tier="default",
+            status="ok",
+            value=value,
+        )
+    )
 
 
 @contextlib.asynccontextmanager
@@ -124,8 +134,9 @@ async def proposer(bus: Bus, **settings: object) -> AsyncIterator[None]:
 async def fleet(bus: Bus, slots: int) -> AsyncIterator[None]:
     async def beat() -> None:
         while True:
-            await bus.publish(FleetStatus(campaign="*", launcher_id="l1",
-                                          slots={"default": slots}, busy={}))
+            await bus.publish(
+                FleetStatus(campaign="*", launcher_id="l1", slots={"default": slots}, busy={})
+            )
             await asyncio.sleep(0.2)
 
     task = asyncio.create_task(beat())
@@ -141,14 +152,23 @@ async def fleet(bus: Bus, slots: int) -> AsyncIterator[None]:
 async def watching(bus: Bus) -> AsyncIterator[Watch]:
     watch = Watch()
     stop = asyncio.Event()
-    sub = await bus.subscribe_lossy(VariantProposed, watch.on_live)
-    task = asyncio.create_task(bus.follow(
-        [VariantProposed, CampaignStopped, ProposerHalted], watch.on_event, stop=stop))
+    subs = await bus.subscribe_lossy({VariantProposed: watch.on_live})
+    task = asyncio.create_task(
+        bus.follow(
+            {
+                VariantProposed: watch.on_proposed,
+                CampaignStopped: watch.on_stopped,
+                ProposerHalted: watch.on_halted,
+            },
+            stop=stop,
+        )
+    )
     try:
         yield watch
     finally:
         stop.set()
-        await sub.unsubscribe()
+        for sub in subs:
+            await sub.unsubscribe()
         await task
 
 
@@ -170,9 +190,16 @@ async def test_keeps_slots_plus_lookahead_in_flight_and_tops_up_per_result(bus: 
         winner = watch.proposed[1]
         for i, variant in enumerate(watch.proposed[:3]):
             if i == 2:  # the ledger keeps a new best: the next wave grows from it
-                await bus.publish(BestUpdated(
-                    campaign="c", event_id="best-1", variant_id=winner.variant_id,
-                    source_digest=winner.source_digest, value=0.9, runs=1))
+                await bus.publish(
+                    BestUpdated(
+                        campaign="c",
+                        event_id="best-1",
+                        variant_id=winner.variant_id,
+                        source_digest=winner.source_digest,
+                        value=0.9,
+                        runs=1,
+                    )
+                )
             sent = time.monotonic()
             await finish(bus, variant)
             await eventually(holds(watch.arrived, 7 + i), what="one per result")
@@ -203,7 +230,7 @@ async def test_max_experiments_caps_the_total_and_completes(bus: Bus) -> None:
         stop = watch.stopped[0]
         assert stop.reason == "completed" and "5 experiments" in stop.detail
         assert stop.event_id == event_id_for("stopped", "c")
-        assert await bus.campaign_stopped("c")
+        assert await bus.campaigns.is_stopped("c")
         await asyncio.sleep(0.5)
         assert len(watch.proposed) == 5
 
@@ -247,10 +274,10 @@ async def test_unavailable_strategy_falls_back_to_grid(
     monkeypatch.setenv("HOME", "/nonexistent")
     await start_campaign(bus, lookahead=2, strategy=strategy)
     async with watching(bus) as watch, proposer(bus):
-        # within: importing the Anthropic SDK takes seconds on a busy machine
-        await eventually(lambda: len(watch.proposed) == 2, within=30, what="baseline + 1")
+        # timeout: importing the Anthropic SDK takes seconds on a busy machine
+        await eventually(lambda: len(watch.proposed) == 2, timeout=30, what="baseline + 1")
         assert watch.proposed[1].proposer == "grid"
 
 
 def test_program_is_read_from_the_harness() -> None:
-    assert read_program(harness("rules")) == "rules"
+    assert program_from_harness(harness("rules")) == "rules"

@@ -32,8 +32,9 @@ async def test_an_experiment_is_one_trace_from_proposal_to_ledger(
     tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
 ) -> None:
     exporter = span_exporter()
-    settings = sim_settings(tmp_path, nats_server.url, max_experiments=4, slots=2,
-                            campaign="traced")
+    settings = sim_settings(
+        tmp_path, nats_server.url, max_experiments=4, slots=2, campaign="traced"
+    )
     async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)
 
@@ -45,13 +46,19 @@ async def test_an_experiment_is_one_trace_from_proposal_to_ledger(
         await wait_until_consumed(bus, "ledger")
 
     spans = exporter.get_finished_spans()
-    roots = [s for s in spans if s.name == "propose variant"
-             and (s.attributes or {}).get("campaign") == "traced"]
+    roots = [
+        s
+        for s in spans
+        if s.name == "propose variant" and (s.attributes or {}).get("campaign") == "traced"
+    ]
     assert len(roots) == 4
     for root in roots:
         assert root.context is not None
-        in_trace = [s for s in spans
-                    if s.context is not None and s.context.trace_id == root.context.trace_id]
+        in_trace = [
+            s
+            for s in spans
+            if s.context is not None and s.context.trace_id == root.context.trace_id
+        ]
         consumers = {str((s.attributes or {}).get("consumer")) for s in in_trace}
         names = {s.name for s in in_trace}
         assert {"launcher-default", "evaluator", "ledger"} <= consumers, consumers

@@ -22,6 +22,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from services.contracts import PROGRESS_LINE
+
 TRAINER = Path(__file__).resolve().parents[1] / "trainer"
 SUMMARY_RE = re.compile(
     r"^---\n"
@@ -36,8 +38,6 @@ SUMMARY_RE = re.compile(
     r"depth:\s+(?P<depth>\d+)\n?\Z",
     re.MULTILINE,
 )
-# The launcher's progress regex (services/launcher)
-PROGRESS_RE = re.compile(r"^step (\d+) \(([\d.]+)%\) \| loss: ([-+\w.]+) .*?tok/sec: ([\d,]+)")
 
 
 def trainer_env(cache: Path, **extra: str) -> dict[str, str]:
@@ -47,8 +47,14 @@ def trainer_env(cache: Path, **extra: str) -> dict[str, str]:
 
 
 def run_prepare(cache: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "prepare.py", *args], cwd=TRAINER, text=True,
-                          capture_output=True, env=trainer_env(cache, **extra), timeout=300)
+    return subprocess.run(
+        [sys.executable, "prepare.py", *args],
+        cwd=TRAINER,
+        text=True,
+        capture_output=True,
+        env=trainer_env(cache, **extra),
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +73,9 @@ def prep(cache: Path) -> Iterator[ModuleType]:
             mp.setenv(key, value)
         mp.delenv("NIGHTSHIFT_SOURCE", raising=False)
         mp.delenv("NIGHTSHIFT_TIME_BUDGET", raising=False)
-        spec = importlib.util.spec_from_file_location("nightshift_trainer_prepare",
-                                                      TRAINER / "prepare.py")
+        spec = importlib.util.spec_from_file_location(
+            "nightshift_trainer_prepare", TRAINER / "prepare.py"
+        )
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -88,10 +95,17 @@ def make_run_dir(tmp_path: Path, edit: tuple[str, str] | None = None) -> Path:
     return run_dir
 
 
-def run_train(run_dir: Path, cache: Path, timeout: float = 120,
-              **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "train.py"], cwd=run_dir, text=True,
-                          capture_output=True, env=trainer_env(cache, **extra), timeout=timeout)
+def run_train(
+    run_dir: Path, cache: Path, timeout: float = 120, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "train.py"],
+        cwd=run_dir,
+        text=True,
+        capture_output=True,
+        env=trainer_env(cache, **extra),
+        timeout=timeout,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -115,8 +129,13 @@ def test_tokenizer_round_trips_and_counts_bytes(prep: ModuleType) -> None:
     assert tok.get_bos_token_id() == tok.enc.encode_single_token("<|reserved_0|>")
     token_bytes = prep.get_token_bytes()
     assert token_bytes.shape == (tok.get_vocab_size(),)
-    for text in ["def f(x):\n    return x ** 2  # square\n", "Héllo wörld, 你好! 🙂 ¿Qué?",
-                 "\t\n  \r\n", "a" * 1000, ""]:
+    for text in [
+        "def f(x):\n    return x ** 2  # square\n",
+        "Héllo wörld, 你好! 🙂 ¿Qué?",
+        "\t\n  \r\n",
+        "a" * 1000,
+        "",
+    ]:
         ids = tok.encode(text)
         assert tok.decode(ids) == text
         # token byte lengths add up to the text's UTF-8 length, even across split characters
@@ -145,8 +164,9 @@ def test_dataloader_rows_start_with_bos_and_have_no_padding(prep: ModuleType, sp
     assert ((rows_t == bos).sum(dim=1) > 1).any()  # several documents packed in one row
 
 
-def reference_packed_rows(prep: ModuleType, tok: object, B: int, T: int, split: str,
-                          batches: int, buffer_size: int = 1000) -> torch.Tensor:
+def reference_packed_rows(
+    prep: ModuleType, tok: object, B: int, T: int, split: str, batches: int, buffer_size: int = 1000
+) -> torch.Tensor:
     """Autoresearch's best-fit packing, written plainly: (batches * B, T + 1) token rows."""
     docs = prep._document_batches(split)
     bos = tok.get_bos_token_id()  # type: ignore[attr-defined]
@@ -172,8 +192,9 @@ def reference_packed_rows(prep: ModuleType, tok: object, B: int, T: int, split: 
 
 
 @pytest.mark.parametrize(("B", "T", "split"), [(8, 64, "train"), (4, 300, "val")])
-def test_dataloader_packs_exactly_like_the_plain_best_fit(prep: ModuleType, B: int, T: int,
-                                                           split: str) -> None:
+def test_dataloader_packs_exactly_like_the_plain_best_fit(
+    prep: ModuleType, B: int, T: int, split: str
+) -> None:
     tok = prep.Tokenizer.from_directory()
     loader = prep.make_dataloader(tok, B, T, split, device="cpu")
     got = []
@@ -224,8 +245,10 @@ def test_evaluate_bpb_of_uniform_model_matches_hand_computation(prep: ModuleType
     loader = prep.make_dataloader(tok, rows, T, "val", device="cpu")
     _, y, _ = next(loader)
     special = {tok.enc.encode_single_token(f"<|reserved_{i}|>") for i in range(4)}
-    lengths = [0 if t in special else len(tok.enc.decode_single_token_bytes(t))
-               for t in y.reshape(-1).tolist()]
+    lengths = [
+        0 if t in special else len(tok.enc.decode_single_token_bytes(t))
+        for t in y.reshape(-1).tolist()
+    ]
     n_scored = sum(1 for n in lengths if n > 0)
     expected = math.log(V) * n_scored / (math.log(2) * sum(lengths))
     model = UniformModel(V)
@@ -237,18 +260,37 @@ def test_evaluate_bpb_of_uniform_model_matches_hand_computation(prep: ModuleType
 def test_concurrent_prepares_of_a_dir_source_agree(tmp_path: Path) -> None:
     src = tmp_path / "texts"
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["argparse.py", "typing.py", "inspect.py", "pathlib.py", "dataclasses.py",
-                 "enum.py", "functools.py", "collections/__init__.py", "json/decoder.py",
-                 "logging/__init__.py", "subprocess.py", "tarfile.py", "zipfile.py"]:
+    for name in [
+        "argparse.py",
+        "typing.py",
+        "inspect.py",
+        "pathlib.py",
+        "dataclasses.py",
+        "enum.py",
+        "functools.py",
+        "collections/__init__.py",
+        "json/decoder.py",
+        "logging/__init__.py",
+        "subprocess.py",
+        "tarfile.py",
+        "zipfile.py",
+    ]:
         dest = src / name.replace("/", "_")
         dest.parent.mkdir(exist_ok=True)
         shutil.copy(stdlib / name, dest)
     (src / "notes.md").write_text("# Notes\n\nSome prose.\n\nMore prose, ünïcode.\n")
     cache = tmp_path / "cache"
-    procs = [subprocess.Popen([sys.executable, "prepare.py", "--source", f"dir:{src}"],
-                              cwd=TRAINER, env=trainer_env(cache), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "prepare.py", "--source", f"dir:{src}"],
+            cwd=TRAINER,
+            env=trainer_env(cache),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     prepared = [p for p in cache.iterdir() if p.name.startswith("cpu-dir-texts-")]
@@ -264,8 +306,9 @@ def test_concurrent_prepares_of_a_dir_source_agree(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_seed_runs_end_to_end_and_prints_the_summary(cache: Path, tmp_path: Path,
-                                                     prep: ModuleType) -> None:
+def test_seed_runs_end_to_end_and_prints_the_summary(
+    cache: Path, tmp_path: Path, prep: ModuleType
+) -> None:
     run_dir = make_run_dir(tmp_path)
     t0 = time.time()
     proc = run_train(run_dir, cache, NIGHTSHIFT_TIME_BUDGET="8")
@@ -274,7 +317,7 @@ def test_seed_runs_end_to_end_and_prints_the_summary(cache: Path, tmp_path: Path
     match = SUMMARY_RE.search(proc.stdout)
     assert match, proc.stdout[-2000:]
     summary = {k: float(v) for k, v in match.groupdict().items()}
-    steps = [PROGRESS_RE.match(line) for line in proc.stdout.splitlines()]
+    steps = [PROGRESS_LINE.match(line) for line in proc.stdout.splitlines()]
     progress = [m for m in steps if m]
     assert len(progress) == summary["num_steps"] > 3
     assert [int(m.group(1)) for m in progress] == list(range(len(progress)))
@@ -289,8 +332,9 @@ def test_seed_runs_end_to_end_and_prints_the_summary(cache: Path, tmp_path: Path
 
 @pytest.mark.slow
 def test_nan_loss_prints_fail_and_exits_1(cache: Path, tmp_path: Path) -> None:
-    run_dir = make_run_dir(tmp_path, ("loss = train_model(x, y)\n",
-                                      "loss = train_model(x, y) * float('nan')\n"))
+    run_dir = make_run_dir(
+        tmp_path, ("loss = train_model(x, y)\n", "loss = train_model(x, y) * float('nan')\n")
+    )
     proc = run_train(run_dir, cache, NIGHTSHIFT_TIME_BUDGET="8")
     assert proc.returncode == 1
     assert "FAIL" in proc.stdout.splitlines()

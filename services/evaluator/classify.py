@@ -6,21 +6,27 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from services.contracts import RunFinished, Status
-from services.evaluator.summary import parse_summary
+from services.contracts import (
+    NON_NEGATIVE_KEYS,
+    RunFinished,
+    Status,
+    cancel_reason,
+    parse_summary,
+    split_lines,
+)
 
-# Keys of DESIGN §5's block that can never be negative.
-NON_NEGATIVE_KEYS = ("training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
-                     "total_tokens_M", "num_steps", "num_params_M", "depth")
 BPB_CEILING = 20.0  # bits per byte beyond this is a bug, not a result (uniform bytes: 8)
 REASON_CHARS = 500
 
-_OOM = re.compile(r"OutOfMemoryError|CUDA out of memory|out of memory|MemoryError"
-                  r"|CUBLAS_STATUS_ALLOC_FAILED")
+_OOM = re.compile(
+    r"OutOfMemoryError|CUDA out of memory|out of memory|MemoryError"
+    r"|CUBLAS_STATUS_ALLOC_FAILED"
+)
 _NAN_LOSS = re.compile(r"\bloss:\s*[-+]?(nan|inf)", re.IGNORECASE)
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Fault)"
-                             r"\b.*$")
-_CANCELLED = re.compile(r"^\[nightshift\] cancelled: (.*)$")
+_EXCEPTION_LINE = re.compile(
+    r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Fault)"
+    r"\b.*$"
+)
 _SIGKILL_CODES = (-9, 137)
 
 
@@ -32,15 +38,11 @@ class Evaluation:
     crash_reason: str = ""
 
 
-def _lines(text: str) -> list[str]:
-    return [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
-
-
 def last_exception(lines: list[str]) -> str:
     """The exception line of the last traceback (`ZeroDivisionError: division by zero`)."""
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
     if starts:
-        for line in lines[starts[-1] + 1:]:
+        for line in lines[starts[-1] + 1 :]:
             if not line[:1].isspace():
                 return line.strip()
     for line in reversed(lines):  # a SyntaxError at start-up prints no Traceback header
@@ -60,9 +62,13 @@ def _failure(finished: RunFinished, lines: list[str], why: str) -> Evaluation:
     if any(_OOM.search(line) for line in lines[-200:]):
         return Evaluation("oom", crash_reason=_cut(exception or "out of memory"))
     if finished.exit_code in _SIGKILL_CODES or (lines and lines[-1].strip() == "Killed"):
-        return Evaluation("oom", crash_reason=(
-            f"killed by SIGKILL (exit {finished.exit_code}) without a timeout or cancel: "
-            "most likely the host's out-of-memory killer"))
+        return Evaluation(
+            "oom",
+            crash_reason=(
+                f"killed by SIGKILL (exit {finished.exit_code}) without a timeout or cancel: "
+                "most likely the host's out-of-memory killer"
+            ),
+        )
     if any(_is_fail_line(line) for line in lines) or any(_NAN_LOSS.search(x) for x in lines):
         return Evaluation("diverged", crash_reason="training diverged (loss NaN/inf or FAIL)")
     if exception:
@@ -86,19 +92,18 @@ def implausible(metric: str, value: float, metrics: dict[str, float]) -> str:
     return ""
 
 
-def evaluate_run(finished: RunFinished, log_text: str, metric: str = "val_bpb",
-                 direction: str = "minimize") -> Evaluation:
-    """The result of one finished run (`direction` is the metric's; it bounds nothing yet)."""
+def evaluate_run(finished: RunFinished, log_text: str, metric: str = "val_bpb") -> Evaluation:
+    """The result of one finished run."""
     if finished.infra_failure:
         return Evaluation("infra", crash_reason=_cut(finished.infra_reason or "infrastructure"))
     seconds = finished.finished_at - finished.started_at
     if finished.timed_out:
         return Evaluation("timeout", crash_reason=f"timed out after {seconds:.0f}s; killed")
-    lines = _lines(log_text)
+    lines = [line for line in split_lines(log_text) if line.strip()]
     if finished.cancelled:
-        reasons = [m.group(1) for m in map(_CANCELLED.match, lines) if m]
-        return Evaluation("crash", crash_reason=_cut(
-            f"cancelled: {reasons[-1] if reasons else 'by request'}"))
+        reason = cancel_reason(log_text)
+        shown = "by request" if reason is None else reason
+        return Evaluation("crash", crash_reason=_cut(f"cancelled: {shown}"))
     block = parse_summary(log_text)
     if finished.exit_code != 0:
         return _failure(finished, lines, f"exit code {finished.exit_code}")
@@ -106,8 +111,9 @@ def evaluate_run(finished: RunFinished, log_text: str, metric: str = "val_bpb",
         return _failure(finished, lines, "exit code 0 but no summary block (--- then key: value)")
     value = block.get(metric)
     if value is None:
-        return _failure(finished, lines,
-                        f"summary block has no {metric} (truncated?); keys: {sorted(block)}")
+        return _failure(
+            finished, lines, f"summary block has no {metric} (truncated?); keys: {sorted(block)}"
+        )
     if not math.isfinite(value):
         return Evaluation("diverged", crash_reason=f"{metric} is {value}")
     metrics = {k: v for k, v in block.items() if math.isfinite(v)}  # NaN is no JSON number

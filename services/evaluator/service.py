@@ -1,7 +1,7 @@
-"""The evaluator service: one ResultEvaluated per RunFinished.
+"""The evaluator service: one ResultEvaluated per RunFinished (see results.py).
 
-The log tail in the event is usually enough (it holds the summary block or the
-traceback); when it has no block, the full log comes from the `logs` bucket.
+Wiring only: a shared durable consumer of RunFinished, eight evaluations at a time; a
+campaign not yet in the campaigns KV is redelivered until it is.
 """
 
 from __future__ import annotations
@@ -9,63 +9,23 @@ from __future__ import annotations
 import asyncio
 
 from services import contracts as c
-from services.bus import Bus, Delivery, TransientError
-from services.evaluator.classify import Evaluation, evaluate_run
-from services.evaluator.summary import parse_summary
+from services.bus import Bus
+from services.evaluator.results import Evaluator
 from services.settings import Settings
-from services.telemetry import get_logger
 
+DURABLE = "evaluator"
+CONCURRENCY = 8
+ACK_WAIT_S = 30.0
 MAX_DELIVER = 10
 
 
-async def log_text_for(bus: Bus, finished: c.RunFinished, metric: str) -> str:
-    """The tail when its block has the metric, else the full log (the tail if it is gone)."""
-    block = parse_summary(finished.log_tail)
-    if block is not None and metric in block:
-        return finished.log_tail
-    if finished.infra_failure or finished.timed_out:
-        return finished.log_tail
-    try:
-        data = await bus.get_object(bus.logs_bucket, finished.log_key or finished.run_id)
-    except KeyError:
-        return finished.log_tail
-    return data.decode(errors="replace")
-
-
-def result_event(finished: c.RunFinished, evaluation: Evaluation, metric: str
-                 ) -> c.ResultEvaluated:
-    return c.ResultEvaluated(
-        campaign=finished.campaign,
-        event_id=c.event_id_for("evaluated", finished.campaign, finished.run_id,
-                                finished.attempt),
-        run_id=finished.run_id, variant_id=finished.variant_id, tier=finished.tier,
-        replica=finished.replica, attempt=finished.attempt, status=evaluation.status,
-        metric=metric, value=evaluation.value, metrics=evaluation.metrics,
-        crash_reason=evaluation.crash_reason,
-        training_seconds=max(0.0, finished.finished_at - finished.started_at),
-    )
-
-
-class Evaluator:
-    def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-        self.log = get_logger(component="evaluator")
-
-    async def handle(self, event: c.AnyEvent, delivery: Delivery) -> None:
-        if not isinstance(event, c.RunFinished):
-            return
-        campaign = await self.bus.load_campaign(event.campaign)
-        if campaign is None:
-            raise TransientError(f"campaign {event.campaign!r} is not in the campaigns KV yet")
-        text = await log_text_for(self.bus, event, campaign.metric)
-        evaluation = evaluate_run(event, text, campaign.metric, campaign.direction)
-        await self.bus.publish(result_event(event, evaluation, campaign.metric))
-        self.log.info("result_evaluated", campaign=event.campaign, variant_id=event.variant_id,
-                      run_id=event.run_id, attempt=event.attempt, status=evaluation.status,
-                      value=evaluation.value, crash_reason=evaluation.crash_reason[:200])
-
-
-async def run(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
+async def run(_settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
     evaluator = Evaluator(bus)
-    await bus.consume("evaluator", [c.RunFinished], evaluator.handle, concurrency=8,
-                      ack_wait_s=30.0, max_deliver=MAX_DELIVER, stop=stop)
+    await bus.consume(
+        DURABLE,
+        {c.RunFinished: evaluator.on_run_finished},
+        concurrency=CONCURRENCY,
+        ack_wait_s=ACK_WAIT_S,
+        max_deliver=MAX_DELIVER,
+        stop=stop,
+    )

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from services.contracts import split_lines
+
 LineCallback = Callable[[str], None]
 
-# A line the launcher adds to a run's log (timeout, cancellation), so a reader knows why.
-MARKER = "[nightshift]"
-CANCEL_LINE = re.compile(r"^\[nightshift\] cancelled: (.*)$", re.MULTILINE)
-
 # Variables never passed to a trainer process: anything that looks like a credential.
-_SECRET_PARTS = ("API_KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL",
-                 "PRIVATE_KEY", "ACCESS_KEY", "SESSION_KEY", "AUTH")
+_SECRET_PARTS = (
+    "API_KEY",
+    "TOKEN",
+    "SECRET",
+    "PASSWORD",
+    "PASSWD",
+    "CREDENTIAL",
+    "PRIVATE_KEY",
+    "ACCESS_KEY",
+    "SESSION_KEY",
+    "AUTH",
+)
 _SECRET_PREFIXES = ("NATS_", "NIGHTSHIFT_NATS_", "AWS_", "GOOGLE_", "AZURE_", "GCLOUD_")
 
 
@@ -28,9 +35,7 @@ class Job:
     run_id: str
     variant_id: str
     campaign: str
-    tier: str
     replica: int
-    attempt: int
     source: str
     harness_dir: Path
     edit_file: str = "train.py"
@@ -45,16 +50,12 @@ class RunOutcome:
     exit_code: int | None
     started_at: float
     finished_at: float
-    backend: str
-    host: str = ""
-    accelerator: str = ""
     log_path: Path | None = None  # the full log on disk (local), or
     log_text: str = ""  # the full log in memory (sim)
     timed_out: bool = False
     cancelled: bool = False
     infra_failure: bool = False
     infra_reason: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
     def read_log(self) -> str:
         if self.log_path is not None and self.log_path.is_file():
@@ -90,16 +91,10 @@ def is_secret_name(name: str) -> bool:
 
 def scrubbed_env(profile: str, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a trainer process: ours minus credentials, plus its profile."""
-    env = {k: v for k, v in (os.environ if base is None else base).items()
-           if not is_secret_name(k)}
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not is_secret_name(k)}
     env["NIGHTSHIFT_PROFILE"] = profile
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def split_lines(text: str) -> list[str]:
-    """Lines of a log, where a carriage return (a progress bar's redraw) also ends a line."""
-    return re.split(r"\r\n|\r|\n", text)
 
 
 def log_tail(text: str, lines: int, max_chars: int = 16_000) -> str:

@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from services.contracts import harness_root
+
 
 class HarnessError(Exception):
     """The harness archive is missing or unusable."""
@@ -24,14 +26,6 @@ class HarnessError(Exception):
 
 def safe_name(key: str) -> str:
     return re.sub(r"[^\w.-]", "_", key)[:200] or "_"
-
-
-def harness_root(directory: Path) -> Path:
-    """The directory holding the harness files (a tar of `trainer/` nests them one level)."""
-    entries = [p for p in directory.iterdir() if not p.name.startswith(".")]
-    if len(entries) == 1 and entries[0].is_dir():
-        return entries[0]
-    return directory
 
 
 def extract_harness(data: bytes, dest: Path) -> Path:

@@ -37,8 +37,24 @@ CEILING = 8.0  # a soft cap on the excess over the optimum, so values stay plaus
 
 Failure = Literal["", "oom", "diverged", "crash"]
 
-_SIZE_WORDS = ("DEPTH", "WIDTH", "DIM", "BATCH", "SEQ", "LEN", "HEAD", "EMBD", "EMBED",
-               "LAYER", "ASPECT", "SIZE", "HIDDEN", "MLP", "CONTEXT", "TOKENS")
+_SIZE_WORDS = (
+    "DEPTH",
+    "WIDTH",
+    "DIM",
+    "BATCH",
+    "SEQ",
+    "LEN",
+    "HEAD",
+    "EMBD",
+    "EMBED",
+    "LAYER",
+    "ASPECT",
+    "SIZE",
+    "HIDDEN",
+    "MLP",
+    "CONTEXT",
+    "TOKENS",
+)
 
 
 def parse_constants(source: str) -> dict[str, float | int]:
@@ -134,8 +150,9 @@ class Landscape:
 
     def __init__(self, reference_source: str, seed: int = 0) -> None:
         self.seed = seed
-        self.reference = {k: v for k, v in parse_constants(reference_source).items()
-                          if not is_seed(k)}
+        self.reference = {
+            k: v for k, v in parse_constants(reference_source).items() if not is_seed(k)
+        }
         self.axes = [self._axis(name, value) for name, value in sorted(self.reference.items())]
         self.pairs = self._interactions()
         ref = self._excess({a.name: a.coordinate(a.reference) or 0.0 for a in self.axes})
@@ -207,7 +224,7 @@ class Landscape:
             # Too small a model or learning rate just trains worse; too big fails.
             if is_size_like(name) and coord > 0:
                 return name, coord, "oom"
-            if is_rate_like(name) and coord > 0 or not (is_size_like(name) or is_rate_like(name)):
+            if (is_rate_like(name) and coord > 0) or not (is_size_like(name) or is_rate_like(name)):
                 return name, coord, "diverged"
         return None
 
@@ -220,7 +237,7 @@ class Landscape:
         rng = _rng("observe", key)
         far = self.far_constant(source)
         if far is not None and rng.random() < failure_rate:
-            name, coord, kind = far
+            name, _coord, kind = far
             optimum = next(a.optimum for a in self.axes if a.name == name)
             detail = f"{name}={parse_constants(source).get(name)} (optimum ~{optimum:.4g})"
             return SimObservation(None, kind, truth, detail, name)

@@ -20,13 +20,15 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from services.launcher.backend import MARKER, Job, LineCallback, RunOutcome, log_tail, scrubbed_env
+from services.contracts import cancelled_line, infra_failure_line, split_lines, timed_out_line
+from services.launcher.backend import Job, LineCallback, RunOutcome, log_tail, scrubbed_env
 from services.telemetry import get_logger
 
 
 def _log() -> Any:
     """Asked for at use time: a logger bound at import would miss the service's configuration."""
     return get_logger(component="launcher.local")
+
 
 PREPARED_MARKER = ".nightshift-prepared"
 PREPARE_TIMEOUT_S = 3600.0
@@ -36,7 +38,11 @@ class LocalBackend:
     name = "local"
 
     def __init__(
-        self, runs_path: Path, gpus: str = "", slots: int = 1, grace_s: float = 5.0,
+        self,
+        runs_path: Path,
+        gpus: str = "",
+        slots: int = 1,
+        grace_s: float = 5.0,
         prepare_timeout_s: float = PREPARE_TIMEOUT_S,
     ) -> None:
         self.runs_path = Path(runs_path)
@@ -78,9 +84,8 @@ class LocalBackend:
             self._cancelled.pop(job.run_id, None)
 
     async def _run(self, job: Job, on_line: LineCallback) -> RunOutcome:
-        host, accelerator = self.placement(job.slot)
         started = time.time()
-        outcome = RunOutcome(None, started, started, self.name, host, accelerator)
+        outcome = RunOutcome(None, started, started)
         run_dir = self.runs_path / job.campaign / job.run_id
         try:
             failure = await self.prepare(job.harness_dir, job.profile)
@@ -97,24 +102,32 @@ class LocalBackend:
         reason = self._cancelled.pop(job.run_id, None)
         if reason is not None:
             outcome.cancelled = True
-            self._append(log_path, f"{MARKER} cancelled: {reason or 'by request'}")
+            self._append(log_path, cancelled_line(reason))
         elif outcome.timed_out:
-            self._append(log_path, f"{MARKER} timed out after {job.timeout_s:.0f}s; "
-                                   "the process group was killed")
+            self._append(log_path, timed_out_line(job.timeout_s))
         outcome.finished_at = time.time()
         return outcome
 
     async def _start_and_supervise(
-        self, job: Job, run_dir: Path, log_path: Path, on_line: LineCallback,
+        self,
+        job: Job,
+        run_dir: Path,
+        log_path: Path,
+        on_line: LineCallback,
         outcome: RunOutcome,
     ) -> bool:
         """Run the trainer to its end; False (an infra outcome) when it cannot start."""
         with log_path.open("ab") as sink:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, job.edit_file, cwd=run_dir, env=self._env(job),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                    sys.executable,
+                    job.edit_file,
+                    cwd=run_dir,
+                    env=self._env(job),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
                 )
             except OSError as exc:
                 self._infra(outcome, f"cannot start {sys.executable} {job.edit_file}: {exc}")
@@ -127,8 +140,12 @@ class LocalBackend:
         return True
 
     async def _supervise(
-        self, job: Job, proc: asyncio.subprocess.Process, sink: BinaryIO,
-        on_line: LineCallback, outcome: RunOutcome,
+        self,
+        job: Job,
+        proc: asyncio.subprocess.Process,
+        sink: BinaryIO,
+        on_line: LineCallback,
+        outcome: RunOutcome,
     ) -> None:
         assert proc.stdout is not None
         pump = asyncio.create_task(_pump(proc.stdout, sink, on_line))
@@ -151,10 +168,8 @@ class LocalBackend:
     async def _kill_group(self, proc: asyncio.subprocess.Process) -> None:
         """SIGTERM the process group, then SIGKILL it after the grace period."""
         _signal_group(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), timeout=self.grace_s)
-        except TimeoutError:
-            pass
         _signal_group(proc.pid, signal.SIGKILL)
         await proc.wait()
 
@@ -171,8 +186,9 @@ class LocalBackend:
             raise OSError(f"harness directory {job.harness_dir} does not exist")
         if run_dir.exists():  # a redelivered run starts over
             shutil.rmtree(run_dir)
-        shutil.copytree(job.harness_dir, run_dir,
-                        ignore=shutil.ignore_patterns(PREPARED_MARKER, ".prepare.*"))
+        shutil.copytree(
+            job.harness_dir, run_dir, ignore=shutil.ignore_patterns(PREPARED_MARKER, ".prepare.*")
+        )
         (run_dir / job.edit_file).write_text(job.source)
         log_path = run_dir / "run.log"
         log_path.write_bytes(b"")
@@ -184,7 +200,7 @@ class LocalBackend:
         outcome.infra_reason = reason
         outcome.finished_at = time.time()
         if outcome.log_path is None:
-            outcome.log_text = f"{MARKER} infrastructure failure: {reason}\n"
+            outcome.log_text = infra_failure_line(reason) + "\n"
         return outcome
 
     @staticmethod
@@ -217,8 +233,13 @@ class LocalBackend:
         _log().info("prepare_started", harness=str(harness_dir))
         with log_path.open("wb") as sink:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "prepare.py", cwd=harness_dir, env=scrubbed_env(profile),
-                stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=asyncio.subprocess.STDOUT,
+                sys.executable,
+                "prepare.py",
+                cwd=harness_dir,
+                env=scrubbed_env(profile),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=sink,
+                stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
             )
             try:
@@ -256,7 +277,7 @@ async def _pump(stream: asyncio.StreamReader, sink: BinaryIO, on_line: LineCallb
         sink.write(chunk)
         sink.flush()
         pending += chunk.decode(errors="replace")
-        *lines, pending = pending.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        *lines, pending = split_lines(pending)
         pending = pending[-65536:]  # output with no line ends at all stays bounded
         for line in lines:
             if line.strip():
@@ -268,5 +289,5 @@ async def _pump(stream: asyncio.StreamReader, sink: BinaryIO, on_line: LineCallb
 def _call(on_line: LineCallback, line: str) -> None:
     try:
         on_line(line)
-    except Exception as exc:  # a broken observer must not break the run
+    except Exception as exc:  # last resort: a broken observer must not break the run
         _log().warning("on_line_failed", error=repr(exc))

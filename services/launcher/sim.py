@@ -15,9 +15,9 @@ import random
 import time
 import traceback
 
-from services.contracts import knob_values_only
+from services.contracts import cancelled_line, format_summary, knob_values_only, timed_out_line
 from services.launcher import landscape as ls
-from services.launcher.backend import MARKER, Job, LineCallback, RunOutcome
+from services.launcher.backend import Job, LineCallback, RunOutcome
 
 OVERHEAD_S = 25.0  # simulated start-up + evaluation seconds beyond the training budget
 PROGRESS_LINES = 5
@@ -27,8 +27,14 @@ class SimBackend:
     name = "sim"
 
     def __init__(
-        self, slots: int = 1, budget_s: float = 300.0, time_scale: float = 0.002,
-        noise: float = 7e-4, failure_rate: float = 0.5, seed: int = 0, host: str = "sim",
+        self,
+        slots: int = 1,
+        budget_s: float = 300.0,
+        time_scale: float = 0.002,
+        noise: float = 7e-4,
+        failure_rate: float = 0.5,
+        seed: int = 0,
+        host: str = "sim",
     ) -> None:
         self._slots = max(1, slots)
         self.budget_s = budget_s
@@ -45,8 +51,8 @@ class SimBackend:
     def slots(self) -> int:
         return self._slots
 
-    def placement(self, slot: int) -> tuple[str, str]:
-        return self.host, "sim"
+    def placement(self, _slot: int) -> tuple[str, str]:
+        return self.host, "sim"  # every slot is on the one simulated host
 
     def landscape(self, reference: str) -> ls.Landscape:
         found = self._landscapes.get(reference)
@@ -69,19 +75,20 @@ class SimBackend:
             scape = self.landscape(reference)
         except SyntaxError:
             scape = ls.Landscape("", seed=self.seed)
-        return scape.observe(job.source, f"{self.seed}:{job.run_id}", self.noise,
-                             self.failure_rate)
+        return scape.observe(job.source, f"{self.seed}:{job.run_id}", self.noise, self.failure_rate)
 
     async def run(self, job: Job, on_line: LineCallback) -> RunOutcome:
         started = time.time()
         obs = self.observe(job)
-        outcome = RunOutcome(None, started, started, self.name, self.host, "sim")
+        outcome = RunOutcome(None, started, started)
         sim_seconds = _simulated_seconds(obs, self.budget_s, f"{self.seed}:{job.run_id}")
         limit = job.timeout_s
         lines: list[str] = [f"sim: {job.run_id} on {self.host} (profile {job.profile})"]
 
         def emit(line: str) -> None:
             lines.append(line)
+            # Last resort: on_line is the caller's observer; whatever it raises must not
+            # end the simulated run (the local backend guards its calls the same way).
             with contextlib.suppress(Exception):
                 on_line(line)
 
@@ -93,14 +100,14 @@ class SimBackend:
             if job.run_id not in self._cancelled:
                 raise  # our own caller was cancelled, not the run
             outcome.cancelled = True
-            lines.append(f"{MARKER} cancelled: {self._cancelled[job.run_id] or 'by request'}")
+            lines.append(cancelled_line(self._cancelled[job.run_id]))
         finally:
             self._tasks.pop(job.run_id, None)
             self._cancelled.pop(job.run_id, None)
         if not outcome.cancelled:
             if sim_seconds > limit:
                 outcome.timed_out = True
-                lines.append(f"{MARKER} timed out after {limit:.0f}s; the process group was killed")
+                lines.append(timed_out_line(limit))
             else:
                 outcome.exit_code = _finish(job, obs, self.budget_s, lines)
         outcome.log_text = "\n".join(lines) + "\n"
@@ -123,9 +130,11 @@ class SimBackend:
             loss = loss1 + (loss0 - loss1) * (1 - frac) ** 3
             if obs.failure == "diverged" and k == PROGRESS_LINES:
                 loss = float("nan")
-            emit(f"step {step:05d} ({frac * 100:.1f}%) | loss: {loss:.6f} | lrm: 1.00 | "
-                 f"dt: 314ms | tok/sec: {1_668_123 + 1000 * k:,} | mfu: 39.8% | epoch: 1 | "
-                 f"remaining: {max(0.0, self.budget_s * (1 - frac)):.0f}s")
+            emit(
+                f"step {step:05d} ({frac * 100:.1f}%) | loss: {loss:.6f} | lrm: 1.00 | "
+                f"dt: 314ms | tok/sec: {1_668_123 + 1000 * k:,} | mfu: 39.8% | epoch: 1 | "
+                f"remaining: {max(0.0, self.budget_s * (1 - frac)):.0f}s"
+            )
 
     async def cancel(self, run_id: str, reason: str = "") -> None:
         task = self._tasks.get(run_id)
@@ -133,7 +142,7 @@ class SimBackend:
             return
         self._cancelled[run_id] = reason
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(task)
 
 
@@ -177,18 +186,19 @@ def summary_block(source: str, val_bpb: float, budget_s: float) -> list[str]:
     depth = int(constants.get("DEPTH", 8))
     scale = (depth / 8) ** 3
     steps = max(1, int(953 / max(scale, 0.05)))
-    return [
-        "---",
-        f"val_bpb:          {val_bpb:.6f}",
-        f"training_seconds: {budget_s + 0.1:.1f}",
-        f"total_seconds:    {budget_s + OVERHEAD_S + 0.9:.1f}",
-        f"peak_vram_mb:     {45060.2 * max(scale, 0.05):.1f}",
-        "mfu_percent:      39.80",
-        f"total_tokens_M:   {steps * 0.524288:.1f}",
-        f"num_steps:        {steps}",
-        f"num_params_M:     {50.3 * scale:.1f}",
-        f"depth:            {depth}",
-    ]
+    return format_summary(
+        {
+            "val_bpb": f"{val_bpb:.6f}",
+            "training_seconds": f"{budget_s + 0.1:.1f}",
+            "total_seconds": f"{budget_s + OVERHEAD_S + 0.9:.1f}",
+            "peak_vram_mb": f"{45060.2 * max(scale, 0.05):.1f}",
+            "mfu_percent": "39.80",
+            "total_tokens_M": f"{steps * 0.524288:.1f}",
+            "num_steps": str(steps),
+            "num_params_M": f"{50.3 * scale:.1f}",
+            "depth": str(depth),
+        }
+    )
 
 
 def _syntax_traceback(job: Job) -> list[str]:
@@ -196,8 +206,11 @@ def _syntax_traceback(job: Job) -> list[str]:
         compile(job.source, job.edit_file, "exec")
     except (SyntaxError, ValueError) as exc:
         return "".join(traceback.format_exception_only(exc)).rstrip("\n").split("\n")
-    return ["Traceback (most recent call last):", f'  File "{job.edit_file}", line 1',
-            "RuntimeError: simulated crash"]
+    return [
+        "Traceback (most recent call last):",
+        f'  File "{job.edit_file}", line 1',
+        "RuntimeError: simulated crash",
+    ]
 
 
 _OOM_TRACEBACK = [

@@ -104,7 +104,8 @@ def best_source(name: str, conn: Conn) -> Response:
 
 @router.get("/campaigns/{name}/variants")
 def variants(
-    name: str, conn: Conn,
+    name: str,
+    conn: Conn,
     status: VariantStatus | None = None,
     sort: queries.VariantSort = "val_bpb",
     order: queries.SortOrder = "asc",
@@ -112,8 +113,9 @@ def variants(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[dict[str, Any]]:
     _campaign(conn, name)
-    return queries.list_variants(conn, name, status=status, sort=sort, order=order,
-                                 limit=limit, offset=offset)
+    return queries.list_variants(
+        conn, name, status=status, sort=sort, order=order, limit=limit, offset=offset
+    )
 
 
 @router.get("/campaigns/{name}/results.tsv", response_class=PlainTextResponse)

@@ -11,6 +11,7 @@ from services.ledger import queries
 
 REFRESH_S = 5
 _CAMPAIGNS_SHOWN = 5
+NONE_SHOWN = "\N{EN DASH}"  # in a cell with no value
 
 _STYLE = """
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
@@ -23,15 +24,19 @@ border-bottom:1px solid #ddd}th{background:#eee}.num{text-align:right;font-famil
 
 
 def _fmt(value: Any, digits: int = 6) -> str:
-    return "–" if value is None else f"{float(value):.{digits}f}"
+    return NONE_SHOWN if value is None else f"{float(value):.{digits}f}"
 
 
 def _when(ts: Any) -> str:
-    return "–" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts)))
+    return (
+        NONE_SHOWN if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts)))
+    )
 
 
 def render_chart(
-    series: list[tuple[float, float]], history: list[dict[str, Any]], width: int = 640,
+    series: list[tuple[float, float]],
+    history: list[dict[str, Any]],
+    width: int = 640,
     height: int = 220,
 ) -> str:
     """An inline SVG: each ok result as a dot, the best so far as a step line."""
@@ -56,28 +61,34 @@ def render_chart(
     points = [(max(float(h["ts"]), x0), float(h["value"])) for h in history]
     line = ""
     if points:
-        path = f"M{px(points[0][0]):.1f} {py(points[0][1]):.1f}" + "".join(
-            f" H{px(t):.1f} V{py(v):.1f}" for t, v in points[1:]
-        ) + f" H{px(max(x1, points[-1][0])):.1f}"
+        path = (
+            f"M{px(points[0][0]):.1f} {py(points[0][1]):.1f}"
+            + "".join(f" H{px(t):.1f} V{py(v):.1f}" for t, v in points[1:])
+            + f" H{px(max(x1, points[-1][0])):.1f}"
+        )
         line = f'<path d="{path}" fill="none" stroke="#1a7f37" stroke-width="2"/>'
     labels = (
         f'<text x="2" y="{pad - 8}" font-size="11">{y1:.4f}</text>'
         f'<text x="2" y="{height - 8}" font-size="11">{y0:.4f}</text>'
     )
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
-            f"{labels}{dots}{line}</svg>")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
+        f"{labels}{dots}{line}</svg>"
+    )
 
 
 def _summary_table(campaigns: list[dict[str, Any]]) -> str:
     rows = "".join(
         f"<tr><td>{escape(c['name'])}</td><td>{escape(c['status'])}</td>"
         f"<td>{escape(c['metric'])} ({escape(c['direction'])})</td>"
-        f"<td class=num>{c['variants']}</td><td class=mono>{escape(c['best_variant_id'] or '–')}"
+        f"<td class=num>{c['variants']}</td><td class=mono>{escape(c['best_variant_id'] or NONE_SHOWN)}"
         f"</td><td class=num>{_fmt(c['best_value'])}</td><td>{_when(c['started_at'])}</td></tr>"
         for c in campaigns
     )
-    return ("<table><tr><th>campaign</th><th>status</th><th>metric</th><th>variants</th>"
-            f"<th>best</th><th>value</th><th>started</th></tr>{rows}</table>")
+    return (
+        "<table><tr><th>campaign</th><th>status</th><th>metric</th><th>variants</th>"
+        f"<th>best</th><th>value</th><th>started</th></tr>{rows}</table>"
+    )
 
 
 def _results_table(results: list[dict[str, Any]]) -> str:
@@ -88,8 +99,10 @@ def _results_table(results: list[dict[str, Any]]) -> str:
         f"<td>{escape(r['title'] or '')}</td><td>{escape(r['crash_reason'] or '')}</td></tr>"
         for r in results
     )
-    return ("<table><tr><th>evaluated</th><th>run</th><th>result</th><th>value</th>"
-            f"<th>verdict</th><th>title</th><th>crash reason</th></tr>{rows}</table>")
+    return (
+        "<table><tr><th>evaluated</th><th>run</th><th>result</th><th>value</th>"
+        f"<th>verdict</th><th>title</th><th>crash reason</th></tr>{rows}</table>"
+    )
 
 
 def _campaign_section(conn: sqlite3.Connection, name: str) -> str:
@@ -98,10 +111,13 @@ def _campaign_section(conn: sqlite3.Connection, name: str) -> str:
         return ""
     counts = summary["counts"]
     top = summary["best"]
-    best = (f"best <span class=mono>{escape(top['variant_id'])}</span> "
-            f"{escape(summary['metric'])} = <b>{_fmt(top['value'])}</b> "
-            f"({top['runs']} runs) — {escape(top.get('title') or '')}"
-            if top else "no best yet")
+    best = (
+        f"best <span class=mono>{escape(top['variant_id'])}</span> "
+        f"{escape(summary['metric'])} = <b>{_fmt(top['value'])}</b> "
+        f"({top['runs']} runs) — {escape(top.get('title') or '')}"
+        if top
+        else "no best yet"
+    )
     variants = ", ".join(f"{k} {v}" for k, v in sorted(counts["variants"].items()))
     chart = render_chart(queries.metric_series(conn, name), queries.best_history(conn, name))
     return (

@@ -1,9 +1,13 @@
 """The ledger's SQLite schema and connections (WAL, synchronous=NORMAL, foreign keys).
 
 The database is a projection of the event stream: every table can be rebuilt by replaying
-the stream into an empty file. `events_seen` makes every event handler idempotent (an event
-id is applied at most once) and remembers the events each one published (its outbox), so a
-redelivery republishes exactly the same events.
+the stream into an empty file. That is how a ledger on an older schema is upgraded:
+`open_db` moves the old file aside and starts an empty one, and the service, finding it
+empty, replays the whole stream into it. A file on a newer schema is refused.
+
+`events_seen` makes every event handler idempotent (an event id is applied at most once)
+and remembers the events each one published (its outbox), so a redelivery republishes
+exactly the same events.
 
 Rows may arrive out of order (a redelivered message lands after later ones), so run and
 result handlers create placeholder rows for a campaign or variant they have not seen yet,
@@ -12,8 +16,13 @@ and the handlers of the missing events fill them in later.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from services.telemetry import get_logger
 
 SCHEMA_VERSION = 1
 
@@ -179,7 +188,22 @@ CREATE TABLE IF NOT EXISTS proposer_halts (
 
 
 class LedgerError(RuntimeError):
-    """The ledger database cannot be used (wrong file, newer schema)."""
+    """The ledger database cannot be used (not a ledger, a newer schema)."""
+
+
+@dataclass(frozen=True)
+class FoundSchema:
+    """What an existing file holds: its schema version and what it lacks of this build's."""
+
+    version: int | None  # None: an empty file (a new ledger); 0: no version recorded
+    missing: tuple[str, ...] = ()  # tables and `table.column`s of SCHEMA the file lacks
+
+    @property
+    def outdated(self) -> bool:
+        """Older than this build (by its version or by what it lacks): to be rebuilt."""
+        if self.version is None or self.version > SCHEMA_VERSION:
+            return False
+        return self.version < SCHEMA_VERSION or bool(self.missing)
 
 
 def _configure(conn: sqlite3.Connection) -> None:
@@ -189,29 +213,124 @@ def _configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA synchronous = NORMAL")
 
 
+@functools.cache
+def expected_columns() -> dict[str, frozenset[str]]:
+    """Every table of SCHEMA and its columns, read from an in-memory database built by it."""
+    mem = sqlite3.connect(":memory:")
+    try:
+        mem.executescript(SCHEMA)
+        return {table: _columns(mem, table) for table in _tables(mem)}
+    finally:
+        mem.close()
+
+
+def _tables(conn: sqlite3.Connection) -> list[str]:
+    rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+    return [str(row[0]) for row in rows]
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> frozenset[str]:
+    return frozenset(str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})"))
+
+
+def inspect_schema(conn: sqlite3.Connection) -> FoundSchema:
+    """The schema of the file behind `conn`, compared with this build's."""
+    tables = set(_tables(conn))
+    if not tables:
+        return FoundSchema(None)
+    missing: list[str] = []
+    for table, columns in expected_columns().items():
+        if table not in tables:
+            missing.append(table)
+        else:
+            missing.extend(f"{table}.{c}" for c in sorted(columns - _columns(conn, table)))
+    row = None
+    if "meta" in tables:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    try:
+        version = int(row[0]) if row is not None else 0
+    except ValueError:
+        version = 0  # not a version this or any build wrote: as old as no version at all
+    return FoundSchema(version, tuple(missing))
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    _configure(conn)
+    return conn
+
+
+def _inspect_file(path: Path) -> FoundSchema:
+    """Read the schema of the file at `path` (closing it, so its WAL is checkpointed)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        _configure(conn)
+        return inspect_schema(conn)
+    except sqlite3.DatabaseError as exc:  # "file is not a database", a damaged header
+        raise LedgerError(
+            f"{path} is not a ledger ({exc}); point NIGHTSHIFT_LEDGER_DB at another file"
+        ) from exc
+    finally:
+        conn.close()
+
+
+def move_aside(path: Path, version: int) -> Path:
+    """Rename an outdated ledger (and its -wal/-shm files) to `<name>.v<version>-<time>.bak`."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    backup = path.with_name(f"{path.name}.v{version}-{stamp}.bak")
+    n = 1
+    while backup.exists():
+        n += 1
+        backup = path.with_name(f"{path.name}.v{version}-{stamp}-{n}.bak")
+    for suffix in ("-wal", "-shm"):
+        extra = Path(f"{path}{suffix}")
+        if extra.exists():
+            extra.rename(f"{backup}{suffix}")
+    path.rename(backup)
+    return backup
+
+
 def open_db(path: Path | str) -> sqlite3.Connection:
     """Open (creating if needed) the ledger for writing: WAL, synchronous=NORMAL, foreign keys.
 
+    A file on an older schema (an older version, no version, or missing tables or columns)
+    is moved aside and an empty ledger created in its place, for the service to rebuild
+    from the stream; a file on a newer schema raises LedgerError naming both versions.
     The connection is in autocommit mode (`isolation_level=None`); the projection opens
     one explicit transaction per event.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    _configure(conn)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.executescript(SCHEMA)
-    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if row is None:
+    found = _inspect_file(path) if path.exists() else FoundSchema(None)
+    if found.version is not None:
+        if found.version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"{path} has ledger schema {found.version}, newer than schema "
+                f"{SCHEMA_VERSION} that this build understands; upgrade nightshift or point "
+                "NIGHTSHIFT_LEDGER_DB elsewhere"
+            )
+        if found.outdated:
+            backup = move_aside(path, found.version)
+            get_logger(service="ledger").warning(
+                "ledger_schema_outdated",
+                ledger=str(path),
+                found_version=found.version,
+                schema_version=SCHEMA_VERSION,
+                missing=list(found.missing[:20]),
+                backup=str(backup),
+                action="rebuilding from the stream",
+            )
+    conn = _connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(SCHEMA)
         conn.execute(
-            "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
         )
-    elif int(row["value"]) > SCHEMA_VERSION:
+    except BaseException:  # close what was opened (sqlite3.Error, a cancellation), then re-raise
         conn.close()
-        raise LedgerError(
-            f"{path} has ledger schema {row['value']}, newer than this build understands "
-            f"({SCHEMA_VERSION}); upgrade nightshift or point NIGHTSHIFT_LEDGER_DB elsewhere"
-        )
+        raise
     return conn
 
 
@@ -222,7 +341,6 @@ def open_read(path: Path | str) -> sqlite3.Connection:
         raise LedgerError(
             f"no ledger at {path}: start nightshift (`nightshift up`) or set NIGHTSHIFT_LEDGER_DB"
         )
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    _configure(conn)
+    conn = _connect(path)
     conn.execute("PRAGMA query_only = ON")
     return conn

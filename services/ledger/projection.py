@@ -1,49 +1,49 @@
-"""Apply one event to the ledger in one transaction; return the events to publish.
+"""Apply one event to the ledger in one transaction; return the BestUpdated to publish.
 
 `apply_event` is idempotent: an event id is applied once, and applying it again changes
 nothing and returns the same outbox (stored with the event), so a redelivery after a crash
 between commit and publish republishes the same BestUpdated (whose deterministic id lets
 JetStream drop the duplicate).
 
-Events may arrive out of order after a redelivery: run and result handlers create
-placeholder rows for what they reference, later attempts of a run replace earlier ones, and
-an older attempt arriving late is ignored.
+What an event does to the tables is the one function of `services.ledger.apply` for its
+type (like optuna's journal replay, one apply function per operation). `_apply` dispatches
+on the event's type to it: `functools.singledispatch` registers each function under the
+type annotated on its first parameter, so a function cannot be filed under a type it does
+not take.
 """
 
 from __future__ import annotations
 
+import functools
 import sqlite3
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import msgspec
 
-from services import contracts
-from services.contracts import (
-    AnyEvent,
-    BestUpdated,
-    CampaignStarted,
-    CampaignStopped,
-    DeadLettered,
-    Event,
-    ProposerHalted,
-    ResultEvaluated,
-    RunFinished,
-    RunRequested,
-    RunStarted,
-    VariantProposed,
-)
-from services.ledger import keep
-from services.ledger.verdict import decide, event_key
+from services.contracts import BestUpdated, Event
+from services.ledger import apply
+from services.ledger.verdict import event_key
 
-_outbox_decoder: msgspec.json.Decoder[list[AnyEvent]] = msgspec.json.Decoder(list[AnyEvent])
+_outbox_decoder: msgspec.json.Decoder[list[BestUpdated]] = msgspec.json.Decoder(list[BestUpdated])
+
+_apply = functools.singledispatch(apply.record_only)
+for _function in (
+    apply.campaign_started,
+    apply.campaign_stopped,
+    apply.proposer_halted,
+    apply.dead_lettered,
+    apply.variant_proposed,
+    apply.run_requested,
+    apply.run_started,
+    apply.run_finished,
+    apply.result_evaluated,
+):
+    _apply.register(_function)
+_apply.register(BestUpdated, apply.record_only)  # the ledger is the one that publishes it
 
 
-@dataclass(frozen=True)
-class _Ctx:
-    seq: int  # the order in which the ledger applied this event
-    source_text: str | None
-    log_text: str | None
+def projected_types() -> frozenset[type[Event]]:
+    """The event types with an apply function of their own (every stored type)."""
+    return frozenset(t for t in _apply.registry if issubclass(t, Event) and t is not Event)
 
 
 def seen(conn: sqlite3.Connection, event: Event) -> bool:
@@ -53,9 +53,12 @@ def seen(conn: sqlite3.Connection, event: Event) -> bool:
 
 
 def apply_event(
-    conn: sqlite3.Connection, event: Event, *, source_text: str | None = None,
+    conn: sqlite3.Connection,
+    event: Event,
+    *,
+    source_text: str | None = None,
     log_text: str | None = None,
-) -> list[Event]:
+) -> list[BestUpdated]:
     """Apply `event` in one transaction; return the events to publish (its outbox).
 
     `source_text` is the source named by a VariantProposed, `log_text` the full log of a
@@ -72,268 +75,16 @@ def apply_event(
             "INSERT INTO events_seen(event_id, type, campaign, ts) VALUES (?, ?, ?, ?)",
             (key, type(event).__name__, event.campaign, event.ts),
         )
-        ctx = _Ctx(seq=cur.lastrowid or 0, source_text=source_text, log_text=log_text)
-        handler = _HANDLERS.get(type(event))
-        outbox = handler(conn, event, ctx) if handler else []
+        ctx = apply.Ctx(conn, cur.lastrowid or 0, source_text, log_text)
+        outbox = _apply(event, ctx)
         if outbox:
             conn.execute(
                 "UPDATE events_seen SET outbox = ? WHERE event_id = ?",
                 (msgspec.json.encode(outbox).decode(), key),
             )
         conn.execute("COMMIT")
-    except BaseException:
+    except BaseException:  # whatever interrupted the transaction (SQLite, cancellation)
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     return outbox
-
-
-# --- placeholders -----------------------------------------------------------------------
-
-
-def _ensure_campaign(conn: sqlite3.Connection, name: str) -> None:
-    conn.execute("INSERT OR IGNORE INTO campaigns(name) VALUES (?)", (name,))
-
-
-def _ensure_variant(conn: sqlite3.Connection, campaign: str, variant_id: str) -> None:
-    _ensure_campaign(conn, campaign)
-    conn.execute(
-        "INSERT OR IGNORE INTO variants(variant_id, campaign) VALUES (?, ?)", (variant_id, campaign)
-    )
-
-
-def _ensure_run(
-    conn: sqlite3.Connection, campaign: str, variant_id: str, run_id: str, tier: str, replica: int
-) -> int:
-    """Make sure the run exists; return its current attempt (0 for one not started yet)."""
-    _ensure_variant(conn, campaign, variant_id)
-    conn.execute(
-        "INSERT OR IGNORE INTO runs(run_id, campaign, variant_id, tier, replica) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (run_id, campaign, variant_id, tier, replica),
-    )
-    row = conn.execute("SELECT attempt FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-    return int(row["attempt"])
-
-
-# --- campaign events --------------------------------------------------------------------
-
-
-def _campaign_started(conn: sqlite3.Connection, ev: Event, ctx: _Ctx) -> list[Event]:
-    assert isinstance(ev, CampaignStarted)
-    conn.execute(
-        """
-        INSERT INTO campaigns(name, config, metric, direction, keep_rule, edit_file, status,
-                              started_at)
-        VALUES (?, ?, ?, ?, ?, ?, 'running', ?)
-        ON CONFLICT(name) DO UPDATE SET
-            config = excluded.config, metric = excluded.metric,
-            direction = excluded.direction, keep_rule = excluded.keep_rule,
-            edit_file = excluded.edit_file,
-            started_at = COALESCE(campaigns.started_at, excluded.started_at),
-            status = CASE WHEN campaigns.stopped_at > excluded.started_at
-                          THEN campaigns.status ELSE 'running' END,
-            stopped_at = CASE WHEN campaigns.stopped_at > excluded.started_at
-                              THEN campaigns.stopped_at END,
-            stop_reason = CASE WHEN campaigns.stopped_at > excluded.started_at
-                               THEN campaigns.stop_reason END,
-            stop_detail = CASE WHEN campaigns.stopped_at > excluded.started_at
-                               THEN campaigns.stop_detail END
-        """,
-        (ev.campaign, contracts.encode(ev).decode(), ev.metric, ev.direction, ev.keep_rule,
-         ev.edit_file, ev.ts),
-    )
-    return []
-
-
-def _campaign_stopped(conn: sqlite3.Connection, ev: Event, ctx: _Ctx) -> list[Event]:
-    assert isinstance(ev, CampaignStopped)
-    _ensure_campaign(conn, ev.campaign)
-    status = "completed" if ev.reason == "completed" else "stopped"
-    conn.execute(
-        "UPDATE campaigns SET status = ?, stopped_at = ?, stop_reason = ?, stop_detail = ? "
-        "WHERE name = ?",
-        (status, ev.ts, ev.reason, ev.detail, ev.campaign),
-    )
-    return []
-
-
-def _proposer_halted(conn: sqlite3.Connection, ev: Event, ctx: _Ctx) -> list[Event]:
-    assert isinstance(ev, ProposerHalted)
-    _ensure_campaign(conn, ev.campaign)
-    conn.execute(
-        "INSERT OR IGNORE INTO proposer_halts(event_id, campaign, reason, detail, ts) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (event_key(ev), ev.campaign, ev.reason, ev.detail, ev.ts),
-    )
-    conn.execute(
-        "UPDATE campaigns SET halted_reason = ?, halted_detail = ? WHERE name = ?",
-        (ev.reason, ev.detail, ev.campaign),
-    )
-    return []
-
-
-def _dead_lettered(conn: sqlite3.Connection, ev: Event, ctx: _Ctx) -> list[Event]:
-    assert isinstance(ev, DeadLettered)
-    conn.execute(
-        "INSERT OR IGNORE INTO dead_letters(event_id, campaign, subject, stream_seq, consumer, "
-        "error, payload_preview, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (event_key(ev), ev.campaign, ev.subject_name, ev.stream_seq, ev.consumer, ev.error,
-         ev.payload_preview, ev.ts),
-    )
-    return []
-
-
-# --- variants and runs ------------------------------------------------------------------
-
-
-def _variant_proposed(conn: sqlite3.Connection, ev: Event, ctx: _Ctx) -> list[Event]:
-    """Record a proposal; a placeholder is filled in, a duplicate proposal adds its LLM cost."""
-    assert isinstance(ev, VariantProposed)
-    _ensure_campaign(conn, ev.campaign)
-    if ctx.source_text is not None:
-        conn.execute(
-            "INSERT OR IGNORE INTO sources(digest, text) VALUES (?, ?)",
-            (ev.source_digest, ctx.source_text),
-        )
-    cost = ev.llm_cost
-    conn.execute(
-        """
-        INSERT INTO variants(variant_id, campaign, parent_id, source_digest, diff, title,
-            rationale, proposer, wave, proposed_at, llm_model, llm_input_tokens,
-            llm_cache_creation_input_tokens, llm_cache_read_input_tokens, llm_output_tokens,
-            llm_usd)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-        ON CONFLICT(variant_id) DO UPDATE SET
-            parent_id = CASE WHEN proposed_at IS NULL THEN excluded.parent_id ELSE parent_id END,
-            source_digest = COALESCE(source_digest, excluded.source_digest),
-            diff = CASE WHEN proposed_at IS NULL THEN excluded.diff ELSE diff END,
-            title = CASE WHEN proposed_at IS NULL THEN excluded.title ELSE title END,
-            rationale = CASE WHEN proposed_at IS NULL THEN excluded.rationale ELSE rationale END,
-            proposer = CASE WHEN proposed_at IS NULL THEN excluded.proposer ELSE proposer END,
-            wave = CASE WHEN proposed_at IS NULL THEN excluded.wave ELSE wave END,
-            proposed_at = COALESCE(proposed_at, excluded.proposed_at),
-            llm_model = COALESCE(llm_model, excluded.llm_model),
-            llm_input_tokens = llm_input_tokens + excluded.llm_input_tokens,
-            llm_cache_creation_input_tokens =
-                llm_cache_creation_input_tokens + excluded.llm_cache_creation_input_tokens,
-            llm_cache_read_input_tokens =
-                llm_cache_read_input_tokens + excluded.llm_cache_read_input_tokens,
-            llm_output_tokens = llm_output_tokens + excluded.llm_output_tokens,
-            llm_usd = llm_usd + excluded.llm_usd
-        """,
-        (ev.variant_id, ev.campaign, ev.parent_id, ev.source_digest, ev.diff, ev.title,
-         ev.rationale, ev.proposer, ev.wave, ev.ts,
-         cost.model if cost else None, cost.input_tokens if cost else 0.0,
-         cost.cache_creation_input_tokens if cost else 0.0,
-         cost.cache_read_input_tokens if cost else 0.0,
-         cost.output_tokens if cost else 0.0, cost.usd if cost else 0.0),
-    )
-    return []
-
-
-def _run_requested(conn: sqlite3.Connection, ev: Event, ctx: _Ctx) -> list[Event]:
-    assert isinstance(ev, RunRequested)
-    _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
-    conn.execute(
-        "UPDATE runs SET requested_at = COALESCE(requested_at, ?), "
-        "request_reason = COALESCE(request_reason, ?) WHERE run_id = ?",
-        (ev.ts, ev.reason, ev.run_id),
-    )
-    return []
-
-
-_RESET_FINISH = (
-    "finished_at = NULL, exit_code = NULL, timed_out = 0, cancelled = 0, infra_failure = 0, "
-    "infra_reason = '', log_key = NULL, log_tail = NULL"
-)
-
-
-def _run_started(conn: sqlite3.Connection, ev: Event, ctx: _Ctx) -> list[Event]:
-    assert isinstance(ev, RunStarted)
-    current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
-    if ev.attempt < current:
-        return []  # a late message about an attempt that has been superseded
-    if ev.attempt > current:
-        conn.execute(
-            f"UPDATE runs SET state = 'running', {_RESET_FINISH} WHERE run_id = ?", (ev.run_id,)
-        )
-    conn.execute(
-        "UPDATE runs SET attempt = ?, backend = ?, host = ?, accelerator = ?, slot = ?, "
-        "started_at = ?, state = CASE WHEN state = 'requested' THEN 'running' ELSE state END "
-        "WHERE run_id = ?",
-        (ev.attempt, ev.backend, ev.host, ev.accelerator, ev.slot, ev.ts, ev.run_id),
-    )
-    return []
-
-
-def _run_finished(conn: sqlite3.Connection, ev: Event, ctx: _Ctx) -> list[Event]:
-    assert isinstance(ev, RunFinished)
-    current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
-    if ev.attempt < current:
-        return []
-    conn.execute(
-        """
-        UPDATE runs SET attempt = ?, started_at = ?, finished_at = ?, exit_code = ?,
-            timed_out = ?, cancelled = ?, infra_failure = ?, infra_reason = ?, log_key = ?,
-            log_tail = ?,
-            state = CASE WHEN state = 'evaluated' AND attempt = ? THEN 'evaluated'
-                         ELSE 'finished' END
-        WHERE run_id = ?
-        """,
-        (ev.attempt, ev.started_at, ev.finished_at, ev.exit_code, ev.timed_out, ev.cancelled,
-         ev.infra_failure, ev.infra_reason, ev.log_key, ev.log_tail, ev.attempt, ev.run_id),
-    )
-    if ctx.log_text is not None:
-        conn.execute(
-            "INSERT OR REPLACE INTO run_logs(run_id, text) VALUES (?, ?)",
-            (ev.run_id, ctx.log_text),
-        )
-    elif ev.attempt > current:
-        conn.execute("DELETE FROM run_logs WHERE run_id = ?", (ev.run_id,))
-    return []
-
-
-def _result_evaluated(conn: sqlite3.Connection, ev: Event, ctx: _Ctx) -> list[Event]:
-    """Record the result (a later attempt of a run replaces an earlier one), then decide."""
-    assert isinstance(ev, ResultEvaluated)
-    _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
-    row = conn.execute("SELECT attempt FROM results WHERE run_id = ?", (ev.run_id,)).fetchone()
-    if row is not None and int(row["attempt"]) > ev.attempt:
-        return []
-    conn.execute(
-        "INSERT OR REPLACE INTO results(run_id, campaign, variant_id, tier, replica, attempt, "
-        "status, value, metrics, crash_reason, training_seconds, evaluated_at, seq) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (ev.run_id, ev.campaign, ev.variant_id, ev.tier, ev.replica, ev.attempt, ev.status,
-         ev.value if ev.status == "ok" else None, msgspec.json.encode(ev.metrics).decode(),
-         ev.crash_reason, ev.training_seconds, ev.ts, ctx.seq),
-    )
-    conn.execute(
-        "UPDATE runs SET state = 'evaluated', attempt = MAX(attempt, ?) WHERE run_id = ?",
-        (ev.attempt, ev.run_id),
-    )
-    if ev.status != keep.INFRA_STATUS:
-        conn.execute(
-            "UPDATE variants SET evaluated_seq = COALESCE(evaluated_seq, ?) WHERE variant_id = ?",
-            (ctx.seq, ev.variant_id),
-        )
-    return decide(conn, ev)
-
-
-def _ignore(conn: sqlite3.Connection, ev: Event, ctx: _Ctx) -> list[Event]:
-    return []
-
-
-_HANDLERS: dict[type[Event], Callable[[sqlite3.Connection, Event, _Ctx], list[Event]]] = {
-    CampaignStarted: _campaign_started,
-    CampaignStopped: _campaign_stopped,
-    VariantProposed: _variant_proposed,
-    RunRequested: _run_requested,
-    RunStarted: _run_started,
-    RunFinished: _run_finished,
-    ResultEvaluated: _result_evaluated,
-    BestUpdated: _ignore,  # the ledger is the one that publishes it
-    ProposerHalted: _proposer_halted,
-    DeadLettered: _dead_lettered,
-}

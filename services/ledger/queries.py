@@ -69,12 +69,16 @@ def campaign_summary(conn: sqlite3.Connection, name: str) -> dict[str, Any] | No
     out = campaign(conn, name)
     if out is None:
         return None
-    variants = _counts(conn, "SELECT status, COUNT(*) FROM variants WHERE campaign = ? "
-                       "AND proposed_at IS NOT NULL GROUP BY status", name)
-    runs = _counts(conn, "SELECT state, COUNT(*) FROM runs WHERE campaign = ? GROUP BY state",
-                   name)
-    results = _counts(conn, "SELECT status, COUNT(*) FROM results WHERE campaign = ? "
-                      "GROUP BY status", name)
+    variants = _counts(
+        conn,
+        "SELECT status, COUNT(*) FROM variants WHERE campaign = ? "
+        "AND proposed_at IS NOT NULL GROUP BY status",
+        name,
+    )
+    runs = _counts(conn, "SELECT state, COUNT(*) FROM runs WHERE campaign = ? GROUP BY state", name)
+    results = _counts(
+        conn, "SELECT status, COUNT(*) FROM results WHERE campaign = ? GROUP BY status", name
+    )
     llm = conn.execute(
         "SELECT COALESCE(SUM(llm_usd), 0) AS usd, COALESCE(SUM(llm_input_tokens), 0) AS input, "
         "COALESCE(SUM(llm_cache_creation_input_tokens), 0) AS cache_creation, "
@@ -93,9 +97,11 @@ def campaign_summary(conn: sqlite3.Connection, name: str) -> dict[str, Any] | No
         "dead_letters": int(dead.fetchone()[0]),
     }
     out["llm"] = {
-        "usd": llm["usd"], "input_tokens": llm["input"],
+        "usd": llm["usd"],
+        "input_tokens": llm["input"],
         "cache_creation_input_tokens": llm["cache_creation"],
-        "cache_read_input_tokens": llm["cache_read"], "output_tokens": llm["output"],
+        "cache_read_input_tokens": llm["cache_read"],
+        "output_tokens": llm["output"],
     }
     out["best"] = best(conn, name, with_source=False)
     return out
@@ -105,14 +111,19 @@ def best(conn: sqlite3.Connection, name: str, *, with_source: bool = True) -> di
     """The campaign's best variant (with its value, run count and source); None if none yet."""
     row = conn.execute(
         "SELECT best_variant_id, best_value, best_runs, metric, edit_file FROM campaigns "
-        "WHERE name = ?", (name,),
+        "WHERE name = ?",
+        (name,),
     ).fetchone()
     if row is None or row["best_variant_id"] is None:
         return None
     out = variant(conn, row["best_variant_id"]) or {"variant_id": row["best_variant_id"]}
     out.pop("runs", None)
-    out.update(value=row["best_value"], runs=row["best_runs"], metric=row["metric"],
-               edit_file=row["edit_file"])
+    out.update(
+        value=row["best_value"],
+        runs=row["best_runs"],
+        metric=row["metric"],
+        edit_file=row["edit_file"],
+    )
     if with_source:
         out["source"] = variant_source(conn, row["best_variant_id"])
     return out
@@ -121,7 +132,8 @@ def best(conn: sqlite3.Connection, name: str, *, with_source: bool = True) -> di
 def best_history(conn: sqlite3.Connection, name: str) -> list[dict[str, Any]]:
     rows = conn.execute(
         "SELECT variant_id, value, previous_variant_id, previous_value, ts FROM best_history "
-        "WHERE campaign = ? ORDER BY id", (name,),
+        "WHERE campaign = ? ORDER BY id",
+        (name,),
     )
     return [dict(r) for r in rows]
 
@@ -129,7 +141,8 @@ def best_history(conn: sqlite3.Connection, name: str) -> list[dict[str, Any]]:
 def dead_letters(conn: sqlite3.Connection, name: str) -> list[dict[str, Any]]:
     rows = conn.execute(
         "SELECT event_id, subject, stream_seq, consumer, error, payload_preview, ts "
-        "FROM dead_letters WHERE campaign = ? ORDER BY ts", (name,),
+        "FROM dead_letters WHERE campaign = ? ORDER BY ts",
+        (name,),
     )
     return [dict(r) for r in rows]
 
@@ -138,8 +151,13 @@ def dead_letters(conn: sqlite3.Connection, name: str) -> list[dict[str, Any]]:
 
 
 def list_variants(
-    conn: sqlite3.Connection, name: str, status: str | None = None,
-    sort: VariantSort = "val_bpb", order: SortOrder = "asc", limit: int = 100, offset: int = 0,
+    conn: sqlite3.Connection,
+    name: str,
+    status: str | None = None,
+    sort: VariantSort = "val_bpb",
+    order: SortOrder = "asc",
+    limit: int = 100,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Proposed variants of a campaign; `sort=val_bpb` sorts by the metric (unmeasured last)."""
     if sort not in ("val_bpb", "time") or order not in ("asc", "desc"):
@@ -153,8 +171,8 @@ def list_variants(
         where += " AND status = ?"
         params.append(status)
     rows = conn.execute(
-        f"SELECT {_LIST_COLUMNS} FROM variants WHERE {where} ORDER BY {order_by} "
-        "LIMIT ? OFFSET ?", (*params, limit, offset),
+        f"SELECT {_LIST_COLUMNS} FROM variants WHERE {where} ORDER BY {order_by} LIMIT ? OFFSET ?",
+        (*params, limit, offset),
     )
     return [_variant_dict(r) for r in rows]
 
@@ -174,7 +192,8 @@ def variant(conn: sqlite3.Connection, variant_id: str) -> dict[str, Any] | None:
 def variant_source(conn: sqlite3.Connection, variant_id: str) -> str | None:
     row = conn.execute(
         "SELECT s.text FROM variants v JOIN sources s ON s.digest = v.source_digest "
-        "WHERE v.variant_id = ?", (variant_id,),
+        "WHERE v.variant_id = ?",
+        (variant_id,),
     ).fetchone()
     return None if row is None else str(row["text"])
 
@@ -186,7 +205,8 @@ def variant_diff(conn: sqlite3.Connection, variant_id: str) -> str | None:
     """
     row = conn.execute(
         "SELECT v.parent_id, v.diff, c.edit_file FROM variants v "
-        "JOIN campaigns c ON c.name = v.campaign WHERE v.variant_id = ?", (variant_id,),
+        "JOIN campaigns c ON c.name = v.campaign WHERE v.variant_id = ?",
+        (variant_id,),
     ).fetchone()
     if row is None:
         return None
@@ -197,8 +217,10 @@ def variant_diff(conn: sqlite3.Connection, variant_id: str) -> str | None:
         return str(row["diff"] or "") or None
     fromfile = f"{parent_id}/{row['edit_file']}" if parent_id else "/dev/null"
     lines = difflib.unified_diff(
-        parent.splitlines(keepends=True), source.splitlines(keepends=True),
-        fromfile=fromfile, tofile=f"{variant_id}/{row['edit_file']}",
+        parent.splitlines(keepends=True),
+        source.splitlines(keepends=True),
+        fromfile=fromfile,
+        tofile=f"{variant_id}/{row['edit_file']}",
     )
     return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
 
@@ -212,7 +234,8 @@ def lineage(conn: sqlite3.Connection, variant_id: str) -> list[dict[str, Any]] |
         visited.add(current)
         row = conn.execute(
             "SELECT variant_id, parent_id, title, status, value, proposed_at FROM variants "
-            "WHERE variant_id = ?", (current,),
+            "WHERE variant_id = ?",
+            (current,),
         ).fetchone()
         if row is None:
             if not chain:
@@ -246,7 +269,8 @@ def _run_dict(row: sqlite3.Row) -> dict[str, Any]:
 def runs(conn: sqlite3.Connection, variant_id: str) -> list[dict[str, Any]]:
     rows = conn.execute(
         f"SELECT {_RUN_COLUMNS} FROM runs r LEFT JOIN results res ON res.run_id = r.run_id "
-        "WHERE r.variant_id = ? ORDER BY r.tier, r.replica", (variant_id,),
+        "WHERE r.variant_id = ? ORDER BY r.tier, r.replica",
+        (variant_id,),
     )
     return [_run_dict(r) for r in rows]
 
@@ -254,7 +278,8 @@ def runs(conn: sqlite3.Connection, variant_id: str) -> list[dict[str, Any]]:
 def run(conn: sqlite3.Connection, run_id: str) -> dict[str, Any] | None:
     row = conn.execute(
         f"SELECT {_RUN_COLUMNS}, r.log_tail FROM runs r "
-        "LEFT JOIN results res ON res.run_id = r.run_id WHERE r.run_id = ?", (run_id,),
+        "LEFT JOIN results res ON res.run_id = r.run_id WHERE r.run_id = ?",
+        (run_id,),
     ).fetchone()
     return None if row is None else _run_dict(row)
 
@@ -263,7 +288,8 @@ def run_log(conn: sqlite3.Connection, run_id: str) -> str | None:
     """The run's full log, or the tail the launcher sent when the full log is not stored."""
     row = conn.execute(
         "SELECT l.text, r.log_tail FROM runs r LEFT JOIN run_logs l ON l.run_id = r.run_id "
-        "WHERE r.run_id = ?", (run_id,),
+        "WHERE r.run_id = ?",
+        (run_id,),
     ).fetchone()
     if row is None:
         return None
@@ -276,7 +302,8 @@ def recent_results(conn: sqlite3.Connection, name: str, limit: int = 20) -> list
         "SELECT r.run_id, r.variant_id, r.tier, r.replica, r.status, r.value, r.crash_reason, "
         "r.evaluated_at, v.title, v.status AS variant_status FROM results r "
         "JOIN variants v ON v.variant_id = r.variant_id WHERE r.campaign = ? "
-        "ORDER BY r.seq DESC LIMIT ?", (name, limit),
+        "ORDER BY r.seq DESC LIMIT ?",
+        (name, limit),
     )
     return [dict(r) for r in rows]
 
@@ -285,7 +312,8 @@ def metric_series(conn: sqlite3.Connection, name: str) -> list[tuple[float, floa
     """(evaluated_at, value) of every ok result of a campaign, in evaluation order."""
     rows = conn.execute(
         "SELECT evaluated_at, value FROM results WHERE campaign = ? AND status = 'ok' "
-        "AND value IS NOT NULL ORDER BY seq", (name,),
+        "AND value IS NOT NULL ORDER BY seq",
+        (name,),
     )
     return [(float(r[0]), float(r[1])) for r in rows]
 
@@ -315,7 +343,8 @@ def results_tsv(conn: sqlite3.Connection, name: str) -> str | None:
                SUM(r.status != 'infra') AS verdicts
         FROM variants v JOIN results r ON r.variant_id = v.variant_id
         WHERE v.campaign = ? GROUP BY v.variant_id ORDER BY seq, v.variant_id
-        """, (name,),
+        """,
+        (name,),
     )
     lines = [f"commit\t{camp['metric']}\tmemory_gb\tstatus\tdescription"]
     for row in rows:

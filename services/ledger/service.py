@@ -1,4 +1,8 @@
-"""The ledger service: project every stored event into SQLite, publish BestUpdated, serve HTTP."""
+"""The ledger service: project every stored event into SQLite, publish BestUpdated, serve HTTP.
+
+A ledger found empty (a new file, or one on an older schema that `open_db` moved aside)
+resets the durable consumer, so the whole stream is replayed into it.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,15 @@ import asyncio
 import contextlib
 import socket
 import sqlite3
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from typing import TypeVar
 
-import nats.js.errors
 import uvicorn
 
 from services import contracts
-from services.bus import Bus, Delivery
-from services.contracts import AnyEvent, Event, RunFinished, VariantProposed
+from services.bus import Bus, Delivery, Handler
+from services.contracts import Event, RunFinished, VariantProposed
 from services.ledger import queries
 from services.ledger.api import create_app
 from services.ledger.db import open_db
@@ -26,7 +31,20 @@ DURABLE = "ledger"
 CONCURRENCY = 64
 
 # Every event the stream stores (the lossy ones never reach a durable consumer).
-LEDGER_EVENTS: list[type[Event]] = [t for t in contracts.EVENT_TYPES if not t.lossy]
+LEDGER_EVENTS: tuple[type[Event], ...] = tuple(t for t in contracts.EVENT_TYPES if not t.lossy)
+
+EventT = TypeVar("EventT", bound=Event)
+
+
+@dataclass(frozen=True)
+class Objects:
+    """What an event names in the object stores, fetched before it is applied."""
+
+    source_text: str | None = None
+    log_text: str | None = None
+
+
+NO_OBJECTS = Objects()
 
 
 class _Server(uvicorn.Server):
@@ -52,54 +70,82 @@ class Projector:
         self.log = get_logger(service="ledger")
         self._tail: asyncio.Future[None] | None = None
 
-    async def handle(self, event: AnyEvent, delivery: Delivery | None = None) -> None:
+    def handlers(self) -> dict[type[Event], Handler]:
+        """The consumer's mapping: every stored event type; the two that name an object
+        in the object stores have a handler that fetches it."""
+        table: dict[type[Event], Handler] = dict.fromkeys(LEDGER_EVENTS, self.on_event)
+        table[VariantProposed] = self.on_variant_proposed
+        table[RunFinished] = self.on_run_finished
+        return table
+
+    async def on_event(self, event: Event, _: Delivery) -> None:
+        await self._project(event, None)
+
+    async def on_variant_proposed(self, event: VariantProposed, _: Delivery) -> None:
+        await self._project(event, self._source)
+
+    async def on_run_finished(self, event: RunFinished, _: Delivery) -> None:
+        await self._project(event, self._log)
+
+    async def _project(
+        self, event: EventT, fetch: Callable[[EventT], Awaitable[Objects]] | None
+    ) -> None:
+        """Fetch (in parallel with the others in hand), then apply and publish in order."""
         prev, done = self._tail, asyncio.get_running_loop().create_future()
         self._tail = done
         try:
-            source_text, log_text = await self._fetch(event)
+            fetched = NO_OBJECTS
+            if fetch is not None and not seen(self.conn, event):
+                fetched = await fetch(event)
             if prev is not None:
                 await asyncio.shield(prev)
-            outbox = apply_event(self.conn, event, source_text=source_text, log_text=log_text)
-            for out in outbox:
-                await self.bus.publish(out)
-                if isinstance(out, contracts.BestUpdated):
-                    self.log.info("best_updated", campaign=out.campaign,
-                                  variant_id=out.variant_id, value=out.value,
-                                  previous_value=out.previous_value)
+            outbox = apply_event(
+                self.conn, event, source_text=fetched.source_text, log_text=fetched.log_text
+            )
+            for best in outbox:
+                await self.bus.publish(best)
+                self.log.info(
+                    "best_updated",
+                    campaign=best.campaign,
+                    variant_id=best.variant_id,
+                    value=best.value,
+                    previous_value=best.previous_value,
+                )
         finally:
             _release_after(done, prev)
 
-    async def _fetch(self, event: AnyEvent) -> tuple[str | None, str | None]:
-        if seen(self.conn, event):
-            return None, None
-        if isinstance(event, VariantProposed):
-            return await self._source(event), None
-        if isinstance(event, RunFinished) and event.log_key:
-            return None, await self._log(event)
-        return None, None
-
-    async def _source(self, event: VariantProposed) -> str | None:
+    async def _source(self, event: VariantProposed) -> Objects:
         row = self.conn.execute(
             "SELECT 1 FROM sources WHERE digest = ?", (event.source_digest,)
         ).fetchone()
         if row is not None:
-            return None  # already stored
+            return NO_OBJECTS  # already stored
         try:
-            data = await self.bus.get_object(self.bus.sources_bucket, event.source_digest)
-            return data.decode()
+            data = await self.bus.sources.get(event.source_digest)
         except KeyError:
-            self.log.warning("source_missing", campaign=event.campaign,
-                             variant_id=event.variant_id, digest=event.source_digest)
-            return None
+            self.log.warning(
+                "source_missing",
+                campaign=event.campaign,
+                variant_id=event.variant_id,
+                digest=event.source_digest,
+            )
+            return NO_OBJECTS
+        return Objects(source_text=data.decode())
 
-    async def _log(self, event: RunFinished) -> str | None:
+    async def _log(self, event: RunFinished) -> Objects:
+        if not event.log_key:
+            return NO_OBJECTS
         try:
-            data = await self.bus.get_object(self.bus.logs_bucket, event.log_key)
+            data = await self.bus.logs.get(event.log_key)
         except KeyError:
-            self.log.warning("log_missing", campaign=event.campaign, run_id=event.run_id,
-                             log_key=event.log_key)
-            return None
-        return data.decode(errors="replace")
+            self.log.warning(
+                "log_missing",
+                campaign=event.campaign,
+                run_id=event.run_id,
+                log_key=event.log_key,
+            )
+            return NO_OBJECTS
+        return Objects(log_text=data.decode(errors="replace"))
 
 
 def _release_after(done: asyncio.Future[None], prev: asyncio.Future[None] | None) -> None:
@@ -137,14 +183,11 @@ def _url(sock: socket.socket) -> str:
 
 async def _replay_from_start(bus: Bus) -> None:
     """An empty ledger rebuilds from the whole stream: drop a durable that is further along."""
-    try:
-        info = await bus.js.consumer_info(bus.stream, DURABLE)
-    except nats.js.errors.NotFoundError:
+    lag = await bus.consumer_lag(DURABLE)
+    if lag is None or lag.delivered_seq == 0:
         return
-    if info.delivered is not None and (info.delivered.stream_seq or 0) > 0:
-        get_logger(service="ledger").info("ledger_rebuild",
-                                          from_stream_seq=info.delivered.stream_seq)
-        await bus.js.delete_consumer(bus.stream, DURABLE)
+    get_logger(service="ledger").info("ledger_rebuild", from_stream_seq=lag.delivered_seq)
+    await bus.reset_consumer(DURABLE)
 
 
 async def run(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
@@ -153,7 +196,7 @@ async def run(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
     sock = bind_http(settings.http_host, settings.http_port)
     try:
         conn = open_db(path)
-    except BaseException:
+    except BaseException:  # LedgerError (a newer schema), sqlite3.Error: free the port first
         sock.close()
         raise
     server = _Server(uvicorn.Config(create_app(path), log_level="warning", lifespan="off"))
@@ -164,8 +207,8 @@ async def run(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
         log.info("http_listening", url=url, ledger=str(path))
         if queries.events_applied(conn) == 0:
             await _replay_from_start(bus)
-        await bus.consume(DURABLE, LEDGER_EVENTS, Projector(conn, bus).handle,
-                          concurrency=CONCURRENCY, stop=stop)
+        projector = Projector(conn, bus)
+        await bus.consume(DURABLE, projector.handlers(), concurrency=CONCURRENCY, stop=stop)
     finally:
         server.should_exit = True
         try:
@@ -173,7 +216,10 @@ async def run(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
         except TimeoutError:
             server.force_exit = True
         except Exception as exc:
+            # Last resort: whatever the API server died of (uvicorn's own failure, not a
+            # known type) is logged with its address and re-raised; the cleanup below runs.
             log.error("http_failed", url=url, error=repr(exc))
+            raise
         finally:
             sock.close()
             with contextlib.suppress(FileNotFoundError):

@@ -30,7 +30,7 @@ def _ok_values(conn: sqlite3.Connection, variant_id: str) -> list[float]:
     return [float(r["value"]) for r in rows]
 
 
-def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> list[Event]:
+def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> list[BestUpdated]:
     """Update the variant's verdict after a result; return a BestUpdated when it is kept."""
     camp = conn.execute(
         "SELECT direction, keep_rule, best_variant_id, best_value FROM campaigns WHERE name = ?",
@@ -54,8 +54,12 @@ def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> list[Event]:
         return []
     rule_name, rule = keep.rule_for(camp["keep_rule"])
     if not ok:
-        statuses = [r["status"] for r in conn.execute(
-            "SELECT status FROM results WHERE variant_id = ?", (ev.variant_id,))]
+        statuses = [
+            r["status"]
+            for r in conn.execute(
+                "SELECT status FROM results WHERE variant_id = ?", (ev.variant_id,)
+            )
+        ]
         if keep.failure_status(statuses) and var["status"] == "pending":
             _set_status(conn, ev, "crash", None, 0, rule_name, camp)
         return []
@@ -67,8 +71,20 @@ def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> list[Event]:
         if var["status"] != "keep":  # a variant once kept stays `keep` in the history
             _set_status(conn, ev, "discard", value, len(ok), rule_name, camp)
         return []
-    assert value is not None
-    _set_status(conn, ev, "keep", value, len(ok), rule_name, camp)
+    return [_keep(conn, ev, ok, rule_name, camp, var["source_digest"] or "")]
+
+
+def _keep(
+    conn: sqlite3.Connection,
+    ev: ResultEvaluated,
+    ok: list[float],
+    rule: str,
+    camp: sqlite3.Row,
+    source_digest: str,
+) -> BestUpdated:
+    """Make the variant the campaign's best; the BestUpdated to publish."""
+    value, best_id = keep.mean(ok), camp["best_variant_id"]
+    _set_status(conn, ev, "keep", value, len(ok), rule, camp)
     conn.execute(
         "UPDATE campaigns SET best_variant_id = ?, best_value = ?, best_runs = ? WHERE name = ?",
         (ev.variant_id, value, len(ok), ev.campaign),
@@ -78,23 +94,28 @@ def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> list[Event]:
         "previous_value, ts) VALUES (?, ?, ?, ?, ?, ?)",
         (ev.campaign, ev.variant_id, value, best_id, camp["best_value"], ev.ts),
     )
-    return [BestUpdated(
+    return BestUpdated(
         campaign=ev.campaign,
         event_id=contracts.event_id_for("best", ev.campaign, ev.variant_id),
         ts=ev.ts,
         variant_id=ev.variant_id,
-        source_digest=var["source_digest"] or "",
+        source_digest=source_digest,
         value=value,
         runs=len(ok),
         previous_variant_id=best_id,
         previous_value=camp["best_value"],
-        rule=rule_name,
-    )]
+        rule=rule,
+    )
 
 
 def _set_status(
-    conn: sqlite3.Connection, ev: ResultEvaluated, status: str, value: float | None, runs: int,
-    rule: str, camp: sqlite3.Row,
+    conn: sqlite3.Connection,
+    ev: ResultEvaluated,
+    status: str,
+    value: float | None,
+    runs: int,
+    rule: str,
+    camp: sqlite3.Row,
 ) -> None:
     conn.execute(
         "UPDATE variants SET status = ?, decided_at = ? WHERE variant_id = ?",
@@ -104,6 +125,17 @@ def _set_status(
         "INSERT OR REPLACE INTO keep_decisions(event_id, campaign, variant_id, run_id, status, "
         "value, runs, rule, best_before_variant_id, best_before_value, decided_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (event_key(ev), ev.campaign, ev.variant_id, ev.run_id, status, value, runs, rule,
-         camp["best_variant_id"], camp["best_value"], ev.ts),
+        (
+            event_key(ev),
+            ev.campaign,
+            ev.variant_id,
+            ev.run_id,
+            status,
+            value,
+            runs,
+            rule,
+            camp["best_variant_id"],
+            camp["best_value"],
+            ev.ts,
+        ),
     )

@@ -20,23 +20,27 @@ import anthropic
 
 from services.contracts import CampaignStarted, variant_id_for
 from services.proposer.apikey import load_api_key
+from services.proposer.messages import (
+    ClaudeConfig,
+    Round,
+    ToolCaller,
+    error_text,
+    read_round,
+    unavailable_text,
+)
 from services.proposer.pricing import (
     DEFAULT_MODEL,
     NO_FORCED_TOOL_CHOICE,
     Budget,
-    ModelPrice,
+    PriceError,
     Usage,
     parse_price,
     price_for,
-    request_cost,
     split_cost,
 )
 from services.proposer.prompt import (
-    TOOL,
-    TOOL_NAME,
     Candidate,
     malformed_text,
-    parse_variants,
     repair_text,
     repair_turn,
     system_blocks,
@@ -49,31 +53,13 @@ from services.telemetry import get_logger
 
 MAX_EDIT_CHARS = 20_000  # of `new` text per variant: a variant is an edit, not a rewrite
 
+# What building the strategy may raise: a price setting that cannot be read, a key file that
+# cannot be, a client configuration the SDK refuses.
+SETUP_ERRORS: tuple[type[Exception], ...] = (PriceError, OSError, anthropic.AnthropicError)
+
 
 class ClaudeUnavailable(StrategyExhausted):
     """The API refuses this configuration for good (bad key, no access, unknown model)."""
-
-
-@dataclass(frozen=True)
-class ClaudeConfig:
-    model: str = DEFAULT_MODEL
-    budget_usd: float = 0.0  # 0: no cap
-    budget_requests: int = 0  # proposal requests (waves); 0: no cap
-    max_tokens: int = 32_000  # the answer, thinking included
-    effort: str = ""  # output_config.effort; "" = the model's default
-    price: ModelPrice = field(default_factory=lambda: price_for(DEFAULT_MODEL)[0])
-
-
-@dataclass
-class _Round:
-    """One API call of a wave and what came back."""
-
-    content: list[Any]
-    usage: Usage
-    usd: float
-    tool_use_ids: list[str]
-    candidates: list[Candidate]
-    unusable: str  # why the answer could not be used ("" when it could)
 
 
 @dataclass
@@ -92,13 +78,14 @@ class ClaudeStrategy:
 
     name = "claude"
 
-    def __init__(self, client: anthropic.AsyncAnthropic, config: ClaudeConfig, campaign: str) -> None:
-        self._client = client
+    def __init__(
+        self, client: anthropic.AsyncAnthropic, config: ClaudeConfig, campaign: str
+    ) -> None:
         self.config = config
         self.campaign = campaign
-        self._forced = config.model not in NO_FORCED_TOOL_CHOICE
         self._lock = asyncio.Lock()
         self._log = get_logger(campaign=campaign, strategy="claude", model=config.model)
+        self._caller = ToolCaller(client, config, self._log)
         self.requests = 0  # API calls answered (billed), repair rounds included
         self.waves = 0  # proposal requests that reached the model
         self.rejected = 0  # variants rejected by validation, any round
@@ -106,7 +93,6 @@ class ClaudeStrategy:
         self.dropped = 0  # variants that still failed when no repair was left
         self.failed = 0  # calls that failed (errors, timeouts) and unusable answers
         self.spent_usd = 0.0  # by this process
-        self.usage = Usage()
         self.budget = Budget(campaign, config.budget_usd, config.budget_requests)
 
     def __repr__(self) -> str:  # never the client: it holds the key
@@ -114,8 +100,12 @@ class ClaudeStrategy:
 
     def counters(self) -> dict[str, float | int]:
         return {
-            "requests": self.requests, "waves": self.waves, "rejected": self.rejected,
-            "repaired": self.repaired, "dropped": self.dropped, "failed": self.failed,
+            "requests": self.requests,
+            "waves": self.waves,
+            "rejected": self.rejected,
+            "repaired": self.repaired,
+            "dropped": self.dropped,
+            "failed": self.failed,
             "spent_usd": round(self.spent_usd, 6),
         }
 
@@ -132,7 +122,9 @@ class ClaudeStrategy:
 
     async def _propose(self, request: ProposalRequest) -> list[Proposal]:
         system = system_blocks(
-            request.program, metric=request.metric, direction=request.direction,
+            request.program,
+            metric=request.metric,
+            direction=request.direction,
             edit_file=request.edit_file,
         )
         messages: list[dict[str, Any]] = [{"role": "user", "content": user_content(request)}]
@@ -146,8 +138,12 @@ class ClaudeStrategy:
         if (rejected or first.unusable) and wanted > 0:
             messages += [
                 {"role": "assistant", "content": first.content},
-                {"role": "user", "content": repair_turn(first.tool_use_ids, self._repair_text(
-                    first, wave, rejected, wanted))},
+                {
+                    "role": "user",
+                    "content": repair_turn(
+                        first.tool_use_ids, self._repair_text(first, wave, rejected, wanted)
+                    ),
+                },
             ]
             second = await self._call(system, messages, wave, round_no=2)
             if second is None:
@@ -163,12 +159,14 @@ class ClaudeStrategy:
         return self._publish(wave)
 
     @staticmethod
-    def _repair_text(rnd: _Round, wave: _Wave, rejected: list[tuple[str, list[str]]], wanted: int) -> str:
+    def _repair_text(
+        rnd: Round, wave: _Wave, rejected: list[tuple[str, list[str]]], wanted: int
+    ) -> str:
         if rnd.unusable and not rnd.candidates:
             return malformed_text(rnd.unusable, wanted)
         return repair_text([c.title for c, _ in wave.accepted], rejected, wanted)
 
-    def _screen(self, rnd: _Round, wave: _Wave, round_no: int) -> list[tuple[str, list[str]]]:
+    def _screen(self, rnd: Round, wave: _Wave, round_no: int) -> list[tuple[str, list[str]]]:
         """Validate a round's candidates into wave.accepted; return the rejected ones."""
         request = wave.request
         rejected: list[tuple[str, list[str]]] = []
@@ -181,23 +179,35 @@ class ClaudeStrategy:
             if source is None:
                 rejected.append((cand.title, reasons))
                 self.rejected += 1
-                self._log.info("variant_rejected", title=cand.title, reason="; ".join(reasons),
-                               round=round_no, wave=request.wave)
+                self._log.info(
+                    "variant_rejected",
+                    title=cand.title,
+                    reason="; ".join(reasons),
+                    round=round_no,
+                    wave=request.wave,
+                )
                 continue
             wave.accepted.append((cand, source))
         return rejected
 
-    def _check(self, cand: Candidate, wave: _Wave, wave_ids: dict[str, str]) -> tuple[str | None, list[str]]:
+    def _check(
+        self, cand: Candidate, wave: _Wave, wave_ids: dict[str, str]
+    ) -> tuple[str | None, list[str]]:
         if cand.problems:
             return None, cand.problems
         size = sum(len(e.new) for e in cand.edits)
         if size > MAX_EDIT_CHARS:
-            return None, [f"edits add {size} characters, over the {MAX_EDIT_CHARS} limit; "
-                          "make a smaller, focused change"]
+            return None, [
+                f"edits add {size} characters, over the {MAX_EDIT_CHARS} limit; "
+                "make a smaller, focused change"
+            ]
         request = wave.request
         source, reasons = build_variant(
-            request.parent_source, cand.edits, campaign=request.campaign,
-            known_ids=wave.seen - set(wave_ids), max_bytes=MAX_SOURCE_BYTES,
+            request.parent_source,
+            cand.edits,
+            campaign=request.campaign,
+            known_ids=wave.seen - set(wave_ids),
+            max_bytes=MAX_SOURCE_BYTES,
             filename=request.edit_file,
         )
         if source is None:
@@ -214,123 +224,95 @@ class ClaudeStrategy:
         n = len(wave.accepted)
         if n == 0:
             self.budget.unpublished(wave.usd)
-            self._log.warning("claude_wave_empty", wave=request.wave, usd=round(wave.usd, 6),
-                              counters=self.counters())
+            self._log.warning(
+                "claude_wave_empty",
+                wave=request.wave,
+                usd=round(wave.usd, 6),
+                counters=self.counters(),
+            )
             return []
         cost = split_cost(self.config.model, wave.usage, wave.usd, n)
         proposals = [
-            Proposal(title=cand.title, source=source, parent_id=request.parent_id,
-                     rationale=cand.hypothesis, llm_cost=cost)
+            Proposal(
+                title=cand.title,
+                source=source,
+                parent_id=request.parent_id,
+                rationale=cand.hypothesis,
+                llm_cost=cost,
+            )
             for cand, source in wave.accepted
         ]
-        self.budget.published({variant_id_for(request.campaign, p.source) for p in proposals}, cost.usd)
-        self._log.info("claude_wave_done", wave=request.wave, variants=n, asked=request.k,
-                       usd=round(wave.usd, 6), usage=wave.usage.as_dict(), counters=self.counters())
+        self.budget.published(
+            {variant_id_for(request.campaign, p.source) for p in proposals}, cost.usd
+        )
+        self._log.info(
+            "claude_wave_done",
+            wave=request.wave,
+            variants=n,
+            asked=request.k,
+            usd=round(wave.usd, 6),
+            usage=wave.usage.as_dict(),
+            counters=self.counters(),
+        )
         return proposals
 
     # --- the API ----------------------------------------------------------------------
 
     async def _call(
-        self, system: list[dict[str, Any]], messages: list[dict[str, Any]], wave: _Wave,
+        self,
+        system: list[dict[str, Any]],
+        messages: list[dict[str, Any]],
+        wave: _Wave,
         round_no: int,
-    ) -> _Round | None:
+    ) -> Round | None:
         """One Messages API call (the SDK retries 429/5xx/529 and timeouts); None on failure."""
         started = time.monotonic()
         try:
-            message = await self._create(system, messages)
-        except (anthropic.AuthenticationError, anthropic.PermissionDeniedError,
-                anthropic.NotFoundError) as exc:
+            message = await self._caller.create(system, messages)
+        except (
+            anthropic.AuthenticationError,
+            anthropic.PermissionDeniedError,
+            anthropic.NotFoundError,
+        ) as exc:
             self.failed += 1
-            raise ClaudeUnavailable(_unavailable_text(exc, self.config.model)) from exc
+            raise ClaudeUnavailable(unavailable_text(exc, self.config.model)) from exc
         except anthropic.APIStatusError as exc:
             self.failed += 1
-            self._log.warning("claude_request_failed", status=exc.status_code, round=round_no,
-                              error=_error_text(exc), request_id=exc.request_id)
+            self._log.warning(
+                "claude_request_failed",
+                status=exc.status_code,
+                round=round_no,
+                error=error_text(exc),
+                request_id=exc.request_id,
+            )
             return None
         except anthropic.APIConnectionError as exc:  # timeouts included, after the retries
             self.failed += 1
-            self._log.warning("claude_request_failed", status=None, round=round_no,
-                              error=type(exc).__name__, detail=str(exc)[:200])
+            self._log.warning(
+                "claude_request_failed",
+                status=None,
+                round=round_no,
+                error=type(exc).__name__,
+                detail=str(exc)[:200],
+            )
             return None
-        rnd = self._read(message)
+        rnd = read_round(message, self.config)
         self.requests += 1
-        self.usage += rnd.usage
         self.spent_usd += rnd.usd
         wave.usage += rnd.usage
         wave.usd += rnd.usd
-        self._log.info("claude_request_done", round=round_no, wave=wave.request.wave,
-                       stop_reason=message.stop_reason, usage=rnd.usage.as_dict(),
-                       usd=round(rnd.usd, 6), seconds=round(time.monotonic() - started, 2),
-                       candidates=len(rnd.candidates), unusable=rnd.unusable or None)
-        return rnd
-
-    async def _create(self, system: list[dict[str, Any]], messages: list[dict[str, Any]]) -> Any:
-        kwargs: dict[str, Any] = {
-            "model": self.config.model, "max_tokens": self.config.max_tokens,
-            "system": system, "messages": messages, "tools": [TOOL],
-        }
-        if self.config.effort:
-            kwargs["output_config"] = {"effort": self.config.effort}
-        if self._forced:
-            try:
-                return await self._client.messages.create(
-                    **kwargs, tool_choice={"type": "tool", "name": TOOL_NAME})
-            except anthropic.BadRequestError as exc:
-                if "tool_choice" not in _error_text(exc):
-                    raise
-                self._forced = False
-                self._log.warning("claude_forced_tool_choice_refused", error=_error_text(exc))
-        return await self._client.messages.create(**kwargs, tool_choice={"type": "auto"})
-
-    def _read(self, message: Any) -> _Round:
-        u = message.usage
-        usage = Usage(
-            u.input_tokens or 0, u.cache_creation_input_tokens or 0,
-            u.cache_read_input_tokens or 0, u.output_tokens or 0,
+        self._log.info(
+            "claude_request_done",
+            round=round_no,
+            wave=wave.request.wave,
+            stop_reason=message.stop_reason,
+            usage=rnd.usage.as_dict(),
+            usd=round(rnd.usd, 6),
+            seconds=round(time.monotonic() - started, 2),
+            candidates=len(rnd.candidates),
+            unusable=rnd.unusable or None,
         )
-        usd = request_cost(usage, self.config.price)
-        uses = [b for b in message.content if b.type == "tool_use" and b.name == TOOL_NAME]
-        candidates: list[Candidate] = []
-        unusable = ""
-        for block in uses:
-            found, why = parse_variants(block.input)
-            candidates += found
-            unusable = unusable or why
-        if not uses:
-            unusable = f"you did not call {TOOL_NAME} (stop_reason {message.stop_reason})"
-        if message.stop_reason == "max_tokens":
-            unusable = (f"the answer was cut off at the {self.config.max_tokens}-token limit; "
-                        "propose the variants with shorter edits")
-            candidates = []
-        elif candidates:
-            unusable = ""
-        content = [_echo(b) for b in message.content]
-        return _Round(content, usage, usd, [b.id for b in uses], candidates, unusable)
-
-
-def _echo(block: Any) -> Any:
-    """A block of the answer as it goes back in a repair round (a tool input must be an object)."""
-    if block.type == "tool_use" and not isinstance(block.input, dict):
-        return {"type": "tool_use", "id": block.id, "name": block.name,
-                "input": {"unreadable": str(block.input)[:2000]}}
-    return block
-
-
-def _error_text(exc: anthropic.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        err = body["error"]
-        return f"{err.get('type', '')}: {err.get('message', '')}"[:300]
-    return str(exc.message)[:300]
-
-
-def _unavailable_text(exc: anthropic.APIStatusError, model: str) -> str:
-    what = {
-        401: "rejected the API key (401): check ANTHROPIC_API_KEY or the key file",
-        403: "refused access (403): the key's organisation may not use this model or API",
-        404: f"does not know the model {model!r} (404): set NIGHTSHIFT_MODEL to a current one (or fix ANTHROPIC_BASE_URL)",
-    }.get(exc.status_code, f"refused the request ({exc.status_code})")
-    return f"the Anthropic API {what} [{_error_text(exc)}]"
+        return rnd
 
 
 # --- construction ---------------------------------------------------------------------
@@ -347,8 +329,11 @@ def build_claude_strategy(settings: Settings, campaign: CampaignStarted) -> Clau
     price, known = price_for(model, parse_price(price_text) if price_text else None)
     log = get_logger(campaign=campaign.campaign, strategy="claude", model=model)
     if not known:
-        log.warning("claude_model_unpriced", assumed_usd_per_mtok={"input": price.input, "output": price.output},
-                    fix="set NIGHTSHIFT_CLAUDE_PRICE='input,output' ($ per million tokens)")
+        log.warning(
+            "claude_model_unpriced",
+            assumed_usd_per_mtok={"input": price.input, "output": price.output},
+            fix="set NIGHTSHIFT_CLAUDE_PRICE='input,output' ($ per million tokens)",
+        )
     config = ClaudeConfig(
         model=model,
         budget_usd=proposer.budget_usd or settings.budget_usd,
@@ -362,6 +347,10 @@ def build_claude_strategy(settings: Settings, campaign: CampaignStarted) -> Clau
         max_retries=settings.claude_max_retries,
         timeout=settings.claude_timeout_s,
     )
-    log.info("claude_strategy_ready", budget_usd=config.budget_usd,
-             budget_requests=config.budget_requests, forced_tool=model not in NO_FORCED_TOOL_CHOICE)
+    log.info(
+        "claude_strategy_ready",
+        budget_usd=config.budget_usd,
+        budget_requests=config.budget_requests,
+        forced_tool=model not in NO_FORCED_TOOL_CHOICE,
+    )
     return ClaudeStrategy(client, config, campaign.campaign)

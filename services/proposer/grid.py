@@ -45,7 +45,7 @@ _SKIP = re.compile(r"SEED|VERBOSE|DEBUG|PRINT|EVERY|CHECKPOINT|FLOPS")
 _POW2_WORDS = ("BATCH", "HEAD_DIM", "SEQ_LEN", "VOCAB")
 _FRACTION_WORDS = ("RATIO", "FRAC", "DROPOUT")
 _BETA_WORDS = ("BETA", "MOMENTUM")
-_NONNEGATIVE_WORDS = _FRACTION_WORDS + ("DECAY", "LR", "WARMUP", "SMOOTH")
+_NONNEGATIVE_WORDS = (*_FRACTION_WORDS, "DECAY", "LR", "WARMUP", "SMOOTH")
 _WIDTH_SUFFIXES = ("_DIM", "EMBD", "WIDTH")
 _MOVE = re.compile(r"([A-Z][A-Z0-9_]*) (\S+) -> (\S+)")
 
@@ -117,13 +117,17 @@ def _scaled_int(value: int, factor: float) -> int | None:
     return new if new >= 1 else None
 
 
-def step_values(const: Constant, head_dim: int | None, factors: tuple[float, ...],
-                fine: bool) -> list[int | float]:
+def step_values(
+    const: Constant, head_dim: int | None, factors: tuple[float, ...], fine: bool
+) -> list[int | float]:
     """The new values of one constant for one set of step factors (may be fewer)."""
     v, name = const.value, const.name
     out: list[int | float] = []
-    if isinstance(v, int) and (const.written_as_pow2 or any(w in name for w in _POW2_WORDS)) \
-            and _is_pow2(v):
+    if (
+        isinstance(v, int)
+        and (const.written_as_pow2 or any(w in name for w in _POW2_WORDS))
+        and _is_pow2(v)
+    ):
         return [] if fine else [v // 2, v * 2]
     for factor in factors:
         new = _one_step(const, factor, head_dim, fine)
@@ -135,13 +139,18 @@ def step_values(const: Constant, head_dim: int | None, factors: tuple[float, ...
     return out
 
 
-def _one_step(const: Constant, factor: float, head_dim: int | None,
-              fine: bool) -> int | float | None:
+def _one_step(
+    const: Constant, factor: float, head_dim: int | None, fine: bool
+) -> int | float | None:
     v, name = const.value, const.name
     if v > 0:
         if isinstance(v, int):
-            if head_dim and name != "HEAD_DIM" and name.endswith(_WIDTH_SUFFIXES) \
-                    and v % head_dim == 0:
+            if (
+                head_dim
+                and name != "HEAD_DIM"
+                and name.endswith(_WIDTH_SUFFIXES)
+                and v % head_dim == 0
+            ):
                 return max(head_dim, round(v * factor / head_dim) * head_dim)
             return _scaled_int(v, factor)
         if any(w in name for w in _BETA_WORDS) and v < 1:
@@ -195,8 +204,9 @@ def _outcomes(request: ProposalRequest) -> _Outcomes:
     return _Outcomes(gains, winners)
 
 
-def _combinations(consts: dict[str, Constant], outcomes: _Outcomes,
-                  parent_id: str) -> list[tuple[Move, ...]]:
+def _combinations(
+    consts: dict[str, Constant], outcomes: _Outcomes, parent_id: str
+) -> list[tuple[Move, ...]]:
     """Factorial points of the best applicable winners, the most promising first.
 
     A single winner is a point of its own only when it won on another parent (it is then
@@ -211,18 +221,22 @@ def _combinations(consts: dict[str, Constant], outcomes: _Outcomes,
             best[move.name] = (g, move, won_on)
     top = sorted(best.values(), key=lambda w: (-w[0], w[1].name))[:MAX_FACTORS]
     subsets = [
-        combo for size in range(len(top), 0, -1) for combo in itertools.combinations(top, size)
+        combo
+        for size in range(len(top), 0, -1)
+        for combo in itertools.combinations(top, size)
         if size > 1 or combo[0][2] != parent_id
     ]
     subsets.sort(key=lambda combo: -sum(w[0] for w in combo))
     return [tuple(sorted((w[1] for w in combo), key=lambda m: m.name)) for combo in subsets]
 
 
-def _one_factor(consts: list[Constant], outcomes: _Outcomes, busy: set[Move],
-                rng: random.Random) -> list[tuple[Move, ...]]:
+def _one_factor(
+    consts: list[Constant], outcomes: _Outcomes, busy: set[Move], rng: random.Random
+) -> list[tuple[Move, ...]]:
     """Single moves around the parent: untried coarse, untried fine, neutral, losers."""
-    head = next((c.value for c in consts if c.name == "HEAD_DIM" and isinstance(c.value, int)),
-                None)
+    head = next(
+        (c.value for c in consts if c.name == "HEAD_DIM" and isinstance(c.value, int)), None
+    )
     order = list(consts)
     rng.shuffle(order)
     # Untried moves level by level, then neutral ones, then losers.
@@ -247,28 +261,38 @@ def _pairwise(consts: list[Constant], rng: random.Random) -> list[tuple[Move, ..
     a 2x2 screen over every pair of constants keeps it busy with points that also measure
     interactions, until a new best re-centres the grid.
     """
-    head = next((c.value for c in consts if c.name == "HEAD_DIM" and isinstance(c.value, int)),
-                None)
-    singles = [Move(c.name, c.text, format_value(c, v))
-               for c in consts for v in step_values(c, head, COARSE, False)]
-    pairs = [tuple(sorted((a, b), key=lambda m: m.name))
-             for i, a in enumerate(singles) for b in singles[i + 1:] if a.name != b.name]
+    head = next(
+        (c.value for c in consts if c.name == "HEAD_DIM" and isinstance(c.value, int)), None
+    )
+    singles = [
+        Move(c.name, c.text, format_value(c, v))
+        for c in consts
+        for v in step_values(c, head, COARSE, False)
+    ]
+    pairs = [
+        tuple(sorted((a, b), key=lambda m: m.name))
+        for i, a in enumerate(singles)
+        for b in singles[i + 1 :]
+        if a.name != b.name
+    ]
     rng.shuffle(pairs)
     return pairs
 
 
-def _rationale(moves: tuple[Move, ...], kind: str, request: ProposalRequest,
-               outcomes: _Outcomes) -> str:
+def _rationale(
+    moves: tuple[Move, ...], kind: str, request: ProposalRequest, outcomes: _Outcomes
+) -> str:
     where = f"the current best ({request.parent_id}"
     where += f", {request.metric} {request.best_value:.6f})" if request.best_value else ")"
     if kind == "screen":
-        return (f"two-factor screening point around {where}: "
-                + " and ".join(m.label for m in moves))
+        return f"two-factor screening point around {where}: " + " and ".join(m.label for m in moves)
     if kind == "combination":
         won = {m: g for g, m, _ in outcomes.winners}
         parts = ", ".join(f"{m.label} (better by {won.get(m, 0.0):.4g})" for m in moves)
-        return (f"factorial combination on {where} of moves that each beat their parent by "
-                f"more than the noise floor {request.noise_floor:.2g}: {parts}")
+        return (
+            f"factorial combination on {where} of moves that each beat their parent by "
+            f"more than the noise floor {request.noise_floor:.2g}: {parts}"
+        )
     move = moves[0]
     return f"one-factor step of {move.name} from {move.old} to {move.new} around {where}"
 
@@ -311,10 +335,14 @@ class GridStrategy:
             if source == request.parent_source or variant_id in known:
                 continue
             known.add(variant_id)
-            proposals.append(Proposal(
-                title=title_of(moves), source=source, parent_id=request.parent_id,
-                rationale=_rationale(moves, kind, request, outcomes),
-            ))
+            proposals.append(
+                Proposal(
+                    title=title_of(moves),
+                    source=source,
+                    parent_id=request.parent_id,
+                    rationale=_rationale(moves, kind, request, outcomes),
+                )
+            )
         if not proposals and not request.in_flight_titles and request.k > 0:
             raise StrategyExhausted(
                 f"every grid point around {request.parent_id} has been tried "

@@ -51,8 +51,12 @@ _SONNET_5_5 = _p(2.0, 10.0, 2.50, 0.10)  # cache read cut from $0.20 on 2026-10-
 _SONNET_5 = _p(2.0, 10.0, 2.50, 0.20)
 _SONNET_4 = _p(3.0, 15.0, 3.75, 0.30)
 _HAIKU_5_5 = ModelPrice(
-    0.10, 0.50, 0.125, 0.01,
-    long_prompt_threshold=100_000, long_prompt=_p(0.50, 2.50, 0.625, 0.05),
+    0.10,
+    0.50,
+    0.125,
+    0.01,
+    long_prompt_threshold=100_000,
+    long_prompt=_p(0.50, 2.50, 0.625, 0.05),
 )
 _HAIKU_4_5 = _p(1.0, 5.0, 1.25, 0.10)
 
@@ -86,14 +90,16 @@ UNKNOWN_MODEL_PRICE = _FABLE_5_1
 # Models that answer a forced tool_choice ({"type": "tool"} or "any") with a 400: the
 # strategy asks them with tool_choice "auto" and an explicit instruction instead (and
 # learns the same at run time from such a 400 for models not listed here).
-NO_FORCED_TOOL_CHOICE = frozenset({
-    "claude-sonnet-5-5",
-    "claude-opus-5-5",
-    "claude-fable-5-1",
-    "claude-mythos-5-1",
-    "claude-fable-5-2",
-    "claude-mythos-5-2",
-})
+NO_FORCED_TOOL_CHOICE = frozenset(
+    {
+        "claude-sonnet-5-5",
+        "claude-opus-5-5",
+        "claude-fable-5-1",
+        "claude-mythos-5-1",
+        "claude-fable-5-2",
+        "claude-mythos-5-2",
+    }
+)
 
 
 class PriceError(ValueError):
@@ -105,7 +111,9 @@ def parse_price(text: str) -> ModelPrice:
     try:
         values = [float(part) for part in text.replace("/", ",").split(",") if part.strip()]
     except ValueError as exc:
-        raise PriceError(f"NIGHTSHIFT_CLAUDE_PRICE must be numbers like '3,15', got {text!r}") from exc
+        raise PriceError(
+            f"NIGHTSHIFT_CLAUDE_PRICE must be numbers like '3,15', got {text!r}"
+        ) from exc
     if len(values) == 2:
         return ModelPrice.standard(values[0], values[1])
     if len(values) == 4:
@@ -200,8 +208,10 @@ class Budget:
     def spent(self, spent_usd: float, requests_made: int, known_ids: Set[str]) -> tuple[float, int]:
         pending_usd = sum(usd for vid, usd in self.returned.items() if vid not in known_ids)
         pending_waves = sum(1 for ids in self.returned_waves if not ids & known_ids)
-        return (spent_usd + pending_usd + self.unattributed_usd,
-                requests_made + pending_waves + self.unattributed_waves)
+        return (
+            spent_usd + pending_usd + self.unattributed_usd,
+            requests_made + pending_waves + self.unattributed_waves,
+        )
 
     def check(self, spent_usd: float, requests_made: int, known_ids: Set[str]) -> None:
         """Raise BudgetExhausted when either cap is reached."""

@@ -22,7 +22,7 @@ TABLE_RECENT = 10  # rows of the most recent results shown
 TITLE_WIDTH = 72
 REASON_WIDTH = 100
 
-# Markers the test server (tests/fake_anthropic.py) also reads.
+# Markers the test server also reads (tests/anthropic_requests.py).
 PARENT_OPEN = "<parent_source>"
 PARENT_CLOSE = "</parent_source>"
 
@@ -110,16 +110,20 @@ the evaluation or the time budget, do not change or add the printing of the summ
 Answer only by calling the tool `{tool}` once, with exactly the number of variants asked for."""
 
 
-def system_blocks(program: str, *, metric: str, direction: str, edit_file: str) -> list[dict[str, Any]]:
+def system_blocks(
+    program: str, *, metric: str, direction: str, edit_file: str
+) -> list[dict[str, Any]]:
     """The rules, then program.md; the last block carries the cache mark."""
     better = "lower" if direction == "minimize" else "higher"
     rules = _RULES.format(edit_file=edit_file, metric=metric, better=better, tool=TOOL_NAME)
     blocks: list[dict[str, Any]] = [{"type": "text", "text": rules}]
     if program.strip():
-        blocks.append({
-            "type": "text",
-            "text": f"The campaign's research program (program.md):\n\n{program.strip()}\n",
-        })
+        blocks.append(
+            {
+                "type": "text",
+                "text": f"The campaign's research program (program.md):\n\n{program.strip()}\n",
+            }
+        )
     blocks[-1]["cache_control"] = CACHE
     return blocks
 
@@ -158,8 +162,11 @@ def _row(row: ResultRow, best: float | None) -> str:
 
 
 def results_table(
-    results: list[ResultRow], best: float | None, direction: str,
-    n_best: int = TABLE_BEST, n_recent: int = TABLE_RECENT,
+    results: list[ResultRow],
+    best: float | None,
+    direction: str,
+    n_best: int = TABLE_BEST,
+    n_recent: int = TABLE_RECENT,
 ) -> str:
     """The best n_best ok results and the n_recent most recent ones, as compact rows."""
     if not results:
@@ -191,27 +198,31 @@ def state_text(request: ProposalRequest) -> str:
     better = "lower" if request.direction == "minimize" else "higher"
     failed = sum(1 for r in request.results if r.status != "ok")
     fleet = ", ".join(f"{tier}={n}" for tier, n in sorted(request.free_slots.items())) or "unknown"
-    in_flight = "\n".join(f"- {_clip(t, TITLE_WIDTH)}" for t in request.in_flight_titles) or "(none)"
-    return "\n".join([
-        f"Campaign state, wave {request.wave}:",
-        f"- metric: {request.metric} ({better} is better); best so far: {_fmt(request.best_value)}",
-        f"- the parent above: {_parent_note(request)}",
-        f"- noise floor: {request.noise_floor:.6f} (run-to-run spread of {request.metric}; a "
-        "smaller difference is not a result)",
-        f"- experiments finished: {len(request.results)} ({failed} failed); "
-        f"in flight: {len(request.in_flight_titles)}",
-        f"- free GPU slots per tier: {fleet}",
-        "",
-        "Δ best = value - best so far.",
-        results_table(request.results, request.best_value, request.direction),
-        "",
-        "In flight (proposed, not finished; do not repeat these):",
-        in_flight,
-        "",
-        f"Wave size K: {request.k}",
-        f"Propose exactly {request.k} variants of the parent, designed together as one wave, "
-        f"by calling {TOOL_NAME}.",
-    ])
+    in_flight = (
+        "\n".join(f"- {_clip(t, TITLE_WIDTH)}" for t in request.in_flight_titles) or "(none)"
+    )
+    return "\n".join(
+        [
+            f"Campaign state, wave {request.wave}:",
+            f"- metric: {request.metric} ({better} is better); best so far: {_fmt(request.best_value)}",
+            f"- the parent above: {_parent_note(request)}",
+            f"- noise floor: {request.noise_floor:.6f} (run-to-run spread of {request.metric}; a "
+            "smaller difference is not a result)",
+            f"- experiments finished: {len(request.results)} ({failed} failed); "
+            f"in flight: {len(request.in_flight_titles)}",
+            f"- free GPU slots per tier: {fleet}",
+            "",
+            "Δ best = value - best so far.",
+            results_table(request.results, request.best_value, request.direction),
+            "",
+            "In flight (proposed, not finished; do not repeat these):",
+            in_flight,
+            "",
+            f"Wave size K: {request.k}",
+            f"Propose exactly {request.k} variants of the parent, designed together as one wave, "
+            f"by calling {TOOL_NAME}.",
+        ]
+    )
 
 
 def repair_text(accepted: list[str], rejected: list[tuple[str, list[str]]], wanted: int) -> str:
@@ -236,8 +247,12 @@ def repair_turn(tool_use_ids: list[str], text: str) -> list[dict[str, Any]]:
     if not tool_use_ids:
         return [{"type": "text", "text": text}]
     return [
-        {"type": "tool_result", "tool_use_id": tid, "is_error": True,
-         "content": text if i == 0 else "See the first result."}
+        {
+            "type": "tool_result",
+            "tool_use_id": tid,
+            "is_error": True,
+            "content": text if i == 0 else "See the first result.",
+        }
         for i, tid in enumerate(tool_use_ids)
     ]
 
@@ -288,7 +303,11 @@ def _candidate(i: int, item: object) -> Candidate:
     edits: list[Edit] = []
     problems: list[str] = []
     for j, edit in enumerate(raw, start=1):
-        if isinstance(edit, dict) and isinstance(edit.get("old"), str) and isinstance(edit.get("new"), str):
+        if (
+            isinstance(edit, dict)
+            and isinstance(edit.get("old"), str)
+            and isinstance(edit.get("new"), str)
+        ):
             edits.append(Edit(edit["old"], edit["new"]))
         else:
             problems.append(f"edit {j} is not an object with string `old` and `new`")

@@ -10,13 +10,15 @@ arithmetic built on both.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.contracts import (
-    AnyEvent,
     BestUpdated,
     CampaignStarted,
     CampaignStopped,
+    Event,
     FleetStatus,
     ProposerHalted,
     ResultEvaluated,
@@ -33,9 +35,6 @@ class Variant:
     title: str
     parent_id: str | None
     wave: int
-    proposed_at: float
-    source_digest: str
-    proposer: str
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,6 @@ class CampaignState:
     config: CampaignStarted
     generation: int = 1  # how many times the campaign was (re)started
     stopped: bool = False
-    stop_reason: str = ""
     halted: bool = False
     halt_reason: str = ""
     variants: dict[str, Variant] = field(default_factory=dict)  # in proposal order
@@ -97,8 +95,11 @@ class CampaignState:
             return None
         variant = self.variants.get(variant_id)
         primary = _primary(list(runs.values()))
-        ok = [r.value for r in runs.values()
-              if r.status == "ok" and r.value is not None and r.tier == primary.tier]
+        ok = [
+            r.value
+            for r in runs.values()
+            if r.status == "ok" and r.value is not None and r.tier == primary.tier
+        ]
         return ResultRow(
             variant_id=variant_id,
             title=variant.title if variant else "",
@@ -137,42 +138,39 @@ def _primary(runs: list[ResultEvaluated]) -> ResultEvaluated:
 
 
 class History:
-    """Every campaign's state, built from the events in any order and any number of times."""
+    """Every campaign's state, built from the events in any order and any number of times.
+
+    One method per event type; each returns the campaign it changed (None if it changed
+    nothing). `folds()` maps each followed type to its method.
+    """
 
     def __init__(self) -> None:
         self.campaigns: dict[str, CampaignState] = {}
         self._seen: set[tuple[str, str, float]] = set()
 
-    def apply(self, event: AnyEvent) -> CampaignState | None:
-        """Fold one event in; return the campaign it changed (None if it changed nothing)."""
-        if isinstance(event, CampaignStarted | CampaignStopped | ProposerHalted):
-            key = (type(event).__name__, event.event_id, event.ts)
-            if key in self._seen:
-                return None
-            self._seen.add(key)
-        if isinstance(event, CampaignStarted):
-            return self._started(event)
-        state = self.campaigns.get(event.campaign)
-        if state is None:
-            return None
-        if isinstance(event, CampaignStopped):
-            state.stopped, state.stop_reason = True, event.reason
-        elif isinstance(event, ProposerHalted):
-            state.halted, state.halt_reason = True, event.reason
-        elif isinstance(event, VariantProposed):
-            _proposed(state, event)
-        elif isinstance(event, ResultEvaluated):
-            state.results.setdefault(event.variant_id, {})[(event.run_id, event.attempt)] = event
-            state.last_change = max(state.last_change, event.ts)
-        elif isinstance(event, BestUpdated):
-            if state.best is None or event.ts >= state.best.ts:
-                state.best = Best(event.variant_id, event.source_digest, event.value, event.ts)
-            state.last_change = max(state.last_change, event.ts)
-        else:
-            return None
-        return state
+    def folds(self) -> dict[type[Event], Callable[[Any], CampaignState | None]]:
+        """The event types the proposer follows, each with the method that folds it in."""
+        return {
+            CampaignStarted: self.apply_campaign_started,
+            CampaignStopped: self.apply_campaign_stopped,
+            ProposerHalted: self.apply_proposer_halted,
+            VariantProposed: self.apply_variant_proposed,
+            ResultEvaluated: self.apply_result_evaluated,
+            BestUpdated: self.apply_best_updated,
+        }
 
-    def _started(self, event: CampaignStarted) -> CampaignState:
+    def _first_time(self, event: CampaignStarted | CampaignStopped | ProposerHalted) -> bool:
+        """Whether a (re)start, stop or halt is new: each may happen again, later, as a new
+        event; the same event seen twice (fast path and replay) counts once."""
+        key = (event.tag(), event.event_id, event.ts)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+    def apply_campaign_started(self, event: CampaignStarted) -> CampaignState | None:
+        if not self._first_time(event):
+            return None
         state = self.campaigns.get(event.campaign)
         if state is None:
             state = self.campaigns[event.campaign] = CampaignState(config=event)
@@ -181,23 +179,55 @@ class History:
         state.config = event
         state.generation += 1
         state.stopped = state.halted = False
-        state.stop_reason = state.halt_reason = ""
+        state.halt_reason = ""
+        return state
+
+    def apply_campaign_stopped(self, event: CampaignStopped) -> CampaignState | None:
+        state = self.campaigns.get(event.campaign)
+        if state is None or not self._first_time(event):
+            return None
+        state.stopped = True
+        return state
+
+    def apply_proposer_halted(self, event: ProposerHalted) -> CampaignState | None:
+        state = self.campaigns.get(event.campaign)
+        if state is None or not self._first_time(event):
+            return None
+        state.halted, state.halt_reason = True, event.reason
+        return state
+
+    def apply_variant_proposed(self, event: VariantProposed) -> CampaignState | None:
+        state = self.campaigns.get(event.campaign)
+        if state is None:
+            return None
+        if event.variant_id not in state.variants:
+            state.variants[event.variant_id] = Variant(
+                event.variant_id, event.title, event.parent_id, event.wave
+            )
+            if event.llm_cost is not None:
+                state.llm_usd[event.variant_id] = event.llm_cost.usd
+                state.llm_waves.add(event.wave)
+        return state
+
+    def apply_result_evaluated(self, event: ResultEvaluated) -> CampaignState | None:
+        state = self.campaigns.get(event.campaign)
+        if state is None:
+            return None
+        state.results.setdefault(event.variant_id, {})[(event.run_id, event.attempt)] = event
+        state.last_change = max(state.last_change, event.ts)
+        return state
+
+    def apply_best_updated(self, event: BestUpdated) -> CampaignState | None:
+        state = self.campaigns.get(event.campaign)
+        if state is None:
+            return None
+        if state.best is None or event.ts >= state.best.ts:
+            state.best = Best(event.variant_id, event.source_digest, event.value, event.ts)
+        state.last_change = max(state.last_change, event.ts)
         return state
 
     def running(self) -> list[CampaignState]:
         return [s for s in self.campaigns.values() if s.running]
-
-
-def _proposed(state: CampaignState, event: VariantProposed) -> None:
-    if event.variant_id in state.variants:
-        return
-    state.variants[event.variant_id] = Variant(
-        event.variant_id, event.title, event.parent_id, event.wave, event.ts,
-        event.source_digest, event.proposer,
-    )
-    if event.llm_cost is not None:
-        state.llm_usd[event.variant_id] = event.llm_cost.usd
-        state.llm_waves.add(event.wave)
 
 
 class Fleet:
@@ -258,6 +288,8 @@ def completion(state: CampaignState) -> str | None:
     if limit > 0 and len(state.variants) >= limit:
         return f"all {len(state.variants)} experiments proposed and evaluated (max {limit})"
     if state.halted:
-        return (f"the proposer halted ({state.halt_reason}) and all {len(state.variants)} "
-                "experiments are evaluated")
+        return (
+            f"the proposer halted ({state.halt_reason}) and all {len(state.variants)} "
+            "experiments are evaluated"
+        )
     return None

@@ -11,13 +11,10 @@ import difflib
 import re
 from dataclasses import dataclass
 
-from services.contracts import knob_values_only, normalize_source, variant_id_for
+from services.contracts import MEASURED_KEYS, knob_values_only, normalize_source, variant_id_for
 
 MAX_SOURCE_BYTES = 200_000
 
-# Keys of the summary block: only the harness (through train.py's own final print of the
-# measured values) may print them; a variant that prints a literal one is faking a result.
-SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb")
 HARNESS_NAMES = ("evaluate_bpb",)
 
 
@@ -76,8 +73,9 @@ def validate_source(
         return [f"does not compile: {exc.msg} at line {exc.lineno}"]
     if variant_id_for(campaign, source) in known_ids:
         return ["duplicate of a variant already proposed in this campaign"]
-    statements = tree.body if parent_source is None else _changed_statements(
-        tree, source, parent_source)
+    statements = (
+        tree.body if parent_source is None else _changed_statements(tree, source, parent_source)
+    )
     reasons = [r for stmt in statements for r in _harness_violations(stmt)]
     if parent_source is not None:
         reasons.extend(_summary_print_change(source, parent_source))
@@ -87,19 +85,25 @@ def validate_source(
 def _changed_statements(tree: ast.Module, source: str, parent_source: str) -> list[ast.stmt]:
     """Top-level statements of `tree` that differ from the parent's text."""
     matcher = difflib.SequenceMatcher(
-        None, parent_source.splitlines(), source.splitlines(), autojunk=False)
+        None, parent_source.splitlines(), source.splitlines(), autojunk=False
+    )
     changed: set[int] = set()
     for tag, _, _, j1, j2 in matcher.get_opcodes():
         if tag == "equal":
             continue
         # 1-based lines of the new source; a deletion marks the lines around its place.
         changed.update(range(j1 + 1, j2 + 1) if j2 > j1 else (j1, j1 + 1))
-    return [stmt for stmt in tree.body
-            if any(stmt.lineno <= line <= (stmt.end_lineno or stmt.lineno) for line in changed)]
+    return [
+        stmt
+        for stmt in tree.body
+        if any(stmt.lineno <= line <= (stmt.end_lineno or stmt.lineno) for line in changed)
+    ]
 
 
-# A string literal that starts with a summary key: where the block is printed.
-_SUMMARY_SITE = re.compile(r"""[rbfuRBFU]{0,2}(?:'|")\s*(?:""" + "|".join(SUMMARY_KEYS) + "):")
+# A string literal that starts with a measured key of the summary block (only the harness,
+# through train.py's own final print of the measured values, may print them): where the
+# block is printed.
+_SUMMARY_SITE = re.compile(r"""[rbfuRBFU]{0,2}(?:'|")\s*(?:""" + "|".join(MEASURED_KEYS) + "):")
 
 
 def _summary_sites(source: str) -> int:
@@ -111,12 +115,15 @@ def _summary_print_change(source: str, parent_source: str) -> list[str]:
     parent_sites = _summary_sites(parent_source)
     sites = _summary_sites(source)
     if sites > parent_sites:
-        return [f"prints summary keys in {sites} places where its parent has {parent_sites}; "
-                "the summary block is the harness's"]
+        return [
+            f"prints summary keys in {sites} places where its parent has {parent_sites}; "
+            "the summary block is the harness's"
+        ]
     return []
 
 
-_LITERAL_RESULT = re.compile(r"^\s*(" + "|".join(SUMMARY_KEYS) + r"):\s*[-+]?\d")
+# A literal measured value: a variant that prints one is faking a result.
+_LITERAL_RESULT = re.compile(r"^\s*(" + "|".join(MEASURED_KEYS) + r"):\s*[-+]?\d")
 
 
 def _harness_violations(tree: ast.AST) -> list[str]:
@@ -142,8 +149,10 @@ def _harness_violations(tree: ast.AST) -> list[str]:
 
 def _file_access_violations(call: ast.Call) -> list[str]:
     """open()/Path() of an absolute path or one leaving the run directory."""
-    name = call.func.id if isinstance(call.func, ast.Name) else (
-        call.func.attr if isinstance(call.func, ast.Attribute) else ""
+    name = (
+        call.func.id
+        if isinstance(call.func, ast.Name)
+        else (call.func.attr if isinstance(call.func, ast.Attribute) else "")
     )
     if name not in ("open", "Path", "read_text", "read_bytes", "listdir", "scandir"):
         return []
@@ -175,7 +184,11 @@ def build_variant(
     if normalize_source(source) == normalize_source(parent_source):
         return None, ["the edits leave the parent unchanged"]
     reasons = validate_source(
-        source, campaign=campaign, known_ids=known_ids, max_bytes=max_bytes,
-        filename=filename, parent_source=parent_source,
+        source,
+        campaign=campaign,
+        known_ids=known_ids,
+        max_bytes=max_bytes,
+        filename=filename,
+        parent_source=parent_source,
     )
     return (None, reasons) if reasons else (source, [])

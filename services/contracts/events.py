@@ -2,17 +2,15 @@
 
 Events are msgspec Structs encoded as JSON (readable with `nats sub`). Each carries a
 `schema` version, a deterministic `event_id` (sent as `Nats-Msg-Id`, so JetStream drops
-duplicates), the `campaign` it belongs to and a timestamp `ts`. Each class names its
-subject suffix; the prefix (default `ns`) is a setting.
+duplicates), the `campaign` it belongs to and a timestamp `ts`. An event's
+subject is `<prefix>.<its tag>`; the prefix (default `ns`) is a setting.
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import re
 import time
-from collections.abc import Callable, Iterator
+import typing
 from typing import Any, ClassVar, Literal
 
 import msgspec
@@ -24,10 +22,6 @@ STREAM = "NIGHTSHIFT"
 SOURCES_BUCKET = "sources"
 LOGS_BUCKET = "logs"
 CAMPAIGNS_BUCKET = "campaigns"  # KV: campaign name -> encoded CampaignStarted
-
-# The trainer prints one line per step in this form (see trainer/train.py); the launcher
-# turns it into RunProgress events.
-PROGRESS_LINE = re.compile(r"^step (\d+) \(([\d.]+)%\) \| loss: ([-+\w.]+) .*?tok/sec: ([\d,]+)")
 
 # Statuses of a result. `ok` is the only one with a trustworthy metric.
 Status = Literal["ok", "crash", "timeout", "diverged", "oom", "infra"]
@@ -41,7 +35,6 @@ class ContractError(ValueError):
 class Event(msgspec.Struct, kw_only=True, tag_field="type", frozen=True):
     """Fields every event carries."""
 
-    subject_suffix: ClassVar[str] = ""
     # Lossy events go over core NATS (not stored in the stream).
     lossy: ClassVar[bool] = False
 
@@ -50,8 +43,19 @@ class Event(msgspec.Struct, kw_only=True, tag_field="type", frozen=True):
     schema: int = SCHEMA_VERSION
     ts: float = msgspec.field(default_factory=time.time)
 
+    @classmethod
+    def tag(cls) -> str:
+        """The event's type on the wire, which is also its subject after the prefix."""
+        return str(cls.__struct_config__.tag)
+
+    @classmethod
+    def subject_filter(cls, prefix: str = "ns") -> str:
+        """The subject (or wildcard) a subscriber of this type listens on."""
+        return f"{prefix}.{cls.tag()}"
+
     def subject(self, prefix: str = "ns") -> str:
-        return f"{prefix}.{self.subject_suffix}"
+        """The subject this event is published on."""
+        return f"{prefix}.{self.tag()}"
 
 
 class LlmCost(msgspec.Struct, kw_only=True, frozen=True):
@@ -75,8 +79,6 @@ class ProposerConfig(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class CampaignStarted(Event, tag="campaign.started", kw_only=True, frozen=True):
-    subject_suffix: ClassVar[str] = "campaign.started"
-
     seed_digest: str  # key of the seed source in the `sources` object store
     harness_key: str  # key of a tar of the trainer directory (all but edit_file) in `sources`
     trainer_dir: str = "trainer"
@@ -92,15 +94,11 @@ class CampaignStarted(Event, tag="campaign.started", kw_only=True, frozen=True):
 
 
 class CampaignStopped(Event, tag="campaign.stopped", kw_only=True, frozen=True):
-    subject_suffix: ClassVar[str] = "campaign.stopped"
-
     reason: str  # "stopped" (by a user), "completed" (max experiments reached), ...
     detail: str = ""
 
 
 class VariantProposed(Event, tag="variant.proposed", kw_only=True, frozen=True):
-    subject_suffix: ClassVar[str] = "variant.proposed"
-
     variant_id: str
     parent_id: str | None
     source_digest: str
@@ -113,8 +111,6 @@ class VariantProposed(Event, tag="variant.proposed", kw_only=True, frozen=True):
 
 
 class RunRequested(Event, tag="run.requested", kw_only=True, frozen=True):
-    subject_suffix: ClassVar[str] = "run.requested"
-
     run_id: str
     variant_id: str
     source_digest: str
@@ -124,8 +120,6 @@ class RunRequested(Event, tag="run.requested", kw_only=True, frozen=True):
 
 
 class RunStarted(Event, tag="run.started", kw_only=True, frozen=True):
-    subject_suffix: ClassVar[str] = "run.started"
-
     run_id: str
     variant_id: str
     backend: str
@@ -138,7 +132,6 @@ class RunStarted(Event, tag="run.started", kw_only=True, frozen=True):
 
 
 class RunProgress(Event, tag="run.progress", kw_only=True, frozen=True):
-    subject_suffix: ClassVar[str] = "run.progress"
     lossy: ClassVar[bool] = True
 
     run_id: str
@@ -148,13 +141,15 @@ class RunProgress(Event, tag="run.progress", kw_only=True, frozen=True):
     train_loss: float
     tok_per_s: float
 
+    @classmethod
+    def subject_filter(cls, prefix: str = "ns") -> str:
+        return f"{prefix}.{cls.tag()}.>"
+
     def subject(self, prefix: str = "ns") -> str:
-        return f"{prefix}.run.progress.{self.run_id}"
+        return f"{prefix}.{self.tag()}.{self.run_id}"
 
 
 class RunFinished(Event, tag="run.finished", kw_only=True, frozen=True):
-    subject_suffix: ClassVar[str] = "run.finished"
-
     run_id: str
     variant_id: str
     tier: str
@@ -172,7 +167,6 @@ class RunFinished(Event, tag="run.finished", kw_only=True, frozen=True):
 
 
 class RunCancel(Event, tag="run.cancel", kw_only=True, frozen=True):
-    subject_suffix: ClassVar[str] = "run.cancel"
     lossy: ClassVar[bool] = True
 
     run_id: str  # "*" cancels every run of the campaign
@@ -180,8 +174,6 @@ class RunCancel(Event, tag="run.cancel", kw_only=True, frozen=True):
 
 
 class ResultEvaluated(Event, tag="result.evaluated", kw_only=True, frozen=True):
-    subject_suffix: ClassVar[str] = "result.evaluated"
-
     run_id: str
     variant_id: str
     tier: str
@@ -196,8 +188,6 @@ class ResultEvaluated(Event, tag="result.evaluated", kw_only=True, frozen=True):
 
 
 class BestUpdated(Event, tag="best.updated", kw_only=True, frozen=True):
-    subject_suffix: ClassVar[str] = "best.updated"
-
     variant_id: str
     source_digest: str
     value: float  # mean of the metric over the variant's ok runs
@@ -208,7 +198,6 @@ class BestUpdated(Event, tag="best.updated", kw_only=True, frozen=True):
 
 
 class FleetStatus(Event, tag="fleet.status", kw_only=True, frozen=True):
-    subject_suffix: ClassVar[str] = "fleet.status"
     lossy: ClassVar[bool] = True
 
     launcher_id: str
@@ -220,16 +209,12 @@ class FleetStatus(Event, tag="fleet.status", kw_only=True, frozen=True):
 class ProposerHalted(Event, tag="proposer.halted", kw_only=True, frozen=True):
     """The proposer stopped proposing for a campaign (budget reached, strategy exhausted)."""
 
-    subject_suffix: ClassVar[str] = "proposer.halted"
-
     reason: str
     detail: str = ""
 
 
 class DeadLettered(Event, tag="deadletter", kw_only=True, frozen=True):
     """A message that can never be handled, recorded before it is terminated."""
-
-    subject_suffix: ClassVar[str] = "deadletter"
 
     subject_name: str
     stream_seq: int
@@ -254,21 +239,7 @@ AnyEvent = (
     | DeadLettered
 )
 
-EVENT_TYPES: tuple[type[Event], ...] = (
-    CampaignStarted,
-    CampaignStopped,
-    VariantProposed,
-    RunRequested,
-    RunStarted,
-    RunProgress,
-    RunFinished,
-    RunCancel,
-    ResultEvaluated,
-    BestUpdated,
-    FleetStatus,
-    ProposerHalted,
-    DeadLettered,
-)
+EVENT_TYPES: tuple[type[Event], ...] = typing.get_args(AnyEvent)
 
 _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyEvent)
@@ -294,88 +265,7 @@ def decode(data: bytes) -> AnyEvent:
 
 def stream_subjects(prefix: str = "ns") -> list[str]:
     """Subjects stored in the stream: every event that is not lossy."""
-    return [f"{prefix}.{cls.subject_suffix}" for cls in EVENT_TYPES if not cls.lossy]
-
-
-# --- the trainer's knobs -----------------------------------------------------------------
-
-_KNOB_OPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b,
-    ast.Pow: lambda a, b: a**b,
-}
-
-
-def knob_value(node: ast.expr) -> int | float | None:
-    """The value of a knob's right-hand side: a numeric literal or a small arithmetic of
-    literals (`0.04`, `-1e-3`, `2**19`); None for anything else.
-
-    The trainer contract (DESIGN §5) puts the knobs at the top of train.py as UPPER_CASE
-    constants; the grid strategy rewrites them and the sim landscape scores them.
-    """
-    if isinstance(node, ast.Constant):
-        if isinstance(node.value, bool) or not isinstance(node.value, int | float):
-            return None
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        inner = knob_value(node.operand)
-        if inner is None:
-            return None
-        return -inner if isinstance(node.op, ast.USub) else inner
-    if isinstance(node, ast.BinOp) and type(node.op) in _KNOB_OPS:
-        left, right = knob_value(node.left), knob_value(node.right)
-        if left is None or right is None or (isinstance(node.op, ast.Pow) and abs(right) > 64):
-            return None
-        try:
-            value: int | float = _KNOB_OPS[type(node.op)](left, right)
-        except (ZeroDivisionError, OverflowError):
-            return None
-        return value
-    return None
-
-
-KNOB_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
-
-
-def knob_assignments(tree: ast.Module) -> Iterator[tuple[ast.Name, ast.expr]]:
-    """(name, value) of each single-target UPPER_CASE assignment at the top of a module,
-    before its first def or class: where the knobs live."""
-    for stmt in tree.body:
-        if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            return
-        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
-            target, value = stmt.targets[0], stmt.value
-        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
-            target, value = stmt.target, stmt.value
-        else:
-            continue
-        if isinstance(target, ast.Name) and KNOB_NAME.fullmatch(target.id):
-            yield target, value
-
-
-# A top-level knob line: `NAME = number` (or 2**k), an optional comment.
-_KNOB_LINE = re.compile(
-    r"([A-Z][A-Z0-9_]*)(\s*=\s*)([-+]?(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][-+]?\d+)?"
-    r"(?:\s*\*\*\s*\d+)?)(\s*(?:#.*)?)"
-)
-
-
-def knob_values_only(source: str, parent_source: str) -> bool:
-    """True when `source` is its parent with only the numbers of knob lines changed."""
-    lines, parent_lines = source.splitlines(), parent_source.splitlines()
-    if len(lines) != len(parent_lines):
-        return False
-    changed = 0
-    for new, old in zip(lines, parent_lines, strict=True):
-        if new == old:
-            continue
-        changed += 1
-        a, b = _KNOB_LINE.fullmatch(new), _KNOB_LINE.fullmatch(old)
-        if a is None or b is None or a.group(1) != b.group(1):
-            return False
-    return changed > 0
+    return [cls.subject_filter(prefix) for cls in EVENT_TYPES if not cls.lossy]
 
 
 # --- identity -------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""Object stores (sources, logs) and the campaigns KV, each declared once, its handle cached.
+
+Resolving a bucket (`js.object_store(name)`) costs a `stream_info` round trip; a store
+keeps the handle it declared and reuses it for every get and put. Large bytes never travel
+in events: sources are keyed by digest, logs by run id, and events carry the key.
+
+nats-py's `ObjectStore.get` creates (and deletes) an ordered consumer for every object,
+about 8 ms per call here; a source or a short log is one chunk, so `get` reads it with two
+direct message gets (the object's meta, then its single chunk) and falls back to the store
+read for anything else (several chunks, a link).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from services import contracts
+from services.bus.errors import BROKER_AWAY, while_broker_away
+from services.contracts import CampaignStarted, ContractError
+
+
+def bucket_name(prefix: str, name: str) -> str:
+    return name if prefix == "ns" else f"{prefix}_{name}"
+
+
+class ObjectBucket:
+    """One object store bucket, declared on first use and its handle kept."""
+
+    def __init__(self, js: JetStreamContext, name: str) -> None:
+        self.js = js
+        self.name = name
+        self._store: ObjectStore | None = None
+
+    async def declare(self) -> ObjectStore:
+        if self._store is None:
+            try:
+                self._store = await self.js.object_store(self.name)
+            except nats.js.errors.BucketNotFoundError:
+                self._store = await self.js.create_object_store(
+                    self.name, api.ObjectStoreConfig(bucket=self.name, storage=api.StorageType.FILE)
+                )
+        return self._store
+
+    async def put(self, key: str, data: bytes) -> None:
+        async def put() -> None:
+            store = await self.declare()
+            await store.put(key, data)
+
+        await while_broker_away(put, what=f"put {self.name}/{key}")
+
+    async def get(self, key: str) -> bytes:
+        """Bytes of an object; KeyError if it does not exist."""
+        try:
+            small = await self._read_small(key)
+        except BROKER_AWAY:
+            small = None  # the store read below retries while the broker is away
+        if small is not None:
+            return small
+
+        async def get() -> bytes:
+            store = await self.declare()
+            try:
+                result = await store.get(key)
+            except nats.js.errors.ObjectNotFoundError as exc:
+                raise KeyError(f"{self.name}/{key}") from exc
+            return bytes(result.data or b"")
+
+        return await while_broker_away(get, what=f"get {self.name}/{key}")
+
+    async def _read_small(self, key: str) -> bytes | None:
+        """The object's bytes when it is a plain one-chunk object; None to take the slow path."""
+        stream = f"OBJ_{self.name}"
+        meta_subject = f"$O.{self.name}.M.{base64.urlsafe_b64encode(key.encode()).decode()}"
+        try:
+            meta_msg = await self.js.get_last_msg(stream, meta_subject)
+        except nats.js.errors.NotFoundError as exc:
+            raise KeyError(f"{self.name}/{key}") from exc
+        meta = json.loads(meta_msg.data or b"{}")
+        if meta.get("deleted"):
+            raise KeyError(f"{self.name}/{key}")
+        if (meta.get("options") or {}).get("link") or int(meta.get("chunks") or 0) > 1:
+            return None
+        if int(meta.get("size") or 0) == 0:
+            return b""
+        chunk = await self.js.get_last_msg(stream, f"$O.{self.name}.C.{meta['nuid']}")
+        data = bytes(chunk.data or b"")
+        digest = str(meta.get("digest") or "")
+        if len(data) != int(meta["size"]) or (
+            digest.upper().startswith("SHA-256=")
+            and (base64.urlsafe_b64decode(digest[8:]) != hashlib.sha256(data).digest())
+        ):
+            return None
+        return data
+
+
+class CampaignRegistry:
+    """The campaigns KV: each campaign's CampaignStarted, and whether it was stopped.
+
+    Keys: `campaign.<name>` holds the encoded CampaignStarted; `stopped.<name>` exists while
+    the campaign is stopped (its value is the reason). Names are checked by the CLI to be
+    letters, digits, '-' and '_', so they are valid KV keys.
+    """
+
+    def __init__(self, js: JetStreamContext, bucket: str) -> None:
+        self.js = js
+        self.bucket = bucket
+        self._kv: KeyValue | None = None
+
+    async def declare(self) -> KeyValue:
+        if self._kv is None:
+            try:
+                self._kv = await self.js.key_value(self.bucket)
+            except nats.js.errors.BucketNotFoundError:
+                self._kv = await self.js.create_key_value(
+                    api.KeyValueConfig(bucket=self.bucket, storage=api.StorageType.FILE)
+                )
+        return self._kv
+
+    async def save(self, event: CampaignStarted) -> None:
+        await self._put(f"campaign.{event.campaign}", contracts.encode(event))
+
+    async def load(self, name: str) -> CampaignStarted | None:
+        raw = await self._get(f"campaign.{name}")
+        if raw is None:
+            return None
+        try:
+            event = contracts.decode(raw)
+        except ContractError:
+            return None
+        return event if isinstance(event, CampaignStarted) else None
+
+    async def mark_stopped(self, name: str, reason: str) -> None:
+        await self._put(f"stopped.{name}", reason.encode())
+
+    async def is_stopped(self, name: str) -> bool:
+        return await self._get(f"stopped.{name}") is not None
+
+    async def clear_stopped(self, name: str) -> None:
+        async def delete() -> None:
+            kv = await self.declare()
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                await kv.delete(f"stopped.{name}")
+
+        await while_broker_away(delete, what=f"kv delete stopped.{name}")
+
+    async def _put(self, key: str, value: bytes) -> None:
+        async def put() -> None:
+            kv = await self.declare()
+            await kv.put(key, value)
+
+        await while_broker_away(put, what=f"kv put {key}")
+
+    async def _get(self, key: str) -> bytes | None:
+        async def get() -> bytes | None:
+            kv = await self.declare()
+            try:
+                entry = await kv.get(key)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                return None
+            return entry.value
+
+        return await while_broker_away(get, what=f"kv get {key}")

@@ -1,0 +1,272 @@
+"""The runs a launcher consumes: which run an event asks for, running it on the backend,
+and reporting what happened.
+
+VariantProposed runs replica 0 on the campaign's first tier; RunRequested runs the named
+replica on the named tier; work for another tier or a stopped campaign is acked and
+skipped. Each run publishes RunStarted, throttled RunProgress (lossy), its log to the
+`logs` bucket, and RunFinished. An infrastructure failure is published and then raised as
+transient, so JetStream redelivers the work (a new attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from services import contracts as c
+from services.bus import Bus, Delivery, TransientError
+from services.launcher.backend import Backend, Job, LineCallback, RunOutcome, log_tail
+from services.launcher.harness import HarnessCache, HarnessError
+from services.telemetry import get_logger
+
+PROGRESS_INTERVAL_S = 1.0
+MAX_LOG_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one consumed event asks of this launcher."""
+
+    campaign: c.CampaignStarted
+    variant_id: str
+    source_digest: str
+    tier: str
+    replica: int
+    run_id: str
+
+
+class Background:
+    """Fire-and-forget tasks (progress publishes, cancels), cancelled when the service ends."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+class Launcher:
+    """The consumer's handlers, and the runs in hand on this launcher's slots."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        backend: Backend,
+        harness: HarnessCache,
+        *,
+        launcher_id: str,
+        tier: str,
+        log_tail_lines: int,
+    ) -> None:
+        self.bus = bus
+        self.backend = backend
+        self.harness = harness
+        self.launcher_id = launcher_id
+        self.tier = tier
+        self.log_tail_lines = log_tail_lines
+        self.log = get_logger(component="launcher", launcher_id=launcher_id)
+        self.running: dict[str, str] = {}  # run_id -> campaign
+        self.free_slots = list(range(backend.slots))
+        self.references: dict[str, str] = {}  # campaign -> its seed source (sim only)
+        self.stopping = False  # set on shutdown: runs in hand are handed back, not reported
+        self.background = Background()
+
+    # --- handlers -------------------------------------------------------------------------
+
+    async def on_variant_proposed(self, event: c.VariantProposed, delivery: Delivery) -> None:
+        campaign = await self.load_campaign(event.campaign)
+        tier = (campaign.tiers or ["default"])[0]
+        run_id = c.run_id_for(event.variant_id, tier, 0)
+        work = Work(campaign, event.variant_id, event.source_digest, tier, 0, run_id)
+        await self.take(work, delivery.num_delivered)
+
+    async def on_run_requested(self, event: c.RunRequested, delivery: Delivery) -> None:
+        campaign = await self.load_campaign(event.campaign)
+        work = Work(
+            campaign, event.variant_id, event.source_digest, event.tier, event.replica, event.run_id
+        )
+        await self.take(work, delivery.num_delivered)
+
+    async def load_campaign(self, name: str) -> c.CampaignStarted:
+        if self.stopping:  # fetched while stopping: hand it back at once
+            raise TransientError(f"launcher {self.launcher_id} is stopping")
+        campaign = await self.bus.campaigns.load(name)
+        if campaign is None:
+            raise TransientError(f"campaign {name!r} is not in the campaigns KV yet")
+        return campaign
+
+    async def take(self, work: Work, attempt: int) -> None:
+        """Run the work on a free slot, unless it is another tier's or its campaign stopped."""
+        if work.tier != self.tier:
+            return
+        log = self.log.bind(
+            campaign=work.campaign.campaign, variant_id=work.variant_id, run_id=work.run_id
+        )
+        if await self.bus.campaigns.is_stopped(work.campaign.campaign):
+            log.info("run_skipped", reason="campaign stopped")
+            return
+        if work.run_id in self.running:
+            log.info("run_already_running")
+            return
+        if not self.free_slots:
+            raise TransientError(f"run {work.run_id}: no free slot on {self.launcher_id}")
+        slot = self.free_slots.pop(0)
+        self.running[work.run_id] = work.campaign.campaign
+        try:
+            await self.execute(work, attempt, slot, log)
+        finally:
+            self.running.pop(work.run_id, None)
+            self.free_slots.append(slot)
+
+    # --- one run --------------------------------------------------------------------------
+
+    async def execute(self, work: Work, attempt: int, slot: int, log: Any) -> None:
+        try:
+            job = await self.fetch_job(work, slot)
+        except (KeyError, HarnessError) as exc:
+            now = time.time()
+            reason = missing_reason(work, exc)
+            outcome = RunOutcome(None, now, now, infra_failure=True, infra_reason=reason)
+            await self.report(work, attempt, outcome)
+            raise TransientError(f"run {work.run_id}: {outcome.infra_reason}") from exc
+        await self.publish_started(work, attempt, slot)
+        log.info("run_started", attempt=attempt, slot=slot)
+        outcome = await self.backend.run(job, self.progress_reporter(job))
+        if outcome.cancelled and self.stopping:
+            raise TransientError(f"run {work.run_id}: launcher stopping; it will run again")
+        await self.report(work, attempt, outcome)
+        log.info(
+            "run_finished",
+            exit_code=outcome.exit_code,
+            timed_out=outcome.timed_out,
+            cancelled=outcome.cancelled,
+            infra_failure=outcome.infra_failure,
+            seconds=round(outcome.finished_at - outcome.started_at, 3),
+        )
+        if outcome.infra_failure:
+            raise TransientError(
+                f"run {work.run_id}: infrastructure failure: {outcome.infra_reason}"
+            )
+
+    async def fetch_job(self, work: Work, slot: int) -> Job:
+        """The job with its source, harness and reference; KeyError or HarnessError if gone."""
+        camp = work.campaign
+        source = await self.bus.get_source(work.source_digest)
+        harness_dir = await self.harness.get(camp.harness_key)
+        reference = await self.load_reference(camp)
+        return Job(
+            run_id=work.run_id,
+            variant_id=work.variant_id,
+            campaign=camp.campaign,
+            replica=work.replica,
+            source=source,
+            harness_dir=harness_dir,
+            edit_file=camp.edit_file,
+            profile=camp.profile,
+            timeout_s=camp.run_timeout_s,
+            reference_source=reference,
+            slot=slot,
+        )
+
+    async def load_reference(self, campaign: c.CampaignStarted) -> str | None:
+        """The campaign's seed source (the sim landscape's reference), cached."""
+        if self.backend.name != "sim":
+            return None
+        if campaign.campaign not in self.references:
+            self.references[campaign.campaign] = await self.bus.get_source(campaign.seed_digest)
+        return self.references[campaign.campaign]
+
+    async def publish_started(self, work: Work, attempt: int, slot: int) -> None:
+        camp = work.campaign.campaign
+        host, accelerator = self.backend.placement(slot)
+        await self.bus.publish(
+            c.RunStarted(
+                campaign=camp,
+                event_id=c.event_id_for("started", camp, work.run_id, attempt),
+                run_id=work.run_id,
+                variant_id=work.variant_id,
+                backend=self.backend.name,
+                host=host,
+                accelerator=accelerator,
+                tier=work.tier,
+                replica=work.replica,
+                attempt=attempt,
+                slot=slot,
+            )
+        )
+
+    async def report(self, work: Work, attempt: int, outcome: RunOutcome) -> None:
+        """Put the log in the logs bucket, then publish RunFinished."""
+        text = outcome.read_log()
+        data = text.encode()
+        if len(data) > MAX_LOG_BYTES:
+            data = f"{c.truncated_line()}\n".encode() + data[-MAX_LOG_BYTES:]
+        await self.bus.logs.put(work.run_id, data)
+        camp = work.campaign.campaign
+        await self.bus.publish(
+            c.RunFinished(
+                campaign=camp,
+                event_id=c.event_id_for("finished", camp, work.run_id, attempt),
+                run_id=work.run_id,
+                variant_id=work.variant_id,
+                tier=work.tier,
+                replica=work.replica,
+                attempt=attempt,
+                exit_code=outcome.exit_code,
+                started_at=outcome.started_at,
+                finished_at=outcome.finished_at,
+                log_key=work.run_id,
+                log_tail=log_tail(text, self.log_tail_lines),
+                timed_out=outcome.timed_out,
+                cancelled=outcome.cancelled,
+                infra_failure=outcome.infra_failure,
+                infra_reason=outcome.infra_reason,
+            )
+        )
+
+    def progress_reporter(self, job: Job) -> LineCallback:
+        """on_line for a run: publish its progress at most once per PROGRESS_INTERVAL_S."""
+        last_sent = [0.0]
+
+        def on_line(line: str) -> None:
+            progress = c.parse_progress(line)
+            now = time.monotonic()
+            if progress is None or now - last_sent[0] < PROGRESS_INTERVAL_S:
+                return
+            if not math.isfinite(progress.train_loss):
+                return  # NaN does not survive JSON; the evaluator reports the divergence
+            last_sent[0] = now
+            self.background.spawn(
+                self.bus.publish(
+                    c.RunProgress(
+                        campaign=job.campaign,
+                        run_id=job.run_id,
+                        variant_id=job.variant_id,
+                        step=progress.step,
+                        fraction=progress.fraction,
+                        train_loss=progress.train_loss,
+                        tok_per_s=progress.tok_per_s,
+                    )
+                )
+            )
+
+        return on_line
+
+
+def missing_reason(work: Work, exc: KeyError | HarnessError) -> str:
+    if isinstance(exc, KeyError):
+        return (
+            f"an object of variant {work.variant_id} is missing from the object store "
+            f"({exc}); was the campaign's bucket purged?"
+        )
+    return str(exc)

@@ -1,0 +1,338 @@
+"""What each stored event does to the ledger's tables: one function per event type.
+
+Shaped like optuna's journal storage replay (`_apply_create_study`, `_apply_create_trial`,
+...): each function takes its concrete event type and the `Ctx` of the transaction
+`projection.apply_event` opened, and returns the events to publish (a BestUpdated when a
+result makes a new best). `projection` registers each on its dispatcher by the type in
+its signature.
+
+Events may arrive out of order after a redelivery: run and result functions create
+placeholder rows for what they reference, later attempts of a run replace earlier ones, and
+an older attempt arriving late is ignored.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+import msgspec
+
+from services import contracts
+from services.contracts import (
+    BestUpdated,
+    CampaignStarted,
+    CampaignStopped,
+    DeadLettered,
+    Event,
+    ProposerHalted,
+    ResultEvaluated,
+    RunFinished,
+    RunRequested,
+    RunStarted,
+    VariantProposed,
+)
+from services.ledger import keep
+from services.ledger.verdict import decide, event_key
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """The transaction an event is applied in, and what the service fetched for it."""
+
+    conn: sqlite3.Connection
+    seq: int  # the order in which the ledger applied this event
+    source_text: str | None = None  # the source a VariantProposed names
+    log_text: str | None = None  # the full log of a RunFinished
+
+
+def record_only(_ev: Event, _ctx: Ctx) -> list[BestUpdated]:
+    """An event with nothing to project: `events_seen` records it, and that is all.
+
+    The BestUpdated the ledger itself publishes comes back this way.
+    """
+    return []
+
+
+# --- placeholders -----------------------------------------------------------------------
+
+
+def _ensure_campaign(conn: sqlite3.Connection, name: str) -> None:
+    conn.execute("INSERT OR IGNORE INTO campaigns(name) VALUES (?)", (name,))
+
+
+def _ensure_variant(conn: sqlite3.Connection, campaign: str, variant_id: str) -> None:
+    _ensure_campaign(conn, campaign)
+    conn.execute(
+        "INSERT OR IGNORE INTO variants(variant_id, campaign) VALUES (?, ?)", (variant_id, campaign)
+    )
+
+
+def _ensure_run(
+    conn: sqlite3.Connection, campaign: str, variant_id: str, run_id: str, tier: str, replica: int
+) -> int:
+    """Make sure the run exists; return its current attempt (0 for one not started yet)."""
+    _ensure_variant(conn, campaign, variant_id)
+    conn.execute(
+        "INSERT OR IGNORE INTO runs(run_id, campaign, variant_id, tier, replica) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (run_id, campaign, variant_id, tier, replica),
+    )
+    row = conn.execute("SELECT attempt FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    return int(row["attempt"])
+
+
+# --- campaign events --------------------------------------------------------------------
+
+
+def campaign_started(ev: CampaignStarted, ctx: Ctx) -> list[BestUpdated]:
+    conn = ctx.conn
+    conn.execute(
+        """
+        INSERT INTO campaigns(name, config, metric, direction, keep_rule, edit_file, status,
+                              started_at)
+        VALUES (?, ?, ?, ?, ?, ?, 'running', ?)
+        ON CONFLICT(name) DO UPDATE SET
+            config = excluded.config, metric = excluded.metric,
+            direction = excluded.direction, keep_rule = excluded.keep_rule,
+            edit_file = excluded.edit_file,
+            started_at = COALESCE(campaigns.started_at, excluded.started_at),
+            status = CASE WHEN campaigns.stopped_at > excluded.started_at
+                          THEN campaigns.status ELSE 'running' END,
+            stopped_at = CASE WHEN campaigns.stopped_at > excluded.started_at
+                              THEN campaigns.stopped_at END,
+            stop_reason = CASE WHEN campaigns.stopped_at > excluded.started_at
+                               THEN campaigns.stop_reason END,
+            stop_detail = CASE WHEN campaigns.stopped_at > excluded.started_at
+                               THEN campaigns.stop_detail END
+        """,
+        (
+            ev.campaign,
+            contracts.encode(ev).decode(),
+            ev.metric,
+            ev.direction,
+            ev.keep_rule,
+            ev.edit_file,
+            ev.ts,
+        ),
+    )
+    return []
+
+
+def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> list[BestUpdated]:
+    conn = ctx.conn
+    _ensure_campaign(conn, ev.campaign)
+    status = "completed" if ev.reason == "completed" else "stopped"
+    conn.execute(
+        "UPDATE campaigns SET status = ?, stopped_at = ?, stop_reason = ?, stop_detail = ? "
+        "WHERE name = ?",
+        (status, ev.ts, ev.reason, ev.detail, ev.campaign),
+    )
+    return []
+
+
+def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> list[BestUpdated]:
+    conn = ctx.conn
+    _ensure_campaign(conn, ev.campaign)
+    conn.execute(
+        "INSERT OR IGNORE INTO proposer_halts(event_id, campaign, reason, detail, ts) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (event_key(ev), ev.campaign, ev.reason, ev.detail, ev.ts),
+    )
+    conn.execute(
+        "UPDATE campaigns SET halted_reason = ?, halted_detail = ? WHERE name = ?",
+        (ev.reason, ev.detail, ev.campaign),
+    )
+    return []
+
+
+def dead_lettered(ev: DeadLettered, ctx: Ctx) -> list[BestUpdated]:
+    conn = ctx.conn
+    conn.execute(
+        "INSERT OR IGNORE INTO dead_letters(event_id, campaign, subject, stream_seq, consumer, "
+        "error, payload_preview, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            event_key(ev),
+            ev.campaign,
+            ev.subject_name,
+            ev.stream_seq,
+            ev.consumer,
+            ev.error,
+            ev.payload_preview,
+            ev.ts,
+        ),
+    )
+    return []
+
+
+# --- variants and runs ------------------------------------------------------------------
+
+
+def variant_proposed(ev: VariantProposed, ctx: Ctx) -> list[BestUpdated]:
+    """Record a proposal; a placeholder is filled in, a duplicate proposal adds its LLM cost."""
+    conn = ctx.conn
+    _ensure_campaign(conn, ev.campaign)
+    if ctx.source_text is not None:
+        conn.execute(
+            "INSERT OR IGNORE INTO sources(digest, text) VALUES (?, ?)",
+            (ev.source_digest, ctx.source_text),
+        )
+    cost = ev.llm_cost
+    conn.execute(
+        """
+        INSERT INTO variants(variant_id, campaign, parent_id, source_digest, diff, title,
+            rationale, proposer, wave, proposed_at, llm_model, llm_input_tokens,
+            llm_cache_creation_input_tokens, llm_cache_read_input_tokens, llm_output_tokens,
+            llm_usd)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT(variant_id) DO UPDATE SET
+            parent_id = CASE WHEN proposed_at IS NULL THEN excluded.parent_id ELSE parent_id END,
+            source_digest = COALESCE(source_digest, excluded.source_digest),
+            diff = CASE WHEN proposed_at IS NULL THEN excluded.diff ELSE diff END,
+            title = CASE WHEN proposed_at IS NULL THEN excluded.title ELSE title END,
+            rationale = CASE WHEN proposed_at IS NULL THEN excluded.rationale ELSE rationale END,
+            proposer = CASE WHEN proposed_at IS NULL THEN excluded.proposer ELSE proposer END,
+            wave = CASE WHEN proposed_at IS NULL THEN excluded.wave ELSE wave END,
+            proposed_at = COALESCE(proposed_at, excluded.proposed_at),
+            llm_model = COALESCE(llm_model, excluded.llm_model),
+            llm_input_tokens = llm_input_tokens + excluded.llm_input_tokens,
+            llm_cache_creation_input_tokens =
+                llm_cache_creation_input_tokens + excluded.llm_cache_creation_input_tokens,
+            llm_cache_read_input_tokens =
+                llm_cache_read_input_tokens + excluded.llm_cache_read_input_tokens,
+            llm_output_tokens = llm_output_tokens + excluded.llm_output_tokens,
+            llm_usd = llm_usd + excluded.llm_usd
+        """,
+        (
+            ev.variant_id,
+            ev.campaign,
+            ev.parent_id,
+            ev.source_digest,
+            ev.diff,
+            ev.title,
+            ev.rationale,
+            ev.proposer,
+            ev.wave,
+            ev.ts,
+            cost.model if cost else None,
+            cost.input_tokens if cost else 0.0,
+            cost.cache_creation_input_tokens if cost else 0.0,
+            cost.cache_read_input_tokens if cost else 0.0,
+            cost.output_tokens if cost else 0.0,
+            cost.usd if cost else 0.0,
+        ),
+    )
+    return []
+
+
+def run_requested(ev: RunRequested, ctx: Ctx) -> list[BestUpdated]:
+    conn = ctx.conn
+    _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
+    conn.execute(
+        "UPDATE runs SET requested_at = COALESCE(requested_at, ?), "
+        "request_reason = COALESCE(request_reason, ?) WHERE run_id = ?",
+        (ev.ts, ev.reason, ev.run_id),
+    )
+    return []
+
+
+_RESET_FINISH = (
+    "finished_at = NULL, exit_code = NULL, timed_out = 0, cancelled = 0, infra_failure = 0, "
+    "infra_reason = '', log_key = NULL, log_tail = NULL"
+)
+
+
+def run_started(ev: RunStarted, ctx: Ctx) -> list[BestUpdated]:
+    conn = ctx.conn
+    current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
+    if ev.attempt < current:
+        return []  # a late message about an attempt that has been superseded
+    if ev.attempt > current:
+        conn.execute(
+            f"UPDATE runs SET state = 'running', {_RESET_FINISH} WHERE run_id = ?", (ev.run_id,)
+        )
+    conn.execute(
+        "UPDATE runs SET attempt = ?, backend = ?, host = ?, accelerator = ?, slot = ?, "
+        "started_at = ?, state = CASE WHEN state = 'requested' THEN 'running' ELSE state END "
+        "WHERE run_id = ?",
+        (ev.attempt, ev.backend, ev.host, ev.accelerator, ev.slot, ev.ts, ev.run_id),
+    )
+    return []
+
+
+def run_finished(ev: RunFinished, ctx: Ctx) -> list[BestUpdated]:
+    conn = ctx.conn
+    current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
+    if ev.attempt < current:
+        return []
+    conn.execute(
+        """
+        UPDATE runs SET attempt = ?, started_at = ?, finished_at = ?, exit_code = ?,
+            timed_out = ?, cancelled = ?, infra_failure = ?, infra_reason = ?, log_key = ?,
+            log_tail = ?,
+            state = CASE WHEN state = 'evaluated' AND attempt = ? THEN 'evaluated'
+                         ELSE 'finished' END
+        WHERE run_id = ?
+        """,
+        (
+            ev.attempt,
+            ev.started_at,
+            ev.finished_at,
+            ev.exit_code,
+            ev.timed_out,
+            ev.cancelled,
+            ev.infra_failure,
+            ev.infra_reason,
+            ev.log_key,
+            ev.log_tail,
+            ev.attempt,
+            ev.run_id,
+        ),
+    )
+    if ctx.log_text is not None:
+        conn.execute(
+            "INSERT OR REPLACE INTO run_logs(run_id, text) VALUES (?, ?)",
+            (ev.run_id, ctx.log_text),
+        )
+    elif ev.attempt > current:
+        conn.execute("DELETE FROM run_logs WHERE run_id = ?", (ev.run_id,))
+    return []
+
+
+def result_evaluated(ev: ResultEvaluated, ctx: Ctx) -> list[BestUpdated]:
+    """Record the result (a later attempt of a run replaces an earlier one), then decide."""
+    conn = ctx.conn
+    _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
+    row = conn.execute("SELECT attempt FROM results WHERE run_id = ?", (ev.run_id,)).fetchone()
+    if row is not None and int(row["attempt"]) > ev.attempt:
+        return []
+    conn.execute(
+        "INSERT OR REPLACE INTO results(run_id, campaign, variant_id, tier, replica, attempt, "
+        "status, value, metrics, crash_reason, training_seconds, evaluated_at, seq) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            ev.run_id,
+            ev.campaign,
+            ev.variant_id,
+            ev.tier,
+            ev.replica,
+            ev.attempt,
+            ev.status,
+            ev.value if ev.status == "ok" else None,
+            msgspec.json.encode(ev.metrics).decode(),
+            ev.crash_reason,
+            ev.training_seconds,
+            ev.ts,
+            ctx.seq,
+        ),
+    )
+    conn.execute(
+        "UPDATE runs SET state = 'evaluated', attempt = MAX(attempt, ?) WHERE run_id = ?",
+        (ev.attempt, ev.run_id),
+    )
+    if ev.status != keep.INFRA_STATUS:
+        conn.execute(
+            "UPDATE variants SET evaluated_seq = COALESCE(evaluated_seq, ?) WHERE variant_id = ?",
+            (ctx.seq, ev.variant_id),
+        )
+    return decide(conn, ev)

@@ -1,0 +1,252 @@
+"""Settings: the layers, errors that name the setting and its origin, the CLI flags built
+from the fields. Fast: no broker, no subprocess."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from services.cli import COMMAND_SETTINGS, FLAG_ALIASES, _overrides, build_parser
+from services.ledger.keep import RULES
+from services.settings import (
+    SETTING_FIELDS,
+    KeepRuleName,
+    Settings,
+    SettingsError,
+    load_settings,
+    validate_settings,
+)
+
+
+@pytest.fixture
+def no_file(tmp_path: Path) -> Path:
+    return tmp_path / "absent.toml"
+
+
+def test_layers_defaults_file_env_flags(tmp_path: Path) -> None:
+    config = tmp_path / "nightshift.toml"
+    config.write_text(
+        'slots = 3\nbackend = "sim"\ncampaign = "file"\nmetric = "file"\nrun_timeout_s = 5\n'
+    )
+    env = {"NIGHTSHIFT_SLOTS": "5", "NIGHTSHIFT_CAMPAIGN": "env", "NIGHTSHIFT_HTTP_PORT": ""}
+    s = load_settings({"campaign": "flag", "metric": None}, env=env, config_file=config)
+    assert s.profile == "cpu"  # default
+    assert s.backend == "sim" and s.metric == "file"  # file
+    assert s.run_timeout_s == 5.0 and isinstance(s.run_timeout_s, float)
+    assert s.slots == 5  # env beats file
+    assert s.http_port == 8780  # an empty env value is unset
+    assert s.campaign == "flag"  # a flag beats env and file; None is no flag
+
+
+def test_config_file_named_by_env(tmp_path: Path) -> None:
+    config = tmp_path / "other.toml"
+    config.write_text('campaign = "named"\n')
+    s = load_settings(env={"NIGHTSHIFT_CONFIG": str(config)})
+    assert s.campaign == "named"
+    with pytest.raises(SettingsError, match="NIGHTSHIFT_CONFIG"):
+        load_settings(env={"NIGHTSHIFT_CONFIG": str(tmp_path / "missing.toml")})
+
+
+def test_env_values_are_parsed_to_the_field_type(no_file: Path) -> None:
+    env = {
+        "NIGHTSHIFT_SIM_NOISE": "7e-4",
+        "NIGHTSHIFT_HTTP_PORT": "0",
+        "NIGHTSHIFT_LOG_LEVEL": "debug",
+        "NIGHTSHIFT_NATS_TOKEN": "s3cret",
+    }
+    s = load_settings(env=env, config_file=no_file)
+    assert (s.sim_noise, s.http_port, s.log_level, s.nats_token) == (7e-4, 0, "debug", "s3cret")
+
+
+def test_nats_url_read_and_nightshift_name_wins(no_file: Path) -> None:
+    assert (
+        load_settings(env={"NATS_URL": "nats://x:4222"}, config_file=no_file).nats_url
+        == "nats://x:4222"
+    )
+    both = {"NATS_URL": "nats://x:4222", "NIGHTSHIFT_NATS_URL": "nats://y:4222"}
+    assert load_settings(env=both, config_file=no_file).nats_url == "nats://y:4222"
+
+
+def test_wrong_env_type_names_the_variable(no_file: Path) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(env={"NIGHTSHIFT_SLOTS": "many"}, config_file=no_file)
+    assert str(err.value) == "setting 'slots' from $NIGHTSHIFT_SLOTS: Expected int, got str"
+
+
+def test_wrong_toml_type_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "nightshift.toml"
+    config.write_text('max_experiments = "lots"\n')
+    with pytest.raises(SettingsError, match=r"'max_experiments' from .*nightshift\.toml"):
+        load_settings(env={}, config_file=config)
+
+
+def test_unknown_toml_key_names_key_and_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("slotz = 1\n")
+    with pytest.raises(SettingsError, match=r"'slotz' in .*bad\.toml"):
+        load_settings(env={}, config_file=bad)
+
+
+def test_backend_that_does_not_exist_is_refused_at_load(tmp_path: Path) -> None:
+    config = tmp_path / "nightshift.toml"
+    config.write_text('backend = "skypilot"\n')
+    with pytest.raises(SettingsError) as err:
+        load_settings(env={}, config_file=config)
+    message = str(err.value)
+    assert "'backend'" in message and str(config) in message
+    assert "'local', 'sim'" in message and "skypilot" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("slots", 0),
+        ("max_experiments", -1),
+        ("run_timeout_s", 0),
+        ("http_port", 65536),
+        ("http_port", -1),
+        ("direction", "sideways"),
+        ("strategy", "random"),
+        ("keep_rule", "lax"),
+        ("log_format", "xml"),
+        ("log_level", "verbose"),
+    ],
+)
+def test_out_of_range_flag_names_setting(no_file: Path, name: str, raw: object) -> None:
+    with pytest.raises(SettingsError, match=f"setting '{name}' from the command line"):
+        load_settings({name: raw}, env={}, config_file=no_file)
+
+
+def test_unknown_override_is_refused(no_file: Path) -> None:
+    with pytest.raises(SettingsError, match="slotz"):
+        load_settings({"slotz": 2}, env={}, config_file=no_file)
+
+
+def test_keep_rule_choices_are_the_rules_that_exist() -> None:
+    assert set(typing.get_args(KeepRuleName)) == set(RULES)
+
+
+def test_every_field_has_a_description_and_a_valid_default() -> None:
+    for field in SETTING_FIELDS.values():
+        assert field.description, field.name
+    validate_settings(Settings())
+    with pytest.raises(SettingsError, match="'backend' from the settings object"):
+        validate_settings(msgspec.structs.replace(Settings(), backend="cloud"))
+
+
+def test_secrets_are_never_printed() -> None:
+    s = Settings(
+        nats_password="hunter2",
+        nats_token="tok123",
+        nats_user="alice",
+        nats_url="nats://alice:hunter2@h:4222",
+    )
+    for text in (repr(s), str(s), str(s.redacted())):
+        assert "hunter2" not in text and "tok123" not in text
+    assert s.redacted()["nats_user"] == "alice"
+    assert s.nats_password == "hunter2"  # the value itself is untouched
+
+
+def _subparser(parser: argparse.ArgumentParser, path: str) -> argparse.ArgumentParser:
+    for word in path.split():
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[word]
+    return parser
+
+
+def test_every_command_setting_is_a_field_with_a_flag() -> None:
+    parser = build_parser()
+    for name in FLAG_ALIASES:
+        assert name in SETTING_FIELDS
+    for command, names in COMMAND_SETTINGS.items():
+        dests = {a.dest for a in _subparser(parser, command)._actions}
+        for name in names:
+            assert name in SETTING_FIELDS, (command, name)
+            assert name in dests, (command, name)
+
+
+def test_flag_choices_are_the_literal_choices() -> None:
+    up = _subparser(build_parser(), "up")
+    by_dest = {a.dest: a for a in up._actions}
+    for name in ("backend", "direction", "strategy"):
+        assert tuple(by_dest[name].choices or ()) == SETTING_FIELDS[name].choices
+    assert tuple(by_dest["backend"].choices or ()) == ("local", "sim")
+
+
+def test_backend_skypilot_flag_exits_2() -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["up", "--backend", "skypilot"])
+    assert exit_.value.code == 2
+
+
+def test_old_flag_spellings_still_parse(no_file: Path) -> None:
+    args = build_parser().parse_args(
+        [
+            "up",
+            "--name",
+            "c1",
+            "--trainer",
+            "t",
+            "--edit-file",
+            "m.py",
+            "--metric",
+            "acc",
+            "--direction",
+            "maximize",
+            "--profile",
+            "gpu",
+            "--strategy",
+            "grid",
+            "--max-experiments",
+            "7",
+            "--run-timeout",
+            "9.5",
+            "--backend",
+            "sim",
+            "--slots",
+            "3",
+            "--http-port",
+            "0",
+            "--home",
+            "h",
+        ]
+    )
+    s = load_settings(_overrides(args), env={"NIGHTSHIFT_SLOTS": "8"}, config_file=no_file)
+    assert (s.campaign, s.trainer_dir, s.edit_file, s.metric, s.direction, s.profile) == (
+        "c1",
+        "t",
+        "m.py",
+        "acc",
+        "maximize",
+        "gpu",
+    )
+    assert (s.strategy, s.max_experiments, s.run_timeout_s, s.backend, s.slots) == (
+        "grid",
+        7,
+        9.5,
+        "sim",
+        3,
+    )
+    assert (s.http_port, s.home) == (0, "h")
+    start = build_parser().parse_args(["campaign", "start", "--campaign", "c2"])
+    assert _overrides(start) == {"campaign": "c2"}
+    status = build_parser().parse_args(["status", "--campaign", "c3", "--home", "x"])
+    assert _overrides(status) == {"campaign": "c3", "home": "x"}
+
+
+def test_bench_fleet_keeps_its_own_flags() -> None:
+    args = build_parser().parse_args(["bench", "fleet", "--slots", "4", "--json"])
+    assert (args.slots, args.experiments, args.run_seconds, args.in_process, args.json) == (
+        4,
+        0,
+        0.0,
+        False,
+        True,
+    )
+    assert _overrides(args) == {}
+    stop = build_parser().parse_args(["campaign", "stop", "c"])
+    assert stop.name == "c" and _overrides(stop) == {}

@@ -121,11 +121,7 @@ async def wait_for_ledger_url(home: Path, timeout_s: float = 20.0) -> str:
     path = home / "ledger.url"
     try:
         async for attempt in stamina.retry_context(
-            on=NotYet,
-            attempts=None,
-            timeout=timeout_s,
-            wait_initial=0.05,
-            wait_max=0.2,
+            on=NotYet, attempts=None, timeout=timeout_s, wait_initial=0.05, wait_max=0.2
         ):
             with attempt:
                 if not path.exists():
@@ -140,11 +136,7 @@ async def wait_until_consumed(bus: Bus, durable: str, timeout_s: float = 30.0) -
     """Wait until a durable consumer has nothing pending or unacked (the ledger caught up)."""
     try:
         async for attempt in stamina.retry_context(
-            on=NotYet,
-            attempts=None,
-            timeout=timeout_s,
-            wait_initial=0.05,
-            wait_max=0.2,
+            on=NotYet, attempts=None, timeout=timeout_s, wait_initial=0.05, wait_max=0.2
         ):
             with attempt:
                 lag = await bus.consumer_lag(durable)
@@ -252,12 +244,7 @@ async def _run_campaign(
 
 
 def _print_banner(
-    settings: Settings,
-    event: CampaignStarted,
-    resumed: bool,
-    view: LiveView,
-    url: str,
-    out: TextIO,
+    settings: Settings, event: CampaignStarted, resumed: bool, view: LiveView, url: str, out: TextIO
 ) -> None:
     verb = "resuming" if resumed else "started"
     limit = f", stops after {event.max_experiments}" if event.max_experiments else ""

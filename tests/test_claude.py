@@ -244,9 +244,7 @@ async def test_persistent_overload_fails_the_request_not_the_strategy(
 
 
 async def test_timeouts_are_retried_then_survived(
-    fake: FakeAnthropic,
-    make: Make,
-    monkeypatch: pytest.MonkeyPatch,
+    fake: FakeAnthropic, make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("NIGHTSHIFT_CLAUDE_TIMEOUT_S", "0.3")
     monkeypatch.setenv("NIGHTSHIFT_CLAUDE_MAX_RETRIES", "1")
@@ -302,8 +300,7 @@ async def test_key_file_is_used_and_never_logged(
 
 
 async def test_auto_mode_answers_any_wave_with_fresh_valid_variants(
-    fake: FakeAnthropic,
-    make: Make,
+    fake: FakeAnthropic, make: Make
 ) -> None:
     fake.auto = True
     strategy = make()

@@ -14,12 +14,7 @@ import pytest
 from services.contracts import variant_id_for
 from services.proposer.constants import find_constants, format_value, rewrite
 from services.proposer.grid import GridStrategy, parse_title, tunable
-from services.proposer.strategy import (
-    Proposal,
-    ProposalRequest,
-    ResultRow,
-    StrategyExhausted,
-)
+from services.proposer.strategy import Proposal, ProposalRequest, ResultRow, StrategyExhausted
 
 SEED = '''"""A toy train.py."""
 import math

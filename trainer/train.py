@@ -20,14 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from prepare import (
-    MAX_SEQ_LEN,
-    PROFILE,
-    TIME_BUDGET,
-    Tokenizer,
-    evaluate_bpb,
-    make_dataloader,
-)
+from prepare import MAX_SEQ_LEN, PROFILE, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # ---------------------------------------------------------------------------

@@ -27,12 +27,7 @@ from nats.js.client import JetStreamContext
 from opentelemetry import trace
 
 from services import contracts
-from services.bus.errors import (
-    NATS_FAILURES,
-    PoisonError,
-    TransientError,
-    while_broker_away,
-)
+from services.bus.errors import NATS_FAILURES, PoisonError, TransientError, while_broker_away
 from services.contracts import ContractError, DeadLettered, Event
 from services.telemetry import extract_trace, get_logger, tracer
 

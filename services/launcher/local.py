@@ -109,12 +109,7 @@ class LocalBackend:
         return outcome
 
     async def _start_and_supervise(
-        self,
-        job: Job,
-        run_dir: Path,
-        log_path: Path,
-        on_line: LineCallback,
-        outcome: RunOutcome,
+        self, job: Job, run_dir: Path, log_path: Path, on_line: LineCallback, outcome: RunOutcome
     ) -> bool:
         """Run the trainer to its end; False (an infra outcome) when it cannot start."""
         with log_path.open("ab") as sink:

@@ -291,8 +291,7 @@ def run_finished(ev: RunFinished, ctx: Ctx) -> list[BestUpdated]:
     )
     if ctx.log_text is not None:
         conn.execute(
-            "INSERT OR REPLACE INTO run_logs(run_id, text) VALUES (?, ?)",
-            (ev.run_id, ctx.log_text),
+            "INSERT OR REPLACE INTO run_logs(run_id, text) VALUES (?, ?)", (ev.run_id, ctx.log_text)
         )
     elif ev.attempt > current:
         conn.execute("DELETE FROM run_logs WHERE run_id = ?", (ev.run_id,))

@@ -139,10 +139,7 @@ class Projector:
             data = await self.bus.logs.get(event.log_key)
         except KeyError:
             self.log.warning(
-                "log_missing",
-                campaign=event.campaign,
-                run_id=event.run_id,
-                log_key=event.log_key,
+                "log_missing", campaign=event.campaign, run_id=event.run_id, log_key=event.log_key
             )
             return NO_OBJECTS
         return Objects(log_text=data.decode(errors="replace"))

@@ -343,9 +343,7 @@ def build_claude_strategy(settings: Settings, campaign: CampaignStarted) -> Clau
         price=price,
     )
     client = anthropic.AsyncAnthropic(
-        api_key=key,
-        max_retries=settings.claude_max_retries,
-        timeout=settings.claude_timeout_s,
+        api_key=key, max_retries=settings.claude_max_retries, timeout=settings.claude_timeout_s
     )
     log.info(
         "claude_strategy_ready",

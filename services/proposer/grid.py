@@ -27,12 +27,7 @@ from dataclasses import dataclass
 
 from services.contracts import variant_id_for
 from services.proposer.constants import Constant, find_constants, format_value, rewrite
-from services.proposer.strategy import (
-    Proposal,
-    ProposalRequest,
-    ResultRow,
-    StrategyExhausted,
-)
+from services.proposer.strategy import Proposal, ProposalRequest, ResultRow, StrategyExhausted
 
 COARSE = (0.5, 2.0)
 FINE = (0.7, 1.4)

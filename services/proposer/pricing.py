@@ -51,12 +51,7 @@ _SONNET_5_5 = _p(2.0, 10.0, 2.50, 0.10)  # cache read cut from $0.20 on 2026-10-
 _SONNET_5 = _p(2.0, 10.0, 2.50, 0.20)
 _SONNET_4 = _p(3.0, 15.0, 3.75, 0.30)
 _HAIKU_5_5 = ModelPrice(
-    0.10,
-    0.50,
-    0.125,
-    0.01,
-    long_prompt_threshold=100_000,
-    long_prompt=_p(0.50, 2.50, 0.625, 0.05),
+    0.10, 0.50, 0.125, 0.01, long_prompt_threshold=100_000, long_prompt=_p(0.50, 2.50, 0.625, 0.05)
 )
 _HAIKU_4_5 = _p(1.0, 5.0, 1.25, 0.10)
 

@@ -23,29 +23,29 @@ class CampaignError(ValueError):
     """A campaign that cannot start as asked (missing trainer, bad name, ...)."""
 
 
+# The fields of CampaignStarted that are the settings of the same name.
+CAMPAIGN_SETTINGS = (
+    "trainer_dir",
+    "edit_file",
+    "metric",
+    "direction",
+    "profile",
+    "max_experiments",
+    "run_timeout_s",
+    "keep_rule",
+)
+
+
 def campaign_event(settings: Settings, seed_digest: str, harness_key: str) -> CampaignStarted:
     return CampaignStarted(
         campaign=settings.campaign,
         event_id=event_id_for("started", settings.campaign, seed_digest, settings.max_experiments),
         seed_digest=seed_digest,
         harness_key=harness_key,
-        trainer_dir=settings.trainer_dir,
-        edit_file=settings.edit_file,
-        metric=settings.metric,
-        direction=settings.direction,
-        profile=settings.profile,
-        max_experiments=settings.max_experiments,
-        run_timeout_s=settings.run_timeout_s,
         tiers=[settings.tier],
-        keep_rule=settings.keep_rule,
-        proposer=ProposerConfig(
-            strategy=settings.strategy,
-            lookahead=settings.lookahead,
-            wave_size=settings.wave_size,
-            model=settings.model,
-            budget_usd=settings.budget_usd,
-            budget_requests=settings.budget_requests,
-        ),
+        # ProposerConfig's fields are all settings of the same name.
+        proposer=msgspec.convert(settings, ProposerConfig, from_attributes=True),
+        **{name: getattr(settings, name) for name in CAMPAIGN_SETTINGS},
     )
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 import msgspec
 import stamina
@@ -34,6 +35,9 @@ from services.telemetry import get_logger
 
 log = get_logger(component="supervisor")
 PRINT_DELAY_S = 0.5
+
+
+T = TypeVar("T")
 
 
 class NotYet(Exception):
@@ -116,36 +120,43 @@ class LiveView:
         )
 
 
-async def wait_for_ledger_url(home: Path, timeout_s: float = 20.0) -> str:
-    """The ledger's address once it listens (it writes `<home>/ledger.url`)."""
-    path = home / "ledger.url"
+async def wait_until(check: Callable[[], Awaitable[T]], timeout_s: float) -> T | None:
+    """`check()`'s value once it stops raising NotYet (polled with a short back-off);
+    None when it still raises NotYet after `timeout_s`."""
     try:
         async for attempt in stamina.retry_context(
             on=NotYet, attempts=None, timeout=timeout_s, wait_initial=0.05, wait_max=0.2
         ):
             with attempt:
-                if not path.exists():
-                    raise NotYet(str(path))
-                return path.read_text().strip()
+                return await check()
     except NotYet:
         pass
-    return "(ledger HTTP not up yet)"
+    return None
+
+
+async def wait_for_ledger_url(home: Path, timeout_s: float = 20.0) -> str:
+    """The ledger's address once it listens (it writes `<home>/ledger.url`)."""
+    path = home / "ledger.url"
+
+    async def read_url() -> str:
+        if not path.exists():
+            raise NotYet(str(path))
+        return path.read_text().strip()
+
+    url = await wait_until(read_url, timeout_s)
+    return "(ledger HTTP not up yet)" if url is None else url
 
 
 async def wait_until_consumed(bus: Bus, durable: str, timeout_s: float = 30.0) -> bool:
     """Wait until a durable consumer has nothing pending or unacked (the ledger caught up)."""
-    try:
-        async for attempt in stamina.retry_context(
-            on=NotYet, attempts=None, timeout=timeout_s, wait_initial=0.05, wait_max=0.2
-        ):
-            with attempt:
-                lag = await bus.consumer_lag(durable)
-                if lag is None or lag.pending or lag.ack_pending:
-                    raise NotYet(f"consumer {durable}: {lag}")
-                return True
-    except NotYet:
-        pass
-    return False
+
+    async def caught_up() -> bool:
+        lag = await bus.consumer_lag(durable)
+        if lag is None or lag.pending or lag.ack_pending:
+            raise NotYet(f"consumer {durable}: {lag}")
+        return True
+
+    return await wait_until(caught_up, timeout_s) is not None
 
 
 async def run_services(

@@ -53,6 +53,11 @@ def _redact_secrets(
     return event_dict
 
 
+def fields_of(event: object, *names: str) -> dict[str, Any]:
+    """The named attributes of an event, as the keys of a log line about it."""
+    return {name: getattr(event, name) for name in names}
+
+
 def configure_logging(service: str, fmt: str = "", level: str = "info") -> None:
     """Configure structlog once per process; `fmt` is json | console ('' = by TTY)."""
     use_console = fmt == "console" or (fmt == "" and sys.stderr.isatty())

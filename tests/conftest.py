@@ -1,4 +1,5 @@
-"""Shared fixtures: a real nats-server per test on a free port, with its own store dir."""
+"""Shared fixtures: a real nats-server per test on a free port, with its own store dir; the
+claude strategy's scripted Messages API server and a maker of strategies pointed at it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.settings import Settings
+from tests.claude_helpers import Make, scripted_server, strategy_maker
+from tests.fake_anthropic import FakeAnthropic
 
 
 @pytest.fixture
@@ -32,3 +35,15 @@ def no_real_anthropic_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     sets a fake key and points ANTHROPIC_BASE_URL at the local Messages-API server."""
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.setenv("NIGHTSHIFT_ANTHROPIC_KEY_FILE", str(tmp_path / "no-anthropic-key"))
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeAnthropic]:
+    """The claude tests' fake Messages API, scripted answers only, with the client on it."""
+    with scripted_server(monkeypatch, tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def make(fake: FakeAnthropic) -> Make:  # the server runs while strategies are made
+    return strategy_maker()

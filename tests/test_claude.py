@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +13,7 @@ from services.proposer.prompt import TOOL_NAME
 from services.proposer.strategy import ResultRow
 from services.settings import Settings
 from tests.anthropic_requests import request_text
-from tests.claude_helpers import (
-    CAMPAIGN,
-    PARENT,
-    Make,
-    campaign,
-    depth,
-    lr,
-    make_request,
-    scripted_server,
-    strategy_maker,
-)
+from tests.claude_helpers import CAMPAIGN, PARENT, Make, campaign, depth, lr, make_request
 from tests.fake_anthropic import (
     FakeAnthropic,
     error,
@@ -36,17 +25,6 @@ from tests.fake_anthropic import (
     tool_answer,
     variant,
 )
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeAnthropic]:
-    with scripted_server(monkeypatch, tmp_path) as server:
-        yield server
-
-
-@pytest.fixture
-def make(fake: FakeAnthropic) -> Make:  # the server runs while strategies are made
-    return strategy_maker()
 
 
 def last_user_blocks(body: dict[str, Any]) -> list[dict[str, Any]]:

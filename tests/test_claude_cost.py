@@ -24,15 +24,7 @@ from services.proposer.pricing import (
 from services.proposer.strategy import BudgetExhausted, ProposalRequest, ResultRow
 from services.settings import Settings
 from tests.anthropic_requests import request_text
-from tests.claude_helpers import (
-    CAMPAIGN,
-    Make,
-    depth,
-    lr,
-    make_request,
-    scripted_server,
-    strategy_maker,
-)
+from tests.claude_helpers import CAMPAIGN, Make, depth, lr, make_request
 from tests.fake_anthropic import FakeAnthropic, tool_answer, variant
 
 TRAINER = Path(__file__).resolve().parent.parent / "trainer"
@@ -88,17 +80,6 @@ def test_split_cost_is_an_even_share() -> None:
     assert (cost.input_tokens, cost.cache_read_input_tokens, cost.usd) == pytest.approx(
         (10 / 3, 10, 0.3)
     )
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeAnthropic]:
-    with scripted_server(monkeypatch, tmp_path) as server:
-        yield server
-
-
-@pytest.fixture
-def make(fake: FakeAnthropic) -> Make:  # the server runs while strategies are made
-    return strategy_maker()
 
 
 # --- budget ---------------------------------------------------------------------------------

@@ -37,6 +37,30 @@ def run_cli(
     )
 
 
+def up_args(
+    campaign: str,
+    backend: str = "sim",
+    slots: int | None = None,
+    max_experiments: int | None = None,
+    trainer: Path | None = None,
+) -> list[str]:
+    """`nightshift up`'s arguments; an option left as None is not passed."""
+    args = ["up", "--backend", backend, "--campaign", campaign]
+    for flag, value in (
+        ("--slots", slots),
+        ("--max-experiments", max_experiments),
+        ("--trainer", trainer),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def experiment_lines(stdout: str) -> list[str]:
+    """The `[...]` line `nightshift up` prints for each finished experiment."""
+    return [line for line in stdout.splitlines() if line.startswith("[")]
+
+
 def assert_quiet(stderr: str) -> None:
     """A completed campaign or a Ctrl-C ends without a traceback or asyncio's complaints."""
     for noise in (
@@ -60,12 +84,9 @@ def alive(pid: int) -> bool:
 
 def test_up_runs_to_max_experiments_then_resume_reruns_nothing(tmp_path: Path) -> None:
     env = cli_env(tmp_path)
-    first = run_cli(
-        env, "up", "--backend", "sim", "--slots", "2", "--max-experiments", "8", "--campaign", "cli"
-    )
+    first = run_cli(env, *up_args("cli", slots=2, max_experiments=8))
     assert first.returncode == 0, first.stderr[-3000:]
-    lines = [line for line in first.stdout.splitlines() if line.startswith("[")]
-    assert len(lines) == 8, first.stdout
+    assert len(experiment_lines(first.stdout)) == 8, first.stdout
     assert "ledger + dashboard: http://" in first.stdout
     assert "completed" in first.stdout
     assert_quiet(first.stderr)
@@ -83,23 +104,12 @@ def test_up_runs_to_max_experiments_then_resume_reruns_nothing(tmp_path: Path) -
     status = run_cli(env, "status", "--campaign", "cli")
     assert status.returncode == 0 and "evaluated 8" in status.stdout, status.stdout
 
-    again = run_cli(env, "up", "--backend", "sim", "--max-experiments", "8", "--campaign", "cli")
+    again = run_cli(env, *up_args("cli", max_experiments=8))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished 8 experiments" in again.stdout
-    more = run_cli(
-        env,
-        "up",
-        "--backend",
-        "sim",
-        "--slots",
-        "2",
-        "--max-experiments",
-        "11",
-        "--campaign",
-        "cli",
-    )
+    more = run_cli(env, *up_args("cli", slots=2, max_experiments=11))
     assert more.returncode == 0, more.stderr[-3000:]
-    assert len([line for line in more.stdout.splitlines() if line.startswith("[")]) == 3
+    assert len(experiment_lines(more.stdout)) == 3
     rows = run_cli(env, "results", "--campaign", "cli").stdout.strip().splitlines()
     assert len(rows) == 12
     assert len({r.split("\t")[0] for r in rows[1:]}) == 11
@@ -123,18 +133,7 @@ def test_ctrl_c_stops_everything_and_leaves_no_orphans(tmp_path: Path) -> None:
     pids_dir.mkdir()
     env = cli_env(tmp_path / "home", PIDS_DIR=str(pids_dir))
     proc = subprocess.Popen(
-        [
-            *CLI,
-            "up",
-            "--backend",
-            "local",
-            "--slots",
-            "2",
-            "--trainer",
-            str(trainer),
-            "--campaign",
-            "ctrlc",
-        ],
+        [*CLI, *up_args("ctrlc", backend="local", slots=2, trainer=trainer)],
         env=env,
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -186,31 +185,12 @@ def test_up_against_a_broker_that_requires_a_password(tmp_path: Path) -> None:
             NIGHTSHIFT_NATS_USER="lab",
             NIGHTSHIFT_NATS_PASSWORD="pw-7c1e",
         )
-        done = run_cli(
-            env,
-            "up",
-            "--backend",
-            "sim",
-            "--slots",
-            "2",
-            "--max-experiments",
-            "4",
-            "--campaign",
-            "auth",
-        )
+        done = run_cli(env, *up_args("auth", slots=2, max_experiments=4))
         assert done.returncode == 0, done.stderr[-3000:]
-        assert len([x for x in done.stdout.splitlines() if x.startswith("[")]) == 4
+        assert len(experiment_lines(done.stdout)) == 4
         assert "pw-7c1e" not in done.stdout + done.stderr
         assert_quiet(done.stderr)
-        refused = run_cli(
-            {**env, "NIGHTSHIFT_NATS_PASSWORD": "nope"},
-            "up",
-            "--backend",
-            "sim",
-            "--campaign",
-            "auth",
-            timeout=60,
-        )
+        refused = run_cli({**env, "NIGHTSHIFT_NATS_PASSWORD": "nope"}, *up_args("auth"), timeout=60)
         assert refused.returncode == 1
         assert "refused" in refused.stderr and "NIGHTSHIFT_NATS_PASSWORD" in refused.stderr
         assert_quiet(refused.stderr)

@@ -1,9 +1,8 @@
-"""Contracts: round trips, typed errors, deterministic identity; settings precedence."""
+"""Contracts: round trips, typed errors, deterministic identity."""
 
 from __future__ import annotations
 
 import typing
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -20,7 +19,6 @@ from services.contracts import (
     run_id_for,
     variant_id_for,
 )
-from services.settings import SettingsError, load_settings
 
 
 def test_every_event_round_trips_and_names_its_subject() -> None:
@@ -111,22 +109,3 @@ def test_identity_is_content_addressed_and_campaign_scoped() -> None:
     assert a != variant_id_for("other", "X = 1\nprint(X)\n")
     assert a != variant_id_for("c", "X = 2\nprint(X)\n")
     assert run_id_for(a, "h100", 2) == f"{a}-h100-2"
-
-
-def test_settings_precedence_file_env_flags(tmp_path: Path) -> None:
-    config = tmp_path / "nightshift.toml"
-    config.write_text('slots = 3\nbackend = "sim"\ncampaign = "from-file"\n')
-    env = {"NIGHTSHIFT_SLOTS": "5", "NATS_URL": "nats://x:4222"}
-    s = load_settings({"campaign": "from-flag"}, env=env, config_file=config)
-    assert (s.slots, s.backend, s.campaign, s.nats_url) == (5, "sim", "from-flag", "nats://x:4222")
-
-
-def test_bad_settings_name_the_setting(tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match="NIGHTSHIFT_SLOTS"):
-        load_settings(env={"NIGHTSHIFT_SLOTS": "many"}, config_file=tmp_path / "none.toml")
-    with pytest.raises(SettingsError, match="backend"):
-        load_settings({"backend": "cloud"}, env={}, config_file=tmp_path / "none.toml")
-    bad = tmp_path / "bad.toml"
-    bad.write_text("slotz = 1\n")
-    with pytest.raises(SettingsError, match="slotz"):
-        load_settings(env={}, config_file=bad)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -16,17 +14,14 @@ from services.launcher import landscape as ls
 from services.launcher import service as launcher
 from services.settings import Settings
 from tests.eventually import eventually
+from tests.launcher_helpers import harness_tar, propose
 
 SEED = "DEPTH = 8\nMATRIX_LR = 0.04\nWEIGHT_DECAY = 0.2\nprint('train')\n"
 BLOCK = "---\nval_bpb:          0.991234\ntraining_seconds: 300.1\nnum_steps:        953\n"
 
 
 async def save_campaign(bus: Bus, name: str = "camp", **kw: object) -> c.CampaignStarted:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        info = tarfile.TarInfo("prepare.py")
-        tar.addfile(info, io.BytesIO(b""))
-    await bus.sources.put("h", buf.getvalue())
+    await bus.sources.put("h", harness_tar({"prepare.py": ""}))
     fields: dict[str, object] = {
         "campaign": name,
         "seed_digest": await bus.put_source(SEED),
@@ -133,18 +128,7 @@ async def test_sim_launcher_and_evaluator_together(bus: Bus, tmp_path: Path) -> 
     campaign = await save_campaign(bus)
     sources = [SEED, ls.set_constants(SEED, {"DEPTH": 10}), SEED + "def broken(:\n"]
     for source in sources:
-        variant_id = c.variant_id_for("camp", source)
-        await bus.publish(
-            c.VariantProposed(
-                campaign="camp",
-                event_id=f"p:{variant_id}",
-                variant_id=variant_id,
-                parent_id=None,
-                source_digest=await bus.put_source(source),
-                diff="",
-                title="t",
-            )
-        )
+        await propose(bus, "camp", source)
     stop = asyncio.Event()
     settings = Settings(
         backend="sim",

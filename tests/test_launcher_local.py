@@ -13,6 +13,7 @@ import pytest
 from services.launcher.backend import Job, is_secret_name, log_tail
 from services.launcher.local import LocalBackend
 from tests.eventually import eventually
+from tests.launcher_helpers import job as make_job
 
 OK_TRAIN = """
 import os
@@ -36,16 +37,11 @@ def harness(tmp_path: Path, files: dict[str, str] | None = None) -> Path:
 
 def job(tmp_path: Path, source: str, run_id: str = "v1-default-0", **kw: object) -> Job:
     fields: dict[str, object] = {
-        "run_id": run_id,
-        "variant_id": run_id.split("-")[0],
         "campaign": "camp",
-        "replica": 0,
-        "source": source,
         "harness_dir": tmp_path / "harness",
         "timeout_s": 30.0,
     }
-    fields.update(kw)
-    return Job(**fields)  # type: ignore[arg-type]
+    return make_job(source, run_id, **(fields | kw))
 
 
 def alive(pid: int) -> bool:

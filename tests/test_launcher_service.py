@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
-import tarfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from services.launcher import service
 from services.launcher.factory import make_backend
 from services.settings import Settings
 from tests.eventually import eventually
+from tests.launcher_helpers import harness_tar, propose
 
 SEED = """import os
 DEPTH = 8
@@ -27,17 +26,6 @@ print("---")
 print("val_bpb:          0.997900")
 print("num_steps:        " + str(helper.STEPS))
 """
-
-
-def harness_tar(files: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(f"trainer/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 async def start_campaign(
@@ -57,21 +45,6 @@ async def start_campaign(
     await bus.campaigns.save(campaign)
     await bus.publish(campaign)
     return campaign
-
-
-async def propose(bus: Bus, campaign: str, source: str) -> c.VariantProposed:
-    variant_id = c.variant_id_for(campaign, source)
-    event = c.VariantProposed(
-        campaign=campaign,
-        event_id=f"proposed:{campaign}:{variant_id}",
-        variant_id=variant_id,
-        parent_id=None,
-        source_digest=await bus.put_source(source),
-        diff="",
-        title="baseline",
-    )
-    await bus.publish(event)
-    return event
 
 
 class Recorder:

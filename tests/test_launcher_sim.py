@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 
@@ -13,6 +12,7 @@ from services.evaluator.classify import evaluate_run
 from services.launcher import landscape as ls
 from services.launcher.backend import Job, RunOutcome
 from services.launcher.sim import SimBackend
+from tests.launcher_helpers import job as make_job
 
 SEED = (
     "DEPTH = 8\nDEVICE_BATCH_SIZE = 128\nMATRIX_LR = 0.04\nWEIGHT_DECAY = 0.2\n"
@@ -21,17 +21,7 @@ SEED = (
 
 
 def job(source: str, run_id: str = "v-default-0", **kw: object) -> Job:
-    fields: dict[str, object] = {
-        "run_id": run_id,
-        "variant_id": run_id.split("-")[0],
-        "campaign": "c",
-        "replica": 0,
-        "source": source,
-        "harness_dir": Path("/nonexistent"),
-        "reference_source": SEED,
-    }
-    fields.update(kw)
-    return Job(**fields)  # type: ignore[arg-type]
+    return make_job(source, run_id, **({"reference_source": SEED} | kw))
 
 
 def backend(**kw: object) -> SimBackend:

@@ -42,6 +42,25 @@ def test_layers_defaults_file_env_flags(tmp_path: Path) -> None:
     assert s.campaign == "flag"  # a flag beats env and file; None is no flag
 
 
+def test_settings_precedence_file_env_flags(tmp_path: Path) -> None:
+    config = tmp_path / "nightshift.toml"
+    config.write_text('slots = 3\nbackend = "sim"\ncampaign = "from-file"\n')
+    env = {"NIGHTSHIFT_SLOTS": "5", "NATS_URL": "nats://x:4222"}
+    s = load_settings({"campaign": "from-flag"}, env=env, config_file=config)
+    assert (s.slots, s.backend, s.campaign, s.nats_url) == (5, "sim", "from-flag", "nats://x:4222")
+
+
+def test_bad_settings_name_the_setting(tmp_path: Path, no_file: Path) -> None:
+    with pytest.raises(SettingsError, match="NIGHTSHIFT_SLOTS"):
+        load_settings(env={"NIGHTSHIFT_SLOTS": "many"}, config_file=no_file)
+    with pytest.raises(SettingsError, match="backend"):
+        load_settings({"backend": "cloud"}, env={}, config_file=no_file)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("slotz = 1\n")
+    with pytest.raises(SettingsError, match="slotz"):
+        load_settings(env={}, config_file=bad)
+
+
 def test_config_file_named_by_env(tmp_path: Path) -> None:
     config = tmp_path / "other.toml"
     config.write_text('campaign = "named"\n')

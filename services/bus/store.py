@@ -16,6 +16,7 @@ import base64
 import contextlib
 import hashlib
 import json
+from typing import Generic, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -28,28 +29,46 @@ from services import contracts
 from services.bus.errors import BROKER_AWAY, while_broker_away
 from services.contracts import CampaignStarted, ContractError
 
+H = TypeVar("H", ObjectStore, KeyValue)
+
+
+class Declared(Generic[H]):
+    """A bucket's handle, declared on first use (opened, or created when it does not
+    exist yet) and kept; a subclass says how to open and how to create it."""
+
+    def __init__(self, js: JetStreamContext, name: str) -> None:
+        self.js = js
+        self.name = name
+        self._handle: H | None = None
+
+    async def declare(self) -> H:
+        if self._handle is None:
+            try:
+                self._handle = await self._open()
+            except nats.js.errors.BucketNotFoundError:
+                self._handle = await self._create()
+        return self._handle
+
+    async def _open(self) -> H:
+        raise NotImplementedError
+
+    async def _create(self) -> H:
+        raise NotImplementedError
+
 
 def bucket_name(prefix: str, name: str) -> str:
     return name if prefix == "ns" else f"{prefix}_{name}"
 
 
-class ObjectBucket:
+class ObjectBucket(Declared[ObjectStore]):
     """One object store bucket, declared on first use and its handle kept."""
 
-    def __init__(self, js: JetStreamContext, name: str) -> None:
-        self.js = js
-        self.name = name
-        self._store: ObjectStore | None = None
+    async def _open(self) -> ObjectStore:
+        return await self.js.object_store(self.name)
 
-    async def declare(self) -> ObjectStore:
-        if self._store is None:
-            try:
-                self._store = await self.js.object_store(self.name)
-            except nats.js.errors.BucketNotFoundError:
-                self._store = await self.js.create_object_store(
-                    self.name, api.ObjectStoreConfig(bucket=self.name, storage=api.StorageType.FILE)
-                )
-        return self._store
+    async def _create(self) -> ObjectStore:
+        config = api.ObjectStoreConfig(bucket=self.name, storage=api.StorageType.FILE)
+        return await self.js.create_object_store(self.name, config)
 
     async def put(self, key: str, data: bytes) -> None:
         async def put() -> None:
@@ -103,7 +122,7 @@ class ObjectBucket:
         return data
 
 
-class CampaignRegistry:
+class CampaignRegistry(Declared[KeyValue]):
     """The campaigns KV: each campaign's CampaignStarted, and whether it was stopped.
 
     Keys: `campaign.<name>` holds the encoded CampaignStarted; `stopped.<name>` exists while
@@ -111,20 +130,12 @@ class CampaignRegistry:
     letters, digits, '-' and '_', so they are valid KV keys.
     """
 
-    def __init__(self, js: JetStreamContext, bucket: str) -> None:
-        self.js = js
-        self.bucket = bucket
-        self._kv: KeyValue | None = None
+    async def _open(self) -> KeyValue:
+        return await self.js.key_value(self.name)
 
-    async def declare(self) -> KeyValue:
-        if self._kv is None:
-            try:
-                self._kv = await self.js.key_value(self.bucket)
-            except nats.js.errors.BucketNotFoundError:
-                self._kv = await self.js.create_key_value(
-                    api.KeyValueConfig(bucket=self.bucket, storage=api.StorageType.FILE)
-                )
-        return self._kv
+    async def _create(self) -> KeyValue:
+        config = api.KeyValueConfig(bucket=self.name, storage=api.StorageType.FILE)
+        return await self.js.create_key_value(config)
 
     async def save(self, event: CampaignStarted) -> None:
         await self._put(f"campaign.{event.campaign}", contracts.encode(event))

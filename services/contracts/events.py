@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 import typing
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypedDict
 
 import msgspec
 
@@ -165,6 +165,12 @@ class RunFinished(Event, tag="run.finished", kw_only=True, frozen=True):
     infra_failure: bool = False
     infra_reason: str = ""
 
+    def keys(self, kind: str) -> RunKeys:
+        """The keys of an event that follows from this run's attempt (its result)."""
+        return run_keys(
+            kind, self.campaign, self.run_id, self.variant_id, self.tier, self.replica, self.attempt
+        )
+
 
 class RunCancel(Event, tag="run.cancel", kw_only=True, frozen=True):
     lossy: ClassVar[bool] = True
@@ -300,3 +306,46 @@ def run_id_for(variant_id: str, tier: str, replica: int) -> str:
 def event_id_for(*parts: object) -> str:
     """A deterministic event id from the parts that make the event unique."""
     return ":".join(str(p) for p in parts)
+
+
+class RunKeys(TypedDict):
+    """The fields that name one attempt of a run, shared by RunStarted, RunFinished and
+    ResultEvaluated: spread them into the event (`RunStarted(**keys, ...)`)."""
+
+    campaign: str
+    event_id: str
+    run_id: str
+    variant_id: str
+    tier: str
+    replica: int
+    attempt: int
+
+
+def run_keys(
+    kind: str, campaign: str, run_id: str, variant_id: str, tier: str, replica: int, attempt: int
+) -> RunKeys:
+    """The keys of the `kind` event ("started", "finished", ...) of one attempt of a run."""
+    event_id = event_id_for(kind, campaign, run_id, attempt)
+    return RunKeys(
+        campaign=campaign,
+        event_id=event_id,
+        run_id=run_id,
+        variant_id=variant_id,
+        tier=tier,
+        replica=replica,
+        attempt=attempt,
+    )
+
+
+class VariantKeys(TypedDict):
+    """The fields that name a variant's proposal: spread them into VariantProposed."""
+
+    campaign: str
+    event_id: str
+    variant_id: str
+
+
+def variant_keys(campaign: str, variant_id: str) -> VariantKeys:
+    """The keys of the proposal of `variant_id` (one per variant and campaign)."""
+    event_id = event_id_for("proposed", campaign, variant_id)
+    return VariantKeys(campaign=campaign, event_id=event_id, variant_id=variant_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from services import contracts as c
 from services.bus import Bus, Delivery, TransientError
 from services.evaluator.classify import Evaluation, evaluate_run
-from services.telemetry import get_logger
+from services.telemetry import fields_of, get_logger
 
 
 async def fetch_log_text(bus: Bus, finished: c.RunFinished, metric: str) -> str:
@@ -28,13 +28,7 @@ async def fetch_log_text(bus: Bus, finished: c.RunFinished, metric: str) -> str:
 
 def result_event(finished: c.RunFinished, evaluation: Evaluation, metric: str) -> c.ResultEvaluated:
     return c.ResultEvaluated(
-        campaign=finished.campaign,
-        event_id=c.event_id_for("evaluated", finished.campaign, finished.run_id, finished.attempt),
-        run_id=finished.run_id,
-        variant_id=finished.variant_id,
-        tier=finished.tier,
-        replica=finished.replica,
-        attempt=finished.attempt,
+        **finished.keys("evaluated"),
         status=evaluation.status,
         metric=metric,
         value=evaluation.value,
@@ -55,14 +49,10 @@ class Evaluator:
             raise TransientError(f"campaign {event.campaign!r} is not in the campaigns KV yet")
         text = await fetch_log_text(self.bus, event, campaign.metric)
         evaluation = evaluate_run(event, text, campaign.metric)
-        await self.bus.publish(result_event(event, evaluation, campaign.metric))
+        result = result_event(event, evaluation, campaign.metric)
+        await self.bus.publish(result)
         self.log.info(
             "result_evaluated",
-            campaign=event.campaign,
-            variant_id=event.variant_id,
-            run_id=event.run_id,
-            attempt=event.attempt,
-            status=evaluation.status,
-            value=evaluation.value,
-            crash_reason=evaluation.crash_reason[:200],
+            **fields_of(result, "campaign", "variant_id", "run_id", "attempt", "status", "value"),
+            crash_reason=result.crash_reason[:200],
         )

@@ -14,7 +14,7 @@ import asyncio
 import math
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from services import contracts as c
@@ -37,6 +37,18 @@ class Work:
     tier: str
     replica: int
     run_id: str
+
+    def keys(self, kind: str, attempt: int) -> c.RunKeys:
+        """The keys of this work's `kind` event ("started", "finished") for one attempt."""
+        return c.run_keys(
+            kind,
+            self.campaign.campaign,
+            self.run_id,
+            self.variant_id,
+            self.tier,
+            self.replica,
+            attempt,
+        )
 
 
 class Background:
@@ -187,21 +199,11 @@ class Launcher:
         return self.references[campaign.campaign]
 
     async def publish_started(self, work: Work, attempt: int, slot: int) -> None:
-        camp = work.campaign.campaign
         host, accelerator = self.backend.placement(slot)
+        keys = work.keys("started", attempt)
         await self.bus.publish(
             c.RunStarted(
-                campaign=camp,
-                event_id=c.event_id_for("started", camp, work.run_id, attempt),
-                run_id=work.run_id,
-                variant_id=work.variant_id,
-                backend=self.backend.name,
-                host=host,
-                accelerator=accelerator,
-                tier=work.tier,
-                replica=work.replica,
-                attempt=attempt,
-                slot=slot,
+                **keys, backend=self.backend.name, host=host, accelerator=accelerator, slot=slot
             )
         )
 
@@ -212,16 +214,9 @@ class Launcher:
         if len(data) > MAX_LOG_BYTES:
             data = f"{c.truncated_line()}\n".encode() + data[-MAX_LOG_BYTES:]
         await self.bus.logs.put(work.run_id, data)
-        camp = work.campaign.campaign
         await self.bus.publish(
             c.RunFinished(
-                campaign=camp,
-                event_id=c.event_id_for("finished", camp, work.run_id, attempt),
-                run_id=work.run_id,
-                variant_id=work.variant_id,
-                tier=work.tier,
-                replica=work.replica,
-                attempt=attempt,
+                **work.keys("finished", attempt),
                 exit_code=outcome.exit_code,
                 started_at=outcome.started_at,
                 finished_at=outcome.finished_at,
@@ -252,10 +247,7 @@ class Launcher:
                         campaign=job.campaign,
                         run_id=job.run_id,
                         variant_id=job.variant_id,
-                        step=progress.step,
-                        fraction=progress.fraction,
-                        train_loss=progress.train_loss,
-                        tok_per_s=progress.tok_per_s,
+                        **asdict(progress),
                     )
                 )
             )

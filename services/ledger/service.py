@@ -24,7 +24,7 @@ from services.ledger.api import create_app
 from services.ledger.db import open_db
 from services.ledger.projection import apply_event, seen
 from services.settings import Settings
-from services.telemetry import get_logger
+from services.telemetry import fields_of, get_logger
 
 DURABLE = "ledger"
 # Deliveries in hand at once (their objects are fetched in parallel; applied in order).
@@ -106,10 +106,7 @@ class Projector:
                 await self.bus.publish(best)
                 self.log.info(
                     "best_updated",
-                    campaign=best.campaign,
-                    variant_id=best.variant_id,
-                    value=best.value,
-                    previous_value=best.previous_value,
+                    **fields_of(best, "campaign", "variant_id", "value", "previous_value"),
                 )
         finally:
             _release_after(done, prev)

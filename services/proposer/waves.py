@@ -13,7 +13,7 @@ from typing import Any
 from opentelemetry import trace
 
 from services.bus import Bus
-from services.contracts import VariantProposed, event_id_for, variant_id_for
+from services.contracts import VariantProposed, variant_id_for, variant_keys
 from services.proposer.factory import build_strategy
 from services.proposer.noise import default_noise_floor
 from services.proposer.program import ARCHIVE_ERRORS, program_from_harness
@@ -21,7 +21,7 @@ from services.proposer.state import CampaignState, Fleet, History
 from services.proposer.strategy import Proposal, ProposalRequest, Strategy
 from services.proposer.validate import validate_source
 from services.settings import Settings
-from services.telemetry import get_logger, tracer
+from services.telemetry import fields_of, get_logger, tracer
 
 SOURCE_CACHE = 64  # parent sources kept in memory
 # The harness is not in the bucket, or its archive is damaged: the wave goes without it.
@@ -163,9 +163,7 @@ class WaveMaker:
         await self.publish_variant(
             rt,
             VariantProposed(
-                campaign=state.name,
-                event_id=event_id_for("proposed", state.name, variant_id),
-                variant_id=variant_id,
+                **variant_keys(state.name, variant_id),
                 parent_id=None,
                 source_digest=cfg.seed_digest,
                 diff="",
@@ -230,9 +228,7 @@ class WaveMaker:
         await self.publish_variant(
             rt,
             VariantProposed(
-                campaign=state.name,
-                event_id=event_id_for("proposed", state.name, variant_id),
-                variant_id=variant_id,
+                **variant_keys(state.name, variant_id),
                 parent_id=proposal.parent_id,
                 source_digest=digest,
                 diff=unified_diff(request.parent_source, proposal.source, state.config.edit_file),
@@ -261,9 +257,5 @@ class WaveMaker:
             await self.bus.publish(event)
         self.history.apply_variant_proposed(event)
         rt.log.info(
-            "variant_proposed",
-            variant_id=event.variant_id,
-            title=event.title,
-            parent_id=event.parent_id,
-            wave=event.wave,
+            "variant_proposed", **fields_of(event, "variant_id", "title", "parent_id", "wave")
         )

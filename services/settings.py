@@ -35,6 +35,8 @@ StrategyName = Literal["auto", "grid", "claude"]
 KeepRuleName = Literal["strict"]  # the names in services.ledger.keep.RULES
 LogFormat = Literal["", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+# Level names are written either way (logging prints INFO): accepted in any case.
+CASE_FREE_SETTINGS = frozenset({"log_level"})
 
 # Settings whose values are secrets: masked by repr() and redacted().
 SECRET_SETTINGS = frozenset({"nats_password", "nats_token"})
@@ -229,6 +231,8 @@ def convert_setting(name: str, raw: Any, origin: str, *, strict: bool = False) -
     field = SETTING_FIELDS.get(name)
     if field is None:
         raise SettingsError(f"unknown setting {name!r} from {origin}")
+    if name in CASE_FREE_SETTINGS and isinstance(raw, str):
+        raw = raw.lower()
     try:
         return msgspec.convert(raw, type=field.type, strict=strict)
     except msgspec.ValidationError as exc:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+import stamina.instrumentation
 import structlog
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -80,6 +81,19 @@ def configure_logging(service: str, fmt: str = "", level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(service=service)
+    stamina.instrumentation.set_on_retry_hooks([_log_retry])
+
+
+def _log_retry(details: stamina.instrumentation.RetryDetails) -> None:
+    """stamina's retries (a broker briefly away, a wait for a condition) at info level: the
+    broker's own disconnect is the warning; a retry scheduled is routine."""
+    get_logger(component="retry").info(
+        "retry_scheduled",
+        retry=details.retry_num,
+        wait_s=round(details.wait_for, 3),
+        waited_s=round(details.waited_so_far, 3),
+        cause=repr(details.caused_by)[:300],
+    )
 
 
 def configure_tracing(service: str) -> None:

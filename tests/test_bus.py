@@ -12,7 +12,7 @@ import stamina
 
 from services.broker import EmbeddedNats
 from services.bus import AuthenticationError, Bus, Delivery, PoisonError, TransientError
-from services.contracts import CampaignStopped, DeadLettered, ProposerHalted
+from services.contracts import BestUpdated, CampaignStopped, DeadLettered, ProposerHalted
 from services.settings import Settings
 from tests.eventually import eventually
 
@@ -196,16 +196,10 @@ async def test_handlers_receive_their_own_type(bus: Bus) -> None:
 
     await bus.publish(stopped(1))
     await bus.publish(ProposerHalted(campaign="c", event_id="halt-1", reason="budget"))
-    await bus.publish(
-        DeadLettered(
-            campaign="c",
-            event_id="d",
-            subject_name="x",
-            stream_seq=1,
-            consumer="x",
-            error="not for this consumer",
-        )
+    not_for_us = BestUpdated(
+        campaign="c", event_id="b", variant_id="v", source_digest="d", value=1.0, runs=1
     )
+    await bus.publish(not_for_us)
     stop = asyncio.Event()
     task = asyncio.create_task(
         bus.consume("typed", {CampaignStopped: on_stop, ProposerHalted: on_halt}, stop=stop)
@@ -215,7 +209,7 @@ async def test_handlers_receive_their_own_type(bus: Bus) -> None:
     await task
     assert [type(e) for e in stops + halts] == [CampaignStopped, ProposerHalted]
     lag = await bus.consumer_lag("typed")
-    assert lag is not None and lag.pending == 0  # the DeadLettered never matched the filter
+    assert lag is not None and lag.pending == 0  # the BestUpdated never matched the filter
 
 
 async def test_publish_to_a_dead_broker_with_retries_off_fails_fast(

@@ -21,11 +21,8 @@ from services.contracts import (
     RunRequested,
     Status,
     VariantProposed,
-    event_id_for,
-    run_id_for,
-    source_digest,
-    variant_id_for,
 )
+from services.contracts.events import event_id_for, run_id_for, source_digest, variant_id_for
 from services.ledger import keep, queries
 from services.ledger.db import open_db
 from services.ledger.projection import apply_event, projected_types

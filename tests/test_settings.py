@@ -269,3 +269,11 @@ def test_bench_fleet_keeps_its_own_flags() -> None:
     assert _overrides(args) == {}
     stop = build_parser().parse_args(["campaign", "stop", "c"])
     assert stop.name == "c" and _overrides(stop) == {}
+
+
+def test_log_level_in_any_case(no_file: Path) -> None:
+    """`NIGHTSHIFT_LOG_LEVEL=INFO` worked before the settings were typed; it still does."""
+    assert (
+        load_settings(env={"NIGHTSHIFT_LOG_LEVEL": "WARNING"}, config_file=no_file).log_level
+        == "warning"
+    )

@@ -23,19 +23,6 @@ class CampaignError(ValueError):
     """A campaign that cannot start as asked (missing trainer, bad name, ...)."""
 
 
-# The fields of CampaignStarted that are the settings of the same name.
-CAMPAIGN_SETTINGS = (
-    "trainer_dir",
-    "edit_file",
-    "metric",
-    "direction",
-    "profile",
-    "max_experiments",
-    "run_timeout_s",
-    "keep_rule",
-)
-
-
 def campaign_event(settings: Settings, seed_digest: str, harness_key: str) -> CampaignStarted:
     return CampaignStarted(
         campaign=settings.campaign,
@@ -45,7 +32,14 @@ def campaign_event(settings: Settings, seed_digest: str, harness_key: str) -> Ca
         tiers=[settings.tier],
         # ProposerConfig's fields are all settings of the same name.
         proposer=msgspec.convert(settings, ProposerConfig, from_attributes=True),
-        **{name: getattr(settings, name) for name in CAMPAIGN_SETTINGS},
+        trainer_dir=settings.trainer_dir,
+        edit_file=settings.edit_file,
+        metric=settings.metric,
+        direction=settings.direction,
+        profile=settings.profile,
+        max_experiments=settings.max_experiments,
+        run_timeout_s=settings.run_timeout_s,
+        keep_rule=settings.keep_rule,
     )
 
 

@@ -60,14 +60,6 @@ class _Observed:
     results: int = 0
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def handlers(self) -> Handlers:
-        return {
-            RunStarted: self.on_run_started,
-            RunFinished: self.on_run_finished,
-            ResultEvaluated: self.on_result_evaluated,
-            CampaignStopped: self.on_stopped,
-        }
-
     async def on_run_started(self, event: RunStarted, _: Delivery) -> None:
         if event.campaign == self.campaign:
             self.slot_of[event.run_id] = (event.host, event.slot)
@@ -84,6 +76,14 @@ class _Observed:
     async def on_stopped(self, event: CampaignStopped, _: Delivery) -> None:
         if event.campaign == self.campaign:
             self.stopped.set()
+
+    def handlers(self) -> Handlers:
+        return {
+            RunStarted: self.on_run_started,
+            RunFinished: self.on_run_finished,
+            ResultEvaluated: self.on_result_evaluated,
+            CampaignStopped: self.on_stopped,
+        }
 
 
 def _percentile(values: list[float], q: float) -> float:

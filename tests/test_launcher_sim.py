@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
 
 from services.contracts import RunFinished, parse_progress, parse_summary
 from services.evaluator.classify import evaluate_run
 from services.launcher import landscape as ls
 from services.launcher.backend import Job, RunOutcome
-from services.launcher.sim import SimBackend
+from services.launcher.sim import SimBackend, SimParams
 from tests.launcher_helpers import job as make_job
 
 SEED = (
@@ -24,10 +25,11 @@ def job(source: str, run_id: str = "v-default-0", **kw: object) -> Job:
     return make_job(source, run_id, **({"reference_source": SEED} | kw))
 
 
-def backend(**kw: object) -> SimBackend:
-    fields: dict[str, object] = {"slots": 4, "budget_s": 300.0, "time_scale": 0.001, "seed": 0}
-    fields.update(kw)
-    return SimBackend(**fields)  # type: ignore[arg-type]
+def backend(slots: int = 4, **params: float) -> SimBackend:
+    """A sim backend with the tests' defaults; params are SimParams fields without `sim_`."""
+    fields: dict[str, float] = {"budget_s": 300.0, "time_scale": 0.001} | params
+    prefixed = {f"sim_{name}": value for name, value in fields.items()}
+    return SimBackend(msgspec.convert(prefixed, SimParams), slots=slots)
 
 
 def evaluate(outcome: RunOutcome) -> tuple[str, float | None, str]:

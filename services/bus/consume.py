@@ -69,22 +69,20 @@ async def fetch_available(psub: Any, batch: int, timeout: float) -> list[Msg]:
     return msgs
 
 
+@dataclass
 class MessageRunner:
     """Handles one message: decode, dispatch by type, heartbeat, ack / nak / term."""
 
-    def __init__(
-        self,
-        publish: Publish,
-        consumer: str,
-        handlers: Handlers,
-        ack_wait_s: float,
-        max_deliver: int,
-    ) -> None:
-        self.publish = publish
-        self.consumer = consumer
-        self.handlers = dict(handlers)
-        self.heartbeat_s = max(ack_wait_s / 3.0, 0.2)
-        self.max_deliver = max_deliver
+    publish: Publish
+    consumer: str
+    handlers: Handlers
+    ack_wait_s: float
+    max_deliver: int
+
+    @property
+    def heartbeat_s(self) -> float:
+        """How often a long handler tells the server it is still working on a message."""
+        return max(self.ack_wait_s / 3.0, 0.2)
 
     async def handle(self, msg: Msg) -> None:
         meta = msg.metadata

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from services.launcher.backend import Backend
 from services.launcher.local import LocalBackend
-from services.launcher.sim import SimBackend
+from services.launcher.sim import SimBackend, SimParams
 from services.settings import Settings, SettingsError
 
 
@@ -12,15 +14,8 @@ def make_backend(settings: Settings, launcher_id: str) -> Backend:
     if settings.backend == "local":
         return LocalBackend(settings.runs_path, gpus=settings.gpus, slots=settings.slots)
     if settings.backend == "sim":
-        return SimBackend(
-            slots=settings.slots,
-            budget_s=settings.sim_budget_s,
-            time_scale=settings.sim_time_scale,
-            noise=settings.sim_noise,
-            failure_rate=settings.sim_failure_rate,
-            seed=settings.sim_seed,
-            host=f"sim-{launcher_id}",
-        )
+        params = msgspec.convert(settings, SimParams, from_attributes=True)
+        return SimBackend(params, slots=settings.slots, host=f"sim-{launcher_id}")
     raise SettingsError(
         f"backend {settings.backend!r} is not available in this launcher yet; "
         "set NIGHTSHIFT_BACKEND to local or sim"

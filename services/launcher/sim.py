@@ -15,6 +15,8 @@ import random
 import time
 import traceback
 
+import msgspec
+
 from services.contracts import cancelled_line, format_summary, knob_values_only, timed_out_line
 from services.launcher import landscape as ls
 from services.launcher.backend import Job, LineCallback, RunOutcome
@@ -23,25 +25,22 @@ OVERHEAD_S = 25.0  # simulated start-up + evaluation seconds beyond the training
 PROGRESS_LINES = 5
 
 
+class SimParams(msgspec.Struct, frozen=True, kw_only=True):
+    """What a simulated run is like; each field is the setting of the same name."""
+
+    sim_budget_s: float = 300.0
+    sim_time_scale: float = 0.002
+    sim_noise: float = 7e-4
+    sim_failure_rate: float = 0.5
+    sim_seed: int = 0
+
+
 class SimBackend:
     name = "sim"
 
-    def __init__(
-        self,
-        slots: int = 1,
-        budget_s: float = 300.0,
-        time_scale: float = 0.002,
-        noise: float = 7e-4,
-        failure_rate: float = 0.5,
-        seed: int = 0,
-        host: str = "sim",
-    ) -> None:
+    def __init__(self, params: SimParams | None = None, slots: int = 1, host: str = "sim") -> None:
+        self.params = params or SimParams()
         self._slots = max(1, slots)
-        self.budget_s = budget_s
-        self.time_scale = time_scale
-        self.noise = noise
-        self.failure_rate = failure_rate
-        self.seed = seed
         self.host = host
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancelled: dict[str, str] = {}
@@ -59,7 +58,7 @@ class SimBackend:
         if found is None:
             if len(self._landscapes) > 64:
                 self._landscapes.clear()
-            found = self._landscapes[reference] = ls.Landscape(reference, seed=self.seed)
+            found = self._landscapes[reference] = ls.Landscape(reference, seed=self.params.sim_seed)
         return found
 
     def observe(self, job: Job) -> ls.SimObservation:
@@ -74,14 +73,18 @@ class SimBackend:
         try:
             scape = self.landscape(reference)
         except SyntaxError:
-            scape = ls.Landscape("", seed=self.seed)
-        return scape.observe(job.source, f"{self.seed}:{job.run_id}", self.noise, self.failure_rate)
+            scape = ls.Landscape("", seed=self.params.sim_seed)
+        p = self.params
+        return scape.observe(
+            job.source, f"{p.sim_seed}:{job.run_id}", p.sim_noise, p.sim_failure_rate
+        )
 
     async def run(self, job: Job, on_line: LineCallback) -> RunOutcome:
         started = time.time()
         obs = self.observe(job)
         outcome = RunOutcome(None, started, started)
-        sim_seconds = _simulated_seconds(obs, self.budget_s, f"{self.seed}:{job.run_id}")
+        budget_s = self.params.sim_budget_s
+        sim_seconds = _simulated_seconds(obs, budget_s, f"{self.params.sim_seed}:{job.run_id}")
         limit = job.timeout_s
         lines: list[str] = [f"sim: {job.run_id} on {self.host} (profile {job.profile})"]
 
@@ -109,20 +112,21 @@ class SimBackend:
                 outcome.timed_out = True
                 lines.append(timed_out_line(limit))
             else:
-                outcome.exit_code = _finish(job, obs, self.budget_s, lines)
+                outcome.exit_code = _finish(job, obs, budget_s, lines)
         outcome.log_text = "\n".join(lines) + "\n"
         outcome.finished_at = time.time()
         return outcome
 
     async def _train(self, obs: ls.SimObservation, sim_seconds: float, emit: LineCallback) -> None:
         """Sleep the scaled time, printing progress lines along the way."""
-        wall = sim_seconds * self.time_scale
+        wall = sim_seconds * self.params.sim_time_scale
+        budget_s = self.params.sim_budget_s
         if obs.failure == "crash":
             await asyncio.sleep(wall)
             return
         total_steps = 953
         loss0, loss1 = 9.0, 3.2 + (obs.true_val_bpb or 1.0)
-        train_fraction = min(sim_seconds / self.budget_s, 1.0) if self.budget_s > 0 else 1.0
+        train_fraction = min(sim_seconds / budget_s, 1.0) if budget_s > 0 else 1.0
         for k in range(1, PROGRESS_LINES + 1):
             await asyncio.sleep(wall / PROGRESS_LINES)
             frac = train_fraction * k / PROGRESS_LINES
@@ -133,7 +137,7 @@ class SimBackend:
             emit(
                 f"step {step:05d} ({frac * 100:.1f}%) | loss: {loss:.6f} | lrm: 1.00 | "
                 f"dt: 314ms | tok/sec: {1_668_123 + 1000 * k:,} | mfu: 39.8% | epoch: 1 | "
-                f"remaining: {max(0.0, self.budget_s * (1 - frac)):.0f}s"
+                f"remaining: {max(0.0, budget_s * (1 - frac)):.0f}s"
             )
 
     async def cancel(self, run_id: str, reason: str = "") -> None:

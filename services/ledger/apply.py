@@ -91,7 +91,7 @@ def campaign_started(ev: CampaignStarted, ctx: Ctx) -> list[BestUpdated]:
         """
         INSERT INTO campaigns(name, config, metric, direction, keep_rule, edit_file, status,
                               started_at)
-        VALUES (?, ?, ?, ?, ?, ?, 'running', ?)
+        VALUES (:campaign, :config, :metric, :direction, :keep_rule, :edit_file, 'running', :ts)
         ON CONFLICT(name) DO UPDATE SET
             config = excluded.config, metric = excluded.metric,
             direction = excluded.direction, keep_rule = excluded.keep_rule,
@@ -106,15 +106,7 @@ def campaign_started(ev: CampaignStarted, ctx: Ctx) -> list[BestUpdated]:
             stop_detail = CASE WHEN campaigns.stopped_at > excluded.started_at
                                THEN campaigns.stop_detail END
         """,
-        (
-            ev.campaign,
-            contracts.encode(ev).decode(),
-            ev.metric,
-            ev.direction,
-            ev.keep_rule,
-            ev.edit_file,
-            ev.ts,
-        ),
+        msgspec.structs.asdict(ev) | {"config": contracts.encode(ev).decode()},
     )
     return []
 
@@ -150,17 +142,9 @@ def dead_lettered(ev: DeadLettered, ctx: Ctx) -> list[BestUpdated]:
     conn = ctx.conn
     conn.execute(
         "INSERT OR IGNORE INTO dead_letters(event_id, campaign, subject, stream_seq, consumer, "
-        "error, payload_preview, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            event_key(ev),
-            ev.campaign,
-            ev.subject_name,
-            ev.stream_seq,
-            ev.consumer,
-            ev.error,
-            ev.payload_preview,
-            ev.ts,
-        ),
+        "error, payload_preview, ts) VALUES (:key, :campaign, :subject_name, :stream_seq, "
+        ":consumer, :error, :payload_preview, :ts)",
+        msgspec.structs.asdict(ev) | {"key": event_key(ev)},
     )
     return []
 

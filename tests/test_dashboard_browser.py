@@ -1,0 +1,298 @@
+"""The dashboard in headless Chromium over a real sim campaign (nats-server, the four
+services, SQLite), driven with Selenium: no console errors, the chart's points and the
+table's rows equal the API's, a new result appears without a reload, Stop from the page
+(wrong token, then the right one), a title holding <script> shown as text, a variant page
+with its diff and lineage. Screenshots go to $NIGHTSHIFT_SCREENSHOTS or a temporary
+directory, printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from services.broker import EmbeddedNats
+from services.bus import Bus
+from services.campaign import start_campaign
+from services.contracts import VariantProposed, event_id_for, variant_id_for
+from services.supervisor import wait_for_ledger_url
+from tests.e2e_helpers import services_running, sim_settings
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = [
+    pytest.mark.skipif(
+        CHROMIUM is None or CHROMEDRIVER is None,
+        reason="the browser tests need headless Chromium: Debian's chromium and "
+        "chromium-driver packages (/usr/bin/chromium, /usr/bin/chromedriver); "
+        "`apt-get install chromium chromium-driver` (.ci/run installs them)",
+    ),
+    pytest.mark.slow,
+]
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the dev extra)")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+TOKEN = "browser-test-token"
+CAMPAIGN = "night"
+HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
+T = TypeVar("T")
+
+
+class SimCampaign:
+    """A sim campaign served by the four services on an event loop in a thread of its own
+    (the browser's calls block this thread)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.nats = EmbeddedNats(home / "nats").start()
+        self.settings = sim_settings(
+            home,
+            self.nats.url,
+            campaign=CAMPAIGN,
+            slots=4,
+            max_experiments=0,
+            api_token=TOKEN,
+            sim_time_scale=0.5 / 300.0,
+        )
+        self.loop = asyncio.new_event_loop()
+        self.stop = asyncio.Event()
+        self.ready: Future[str] = Future()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.main(),))
+        self.thread.start()
+        self.url = self.ready.result(timeout=60)
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+
+    async def main(self) -> None:
+        try:
+            self.bus = await Bus.from_settings(self.settings, "browser-test")
+            async with services_running(self.settings, self.nats.url):
+                await start_campaign(self.bus, self.settings)
+                self.ready.set_result(await wait_for_ledger_url(self.home))
+                await self.stop.wait()
+            await self.bus.close()
+        except BaseException as exc:
+            if not self.ready.done():
+                self.ready.set_exception(exc)
+            raise
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def get(self, path: str, **params: Any) -> Any:
+        response = self.http.get(path, params=params)
+        assert response.status_code == 200, (path, response.text)
+        return response.json()
+
+    def close(self) -> None:
+        self.http.close()
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stop.set)
+            self.thread.join(timeout=60)
+        self.loop.close()
+        self.nats.stop()
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimCampaign]:
+    campaign = SimCampaign(tmp_path_factory.mktemp("browser"))
+    try:
+        yield campaign
+    finally:
+        campaign.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import os
+
+    where = os.environ.get("NIGHTSHIFT_SCREENSHOTS")
+    path = Path(where) if where else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"\nscreenshots: {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tempfile.mkdtemp(prefix="nightshift-chromium-")
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,900",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait(driver: Any, check: Callable[[], T], what: str, timeout: float = 15) -> T:
+    """Selenium's own poll, for the page and for the API alike."""
+    poll = WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]
+    )
+    result: T = poll.until(lambda _: check(), message=f"timed out waiting for {what}")
+    return result
+
+
+def console_errors(driver: Any) -> list[dict[str, Any]]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def points(driver: Any) -> list[str]:
+    """The chart's points (read at once: the live feed may swap the chart at any moment)."""
+    script = "return Array.from(document.querySelectorAll('circle.point'), c => c.dataset.run)"
+    found: list[str] = driver.execute_script(script)
+    return found
+
+
+def screenshot(driver: Any, path: Path) -> None:
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1280, min(int(height) + 20, 3000))
+    driver.save_screenshot(str(path))
+    driver.set_window_size(1280, 900)
+
+
+def test_overview_updates_live_without_a_reload(sim: SimCampaign, browser: Any) -> None:
+    wait(browser, lambda: len(sim.get(f"/campaigns/{CAMPAIGN}/progress")["points"]) >= 4, "results")
+    browser.get(f"{sim.url}/ui/campaigns/{CAMPAIGN}")
+    browser.execute_script("window.__page = 'first load'")
+    before = len(points(browser))
+    assert before >= 4
+    wait(browser, lambda: browser.find_element(By.ID, "live").text == "live", "the live feed")
+    wait(browser, lambda: len(points(browser)) > before, "a new point without a reload")
+    assert browser.execute_script("return window.__page") == "first load"
+    assert console_errors(browser) == []
+
+
+def test_stop_from_the_page_needs_the_right_token(sim: SimCampaign, browser: Any) -> None:
+    # Enough points for a chart worth a screenshot (~8 results a second).
+    wait(
+        browser,
+        lambda: len(sim.get(f"/campaigns/{CAMPAIGN}/progress")["points"]) >= 24,
+        "24 results",
+    )
+    browser.get(f"{sim.url}/ui/campaigns/{CAMPAIGN}")
+    message = browser.find_element(By.ID, "control-msg")
+    token = browser.find_element(By.ID, "token")
+    token.send_keys("wrong")
+    browser.find_element(By.CSS_SELECTOR, "button[data-action=stop]").click()
+    wait(browser, lambda: message.text.startswith("401"), "the refusal")
+    assert "wrong bearer token" in message.text
+    assert sim.get(f"/campaigns/{CAMPAIGN}")["status"] == "running"
+    token.clear()
+    token.send_keys(TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "button[data-action=stop]").click()
+    wait(browser, lambda: message.text.startswith("stopped"), "the stop")
+    wait(browser, lambda: browser.find_element(By.ID, "state").text == "STOPPED", "the new state")
+    errors = [e["message"] for e in console_errors(browser)]
+    assert len(errors) == 1 and "/stop - Failed to load resource" in errors[0], errors  # the 401
+
+
+def _settled(sim: SimCampaign) -> bool:
+    """No run left running or requested, and the ledger caught up with the last result."""
+    summary = sim.get(f"/campaigns/{CAMPAIGN}")
+    runs = summary["counts"]["runs"]
+    return not runs.get("running") and not runs.get("requested") and not runs.get("finished")
+
+
+def test_chart_and_table_equal_the_api(sim: SimCampaign, browser: Any, shots: Path) -> None:
+    wait(browser, lambda: _settled(sim), "the stopped campaign to settle", timeout=20)
+    browser.get(f"{sim.url}/ui/campaigns/{CAMPAIGN}")
+    progress = sim.get(f"/campaigns/{CAMPAIGN}/progress")
+    summary = sim.get(f"/campaigns/{CAMPAIGN}")
+    assert points(browser) == [p["run_id"] for p in progress["points"]]
+    assert len(points(browser)) == summary["counts"]["results"]["ok"]
+    kept = browser.find_elements(By.CSS_SELECTOR, "circle.point.kept")
+    assert len(kept) == sum(p["kept"] for p in progress["points"]) >= 1
+    labels = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "text.kept-label")]
+    titles = [p["title"] for p in progress["points"] if p["kept"]]
+    assert labels == [t if len(t) <= 38 else t[:38] + "…" for t in titles]
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.experiments tbody tr[data-variant]")
+    api = sim.get(f"/campaigns/{CAMPAIGN}/variants", sort="time", order="desc", limit=25)
+    assert [r.get_attribute("data-variant") for r in rows] == [v["variant_id"] for v in api]
+    total = browser.find_element(By.CSS_SELECTOR, "table.experiments").get_attribute("data-total")
+    assert int(total) == summary["counts"]["proposed"]
+    assert console_errors(browser) == []
+    screenshot(browser, shots / "dashboard-overview.png")
+
+
+def test_a_script_in_a_title_is_shown_as_text(sim: SimCampaign, browser: Any) -> None:
+    best = sim.get(f"/campaigns/{CAMPAIGN}/best")
+    source = best["source"] + "\n# a proposal with a hostile title\n"
+    vid = variant_id_for(CAMPAIGN, source)
+
+    async def propose() -> None:
+        digest = await sim.bus.put_source(source)
+        await sim.bus.publish(
+            VariantProposed(
+                campaign=CAMPAIGN,
+                event_id=event_id_for("proposed", vid),
+                variant_id=vid,
+                parent_id=best["variant_id"],
+                source_digest=digest,
+                diff="",
+                title=HOSTILE,
+            )
+        )
+
+    sim.call(propose())
+    wait(browser, lambda: sim.http.get(f"/variants/{vid}").status_code == 200, "the proposal")
+    browser.get(f"{sim.url}/ui/campaigns/{CAMPAIGN}?q=script")
+    cell = browser.find_element(By.CSS_SELECTOR, f"tr[data-variant='{vid}'] td.title")
+    assert cell.text == HOSTILE
+    browser.get(f"{sim.url}/ui/variants/{vid}")
+    assert browser.find_element(By.ID, "variant-title").text == HOSTILE
+    assert browser.execute_script("return window.__pwned") is None
+    assert console_errors(browser) == []
+
+
+def test_variant_page_shows_its_diff_and_lineage(
+    sim: SimCampaign, browser: Any, shots: Path
+) -> None:
+    progress = sim.get(f"/campaigns/{CAMPAIGN}/progress")
+    kept = [p["variant_id"] for p in progress["points"] if p["kept"]]
+    chains = {vid: sim.get(f"/variants/{vid}/lineage") for vid in kept}
+    vid = max(chains, key=lambda v: len(chains[v]))  # the longest chain back to the seed
+    lineage = chains[vid]
+    assert len(lineage) >= 2, "no kept variant descends from another one"
+    browser.get(f"{sim.url}/ui/variants/{vid}")
+    assert browser.find_elements(By.CSS_SELECTOR, "pre.diff span.add")
+    assert browser.find_elements(By.CSS_SELECTOR, "pre.diff span.del")
+    items = browser.find_elements(By.CSS_SELECTOR, "ol.lineage li")
+    assert len(items) == len(lineage)
+    assert [i.find_element(By.CSS_SELECTOR, ".mono").text for i in items] == [
+        a["variant_id"] for a in lineage
+    ]
+    assert browser.find_elements(By.CSS_SELECTOR, "details.run")
+    assert console_errors(browser) == []
+    screenshot(browser, shots / "dashboard-variant.png")
+    items[0].find_element(By.TAG_NAME, "a").click()
+    wait(
+        browser,
+        lambda: browser.current_url.endswith(f"/ui/variants/{lineage[0]['variant_id']}"),
+        "the root",
+    )

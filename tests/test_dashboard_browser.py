@@ -9,6 +9,7 @@ directory, printed.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
 import threading
@@ -238,6 +239,40 @@ def test_chart_and_table_equal_the_api(sim: SimCampaign, browser: Any, shots: Pa
     assert int(total) == summary["counts"]["proposed"]
     assert console_errors(browser) == []
     screenshot(browser, shots / "dashboard-overview.png")
+
+
+def read_feed(sim: SimCampaign, **headers: str) -> list[tuple[int, str, dict[str, Any]]]:
+    """The live feed's messages (id, event, data) up to its first `update`."""
+    out: list[tuple[int, str, dict[str, Any]]] = []
+    fields: dict[str, str] = {}
+    with sim.http.stream("GET", f"/campaigns/{CAMPAIGN}/events", headers=headers) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line:
+                key, _, value = line.partition(": ")
+                fields[key] = value
+                continue
+            if "event" in fields:
+                out.append((int(fields["id"]), fields["event"], json.loads(fields["data"])))
+                if fields["event"] == "update":
+                    return out
+            fields = {}
+    raise AssertionError(f"the feed ended before an update: {out}")
+
+
+def test_live_feed_resumes_from_last_event_id(sim: SimCampaign) -> None:
+    everything = read_feed(sim, **{"Last-Event-ID": "0"})
+    results = [m for m in everything if m[1] == "result"]
+    summary = sim.get(f"/campaigns/{CAMPAIGN}")
+    assert len(results) == summary["counts"]["evaluated"]
+    assert [m[0] for m in results] == sorted(m[0] for m in results)
+    update = everything[-1]
+    assert update[2]["position"] == update[0] >= results[-1][0]
+    infra = summary["counts"]["results"].get("infra", 0)
+    assert update[2]["evaluated"] == summary["counts"]["evaluated"] - infra
+    resumed = read_feed(sim, **{"Last-Event-ID": str(results[-3][0])})
+    assert [m[2]["run_id"] for m in resumed[:-1]] == [m[2]["run_id"] for m in results[-2:]]
+    assert resumed[-1][1] == "update"
 
 
 def test_a_script_in_a_title_is_shown_as_text(sim: SimCampaign, browser: Any) -> None:

@@ -20,11 +20,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
-from services.ledger.api import Conn
-from services.ledger.db import open_read
+from services.ledger.db import LedgerError, open_read
 from services.ledger.overview import FleetWatch, found, overview, position
 
 POLL_S = 0.25
@@ -73,6 +72,18 @@ def changes(
         conn.close()
 
 
+def _campaign_known(db_path: Path, name: str) -> bool | None:
+    try:
+        conn = open_read(db_path)
+    except LedgerError as exc:
+        raise HTTPException(status_code=503, detail=str(exc)) from exc
+    try:
+        row = conn.execute("SELECT 1 FROM campaigns WHERE name = ?", (name,)).fetchone()
+        return True if row is not None else None
+    finally:
+        conn.close()
+
+
 def _start(last_event_id: str | None, after: int | None) -> int | None:
     if last_event_id and last_event_id.strip().isdigit():
         return int(last_event_id.strip())
@@ -109,15 +120,14 @@ async def stream(request: Request, name: str, after: int | None) -> AsyncIterato
         404: {"description": "unknown campaign"},
     },
 )
-def events(
+async def events(
     name: str,
     request: Request,
-    conn: Conn,
     last_event_id: Annotated[str | None, Header(description="the last id received")] = None,
     after: Annotated[int | None, Query(ge=0, description="start after this position")] = None,
 ) -> StreamingResponse:
     """Server-sent events: `result` per evaluated result, `update` with the overview."""
-    found(conn.execute("SELECT 1 FROM campaigns WHERE name = ?", (name,)).fetchone(), name)
+    found(await asyncio.to_thread(_campaign_known, request.app.state.db_path, name), name)
     return StreamingResponse(
         stream(request, name, _start(last_event_id, after)),
         media_type="text/event-stream",

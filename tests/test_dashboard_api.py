@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from services.bus import Bus
 from services.contracts import VariantProposed, event_id_for, source_digest, variant_id_for
+from services.launcher.backend import is_secret_name
 from services.ledger.api import create_app
 from services.ledger.db import open_db
 from services.ledger.live import changes
@@ -254,3 +255,4 @@ def test_the_token_is_a_secret_setting() -> None:
     settings = Settings(api_token=TOKEN)
     assert TOKEN not in repr(settings) and TOKEN not in json.dumps(settings.redacted())
     assert msgspec.structs.asdict(settings)["api_token"] == TOKEN
+    assert is_secret_name("NIGHTSHIFT_API_TOKEN")  # never in a trainer's environment

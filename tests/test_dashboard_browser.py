@@ -217,7 +217,11 @@ def _settled(sim: SimCampaign) -> bool:
     """No run left running or requested, and the ledger caught up with the last result."""
     summary = sim.get(f"/campaigns/{CAMPAIGN}")
     runs = summary["counts"]["runs"]
-    return not runs.get("running") and not runs.get("requested") and not runs.get("finished")
+    fleet = sim.get(f"/campaigns/{CAMPAIGN}/overview")["fleet"]
+    idle = fleet["heard"] and not any(t["busy"] for t in fleet["tiers"])
+    return (
+        idle and not runs.get("running") and not runs.get("requested") and not runs.get("finished")
+    )
 
 
 def test_chart_and_table_equal_the_api(sim: SimCampaign, browser: Any, shots: Path) -> None:
@@ -331,3 +335,26 @@ def test_variant_page_shows_its_diff_and_lineage(
         lambda: browser.current_url.endswith(f"/ui/variants/{lineage[0]['variant_id']}"),
         "the root",
     )
+
+
+def test_overview_fits_a_phone_in_dark_mode(sim: SimCampaign, browser: Any, shots: Path) -> None:
+    dark = {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", dark)
+    browser.set_window_size(390, 844)
+    try:
+        browser.get(f"{sim.url}/ui/campaigns/{CAMPAIGN}")
+        width = browser.execute_script("return document.documentElement.clientWidth")
+        assert width <= 400
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, "the page scrolls sideways on a phone"
+        background = browser.execute_script(
+            "return getComputedStyle(document.body).backgroundColor"
+        )
+        assert background == "rgb(18, 19, 22)"  # the dark palette
+        assert console_errors(browser) == []
+        browser.save_screenshot(str(shots / "dashboard-phone-dark.png"))
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        browser.set_window_size(1280, 900)

@@ -9,10 +9,12 @@ directory, printed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -20,11 +22,14 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import uvicorn
 
 from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.campaign import start_campaign
 from services.contracts import VariantProposed, event_id_for, variant_id_for
+from services.ledger.api import create_app
+from services.settings import Settings
 from services.supervisor import wait_for_ledger_url
 from tests.e2e_helpers import services_running, sim_settings
 
@@ -358,3 +363,39 @@ def test_overview_fits_a_phone_in_dark_mode(sim: SimCampaign, browser: Any, shot
     finally:
         browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
         browser.set_window_size(1280, 900)
+
+
+@contextlib.contextmanager
+def guarded_ledger(ledger: Path) -> Iterator[str]:
+    """A second API over the same ledger file that requires the token for reads."""
+    app = create_app(ledger, Settings(api_token=TOKEN, api_token_reads=True))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "the guarded ledger did not start"
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        app.state.closing.set()  # its live feeds end within a poll
+        thread.join(timeout=10)
+
+
+def test_a_ledger_closed_for_reads_asks_for_the_token(sim: SimCampaign, browser: Any) -> None:
+    with guarded_ledger(sim.home / "ledger.db") as url:
+        browser.get(f"{url}/ui/campaigns/{CAMPAIGN}")
+        assert browser.find_elements(By.ID, "token-form")
+        assert not browser.find_elements(By.CSS_SELECTOR, "circle.point")
+        browser.find_element(By.ID, "read-token").send_keys(TOKEN)
+        browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+        wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "circle.point"), "the page")
+        # The live feed (an EventSource, which sends no headers) gets in with the cookie.
+        wait(browser, lambda: browser.find_element(By.ID, "live").text == "live", "the feed")
+        errors = [e["message"] for e in console_errors(browser)]
+        assert all("401" in e for e in errors), errors  # only the first, refused, load
+        browser.get("about:blank")

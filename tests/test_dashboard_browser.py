@@ -124,6 +124,10 @@ def test_chart_and_table_equal_the_api(sim: SimCampaign, browser: Any, shots: Pa
     progress = sim.get(f"/campaigns/{CAMPAIGN}/progress")
     summary = sim.get(f"/campaigns/{CAMPAIGN}")
     assert points(browser) == [p["run_id"] for p in progress["points"]]
+    values = browser.execute_script(
+        "return Array.from(document.querySelectorAll('circle.point'), c => +c.dataset.value)"
+    )
+    assert values == [p["value"] for p in progress["points"]]
     assert len(points(browser)) == summary["counts"]["results"]["ok"]
     kept = browser.find_elements(By.CSS_SELECTOR, "circle.point.kept")
     assert len(kept) == sum(p["kept"] for p in progress["points"]) >= 1
@@ -248,3 +252,18 @@ def test_a_ledger_closed_for_reads_asks_for_the_token(sim: SimCampaign, browser:
         errors = [e["message"] for e in console_errors(browser)]
         assert all("401" in e for e in errors), errors  # only the first, refused, load
         browser.get("about:blank")
+
+
+def test_resume_from_the_page_brings_new_results(sim: SimCampaign, browser: Any) -> None:
+    browser.get(f"{sim.url}/ui/campaigns/{CAMPAIGN}")
+    browser.execute_script("window.__page = 'before resume'")
+    before = len(points(browser))
+    token = browser.find_element(By.ID, "token")
+    assert token.get_attribute("value") == TOKEN  # the tab remembers it
+    browser.find_element(By.CSS_SELECTOR, "button[data-action=resume]").click()
+    message = browser.find_element(By.ID, "control-msg")
+    wait(browser, lambda: message.text.startswith("resumed"), "the resume")
+    wait(browser, lambda: browser.find_element(By.ID, "state").text == "RUNNING", "running again")
+    wait(browser, lambda: len(points(browser)) > before, "new results after the resume")
+    assert browser.execute_script("return window.__page") == "before resume"
+    assert console_errors(browser) == []

@@ -144,6 +144,7 @@ def test_live_feed_replays_after_a_position(ledger: Path) -> None:
     at, replay = changes(ledger, "demo", seqs[-3] - 1, None)
     assert at == now
     assert [m.split("\n")[0] for m in replay] == [f"id: {s}" for s in seqs[-3:]] + [f"id: {now}"]
+    assert changes(ledger, "demo", now + 100, None) == (now, fresh)  # a rebuilt ledger
     update = json.loads(replay[-1].split("data: ", 1)[1])
     assert update["position"] == now and update["status"] == "completed"
 

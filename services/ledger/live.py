@@ -6,7 +6,8 @@ applied for the campaign. A client that reconnects sends the last id it saw
 `result` message per result evaluated since (in order, each with its own position as id),
 then an `update` with the campaign's overview. A first connection may say where it starts
 with `?after=<position>` (the page passes the position it was drawn at); without either it
-starts with an `update` of the present. A comment line every KEEPALIVE_S keeps proxies from
+starts with an `update` of the present, as does an id beyond the ledger's position (a
+ledger rebuilt from the stream numbers its events anew). A comment line every KEEPALIVE_S keeps proxies from
 closing an idle stream.
 """
 
@@ -58,7 +59,9 @@ def changes(
     conn = open_read(db_path)
     try:
         now = position(conn, name)
-        if after is not None and now <= after:
+        if after is not None and now < after:
+            after = None  # a position this ledger never reached (it was rebuilt): start over
+        if after is not None and now == after:
             return after, []
         out = [
             message("result", row, row["seq"])

@@ -257,3 +257,21 @@ def test_the_token_is_a_secret_setting() -> None:
     assert TOKEN not in repr(settings) and TOKEN not in json.dumps(settings.redacted())
     assert msgspec.structs.asdict(settings)["api_token"] == TOKEN
     assert is_secret_name("NIGHTSHIFT_API_TOKEN")  # never in a trainer's environment
+
+
+def test_pages_of_an_empty_ledger_and_of_a_campaign_without_results(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    open_db(path).close()
+    with TestClient(create_app(path)) as http:
+        empty = http.get("/")
+        assert empty.status_code == 200 and "No campaign yet" in empty.text
+    conn = open_db(path)
+    for event, source, log in synthetic_campaign("fresh", variants=1, stop=False)[:3]:
+        apply_event(conn, event, source_text=source, log_text=log)  # started, proposed, run
+    conn.close()
+    with TestClient(create_app(path)) as http:
+        page = http.get("/ui/campaigns/fresh")
+        assert page.status_code == 200 and "no ok results yet" in page.text
+        assert http.get("/campaigns/fresh/progress").json()["points"] == []
+        overview = http.get("/campaigns/fresh/overview").json()
+        assert overview["status"] == "running" and overview["fleet"]["running_runs"] == 1

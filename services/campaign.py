@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import msgspec
@@ -73,21 +74,48 @@ async def start_campaign(bus: Bus, settings: Settings) -> tuple[CampaignStarted,
     event = campaign_event(settings, seed_digest, harness_key)
     if existing is not None:
         # A stopped campaign started again: same seed and history, new limits.
-        event = msgspec.structs.replace(
-            event,
-            seed_digest=existing.seed_digest,
-            event_id=event_id_for("restarted", settings.campaign, event.ts),
+        event = await _restart(
+            bus, msgspec.structs.replace(event, seed_digest=existing.seed_digest)
         )
-        await bus.campaigns.clear_stopped(settings.campaign)
+        return event, True
     await bus.campaigns.save(event)
     await bus.publish(event)
-    return event, existing is not None
+    return event, False
 
 
-async def stop_campaign(bus: Bus, name: str, reason: str = "stopped", detail: str = "") -> None:
-    """Stop proposing and cancel the campaign's runs; its history stays in the ledger."""
+async def _restart(bus: Bus, config: CampaignStarted) -> CampaignStarted:
+    """Start a stopped campaign again with `config`: a new CampaignStarted (its own id and
+    time), the stopped mark cleared; the proposer picks its history up where it was."""
+    ts = time.time()
+    event = msgspec.structs.replace(
+        config, ts=ts, event_id=event_id_for("restarted", config.campaign, ts)
+    )
+    await bus.campaigns.clear_stopped(config.campaign)
+    await bus.campaigns.save(event)
+    await bus.publish(event)
+    return event
+
+
+async def resume_campaign(bus: Bus, name: str) -> bool:
+    """Start a stopped campaign again as it was configured (same seed, trainer and limits:
+    a completed one completes again unless its limit was raised with `campaign start`).
+    False when it was not stopped (nothing is published)."""
+    existing = await bus.campaigns.load(name)
+    if existing is None:
+        raise CampaignError(f"no campaign named {name!r} on this deployment")
+    if not await bus.campaigns.is_stopped(name):
+        return False
+    await _restart(bus, existing)
+    return True
+
+
+async def stop_campaign(bus: Bus, name: str, reason: str = "stopped", detail: str = "") -> bool:
+    """Stop proposing and cancel the campaign's runs; its history stays in the ledger.
+    False when it was already stopped (nothing is published)."""
     if await bus.campaigns.load(name) is None:
         raise CampaignError(f"no campaign named {name!r} on this deployment")
+    if await bus.campaigns.is_stopped(name):
+        return False
     await bus.campaigns.mark_stopped(name, reason)
     event = CampaignStopped(
         campaign=name, reason=reason, detail=detail or "stopped by `nightshift campaign stop`"
@@ -97,3 +125,4 @@ async def stop_campaign(bus: Bus, name: str, reason: str = "stopped", detail: st
         msgspec.structs.replace(event, event_id=event_id_for("user-stop", name, event.ts))
     )
     await bus.publish(RunCancel(campaign=name, run_id="*", reason=reason))
+    return True

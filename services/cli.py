@@ -221,8 +221,8 @@ async def _campaign(args: argparse.Namespace, settings: Settings) -> int:
                 )
             )
         else:
-            await stop_campaign(bus, args.name)
-            print(f"campaign {args.name} stopped")
+            stopped = await stop_campaign(bus, args.name)
+            print(f"campaign {args.name} {'stopped' if stopped else 'was already stopped'}")
     finally:
         await bus.close()
     return 0

@@ -39,7 +39,7 @@ LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 CASE_FREE_SETTINGS = frozenset({"log_level"})
 
 # Settings whose values are secrets: masked by repr() and redacted().
-SECRET_SETTINGS = frozenset({"nats_password", "nats_token"})
+SECRET_SETTINGS = frozenset({"nats_password", "nats_token", "api_token"})
 REDACTED = "[redacted]"
 
 
@@ -75,6 +75,16 @@ class Settings(msgspec.Struct, kw_only=True):
     http_port: Annotated[
         int, Meta(ge=0, le=65535, description="ledger HTTP port (0: any free port)")
     ] = 8780
+    api_token: Annotated[
+        str,
+        Meta(
+            description="bearer token for POST /campaigns/{name}/stop and /resume "
+            "(empty: those are off; never printed)"
+        ),
+    ] = ""
+    api_token_reads: Annotated[
+        bool, Meta(description="require api_token for every read too (not /healthz)")
+    ] = False
 
     # --- launcher -------------------------------------------------------------------
     backend: Annotated[Backend, Meta(description="where runs execute")] = "local"

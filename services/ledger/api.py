@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 
+from services.bus import Bus
 from services.ledger import queries
-from services.ledger.dashboard import render_dashboard
 from services.ledger.db import LedgerError, open_read
+from services.settings import Settings
 
 T = TypeVar("T")
 VariantStatus = Literal["pending", "keep", "discard", "crash"]
@@ -57,11 +58,6 @@ router = APIRouter()
 @router.get("/healthz")
 def healthz(conn: Conn) -> dict[str, Any]:
     return {"ok": True, "events": queries.events_applied(conn)}
-
-
-@router.get("/", response_class=HTMLResponse)
-def dashboard(conn: Conn) -> HTMLResponse:
-    return HTMLResponse(render_dashboard(conn))
 
 
 # --- campaigns --------------------------------------------------------------------------
@@ -181,9 +177,15 @@ def run_log(run_id: str, conn: Conn) -> Response:
     return _text(text)
 
 
-def create_app(db_path: Path | str) -> FastAPI:
-    """The API over the ledger at `db_path` (opened read-only per request)."""
+def create_app(
+    db_path: Path | str, settings: Settings | None = None, bus: Bus | None = None
+) -> FastAPI:
+    """The API over the ledger at `db_path` (opened read-only per request), with the
+    dashboard; `bus` (the ledger service's) lets the controls stop and resume campaigns."""
+    from services.ledger import dashboard  # its routers build on this module's `Conn`
+
     app = FastAPI(title="nightshift ledger", version="1")
     app.state.db_path = Path(db_path)
     app.include_router(router)
+    dashboard.install(app, settings or Settings(), bus)
     return app

@@ -1,142 +1,199 @@
-"""A small self-contained HTML dashboard (no external assets), refreshed every few seconds."""
+"""The dashboard: HTML pages from Jinja2 templates (autoescaped), static assets vendored here.
+
+/ goes to the newest campaign's overview; /ui/campaigns lists them all;
+/ui/campaigns/{name} is the overview (state and controls, counts, rates, fleet, spend, the
+progress chart, the experiments table); /ui/variants/{id} a variant (diff, runs, evidence,
+lineage). The page keeps itself current through the live feed (live.py): on each update
+its script fetches the parts that changed (/ui/campaigns/{name}/parts/{part}) and swaps
+them in. Nothing is fetched from outside the ledger: the chart is drawn here as SVG, the
+one script is ours.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
-from html import escape
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, urlencode
 
-from services.ledger import queries
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, PackageLoader
 
-REFRESH_S = 5
-_CAMPAIGNS_SHOWN = 5
-NONE_SHOWN = "\N{EN DASH}"  # in a cell with no value
+from services.bus import Bus
+from services.ledger import chart, controls, experiments, live, overview, queries
+from services.ledger.access import ReadGuard
+from services.ledger.api import Conn
+from services.ledger.experiments import TableQuery
+from services.ledger.overview import FleetWatch, found
+from services.settings import Settings
 
-_STYLE = """
-body{font:14px system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
-h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.5em 0}td,th{padding:2px 10px;text-align:left;
-border-bottom:1px solid #ddd}th{background:#eee}.num{text-align:right;font-family:monospace}
-.keep{color:#1a7f37;font-weight:bold}.discard{color:#777}.crash{color:#c62828}
-.mono{font-family:monospace}svg{background:#fff;border:1px solid #ddd}
-"""
+STATIC = Path(__file__).parent / "static"
+NONE_SHOWN = "\N{EN DASH}"
+# Our own files only: no inline script, nothing from another origin.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'"
+)
+Part = Literal["stats", "chart", "table", "recent"]
 
 
-def _fmt(value: Any, digits: int = 6) -> str:
+def _number(value: Any, digits: int = 6) -> str:
     return NONE_SHOWN if value is None else f"{float(value):.{digits}f}"
 
 
+def _signed(value: Any, digits: int = 6) -> str:
+    return NONE_SHOWN if value is None else f"{float(value):+.{digits}f}"
+
+
 def _when(ts: Any) -> str:
-    return (
-        NONE_SHOWN if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts)))
-    )
+    if ts is None:
+        return NONE_SHOWN
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts)))
 
 
-def render_chart(
-    series: list[tuple[float, float]],
-    history: list[dict[str, Any]],
-    width: int = 640,
-    height: int = 220,
-) -> str:
-    """An inline SVG: each ok result as a dot, the best so far as a step line."""
-    if not series:
-        return '<p class="discard">no ok results yet</p>'
-    pad = 30
-    xs = [t for t, _ in series]
-    ys = [v for _, v in series] + [float(h["value"]) for h in history]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    dx, dy = (x1 - x0) or 1.0, (y1 - y0) or 1.0
-
-    def px(t: float) -> float:
-        return pad + (t - x0) / dx * (width - 2 * pad)
-
-    def py(v: float) -> float:
-        return height - pad - (v - y0) / dy * (height - 2 * pad)
-
-    dots = "".join(
-        f'<circle cx="{px(t):.1f}" cy="{py(v):.1f}" r="2.5" fill="#90a4ae"/>' for t, v in series
-    )
-    points = [(max(float(h["ts"]), x0), float(h["value"])) for h in history]
-    line = ""
-    if points:
-        path = (
-            f"M{px(points[0][0]):.1f} {py(points[0][1]):.1f}"
-            + "".join(f" H{px(t):.1f} V{py(v):.1f}" for t, v in points[1:])
-            + f" H{px(max(x1, points[-1][0])):.1f}"
-        )
-        line = f'<path d="{path}" fill="none" stroke="#1a7f37" stroke-width="2"/>'
-    labels = (
-        f'<text x="2" y="{pad - 8}" font-size="11">{y1:.4f}</text>'
-        f'<text x="2" y="{height - 8}" font-size="11">{y0:.4f}</text>'
-    )
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
-        f"{labels}{dots}{line}</svg>"
-    )
+def _seconds(value: Any) -> str:
+    if value is None:
+        return NONE_SHOWN
+    s = float(value)
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def _summary_table(campaigns: list[dict[str, Any]]) -> str:
-    rows = "".join(
-        f"<tr><td>{escape(c['name'])}</td><td>{escape(c['status'])}</td>"
-        f"<td>{escape(c['metric'])} ({escape(c['direction'])})</td>"
-        f"<td class=num>{c['variants']}</td><td class=mono>{escape(c['best_variant_id'] or NONE_SHOWN)}"
-        f"</td><td class=num>{_fmt(c['best_value'])}</td><td>{_when(c['started_at'])}</td></tr>"
-        for c in campaigns
-    )
-    return (
-        "<table><tr><th>campaign</th><th>status</th><th>metric</th><th>variants</th>"
-        f"<th>best</th><th>value</th><th>started</th></tr>{rows}</table>"
-    )
+def diff_lines(diff: str) -> list[tuple[str, str]]:
+    """Each line of a unified diff with its class: file, hunk, add, del or ctx."""
+    out = []
+    for line in diff.splitlines():
+        if line.startswith(("+++", "---")):
+            kind = "file"
+        elif line.startswith("@@"):
+            kind = "hunk"
+        elif line.startswith("+"):
+            kind = "add"
+        elif line.startswith("-"):
+            kind = "del"
+        else:
+            kind = "ctx"
+        out.append((kind, line))
+    return out
 
 
-def _results_table(results: list[dict[str, Any]]) -> str:
-    rows = "".join(
-        f"<tr><td>{_when(r['evaluated_at'])}</td><td class=mono>{escape(r['run_id'])}</td>"
-        f"<td>{escape(r['status'])}</td><td class=num>{_fmt(r['value'])}</td>"
-        f"<td class={escape(r['variant_status'])}>{escape(r['variant_status'])}</td>"
-        f"<td>{escape(r['title'] or '')}</td><td>{escape(r['crash_reason'] or '')}</td></tr>"
-        for r in results
-    )
-    return (
-        "<table><tr><th>evaluated</th><th>run</th><th>result</th><th>value</th>"
-        f"<th>verdict</th><th>title</th><th>crash reason</th></tr>{rows}</table>"
-    )
+def table_url(name: str, query: TableQuery, **changes: Any) -> str:
+    """The overview's address with the table's filters, some of them changed."""
+    params = {**query.model_dump(exclude_none=True), **changes}
+    return f"/ui/campaigns/{quote(name)}?{urlencode(params)}"
 
 
-def _campaign_section(conn: sqlite3.Connection, name: str) -> str:
-    summary = queries.campaign_summary(conn, name)
-    if summary is None:
-        return ""
-    counts = summary["counts"]
-    top = summary["best"]
-    best = (
-        f"best <span class=mono>{escape(top['variant_id'])}</span> "
-        f"{escape(summary['metric'])} = <b>{_fmt(top['value'])}</b> "
-        f"({top['runs']} runs) — {escape(top.get('title') or '')}"
-        if top
-        else "no best yet"
-    )
-    variants = ", ".join(f"{k} {v}" for k, v in sorted(counts["variants"].items()))
-    chart = render_chart(queries.metric_series(conn, name), queries.best_history(conn, name))
-    return (
-        f"<h2>{escape(name)} <small>({escape(summary['status'])})</small></h2>"
-        f"<p>{best}</p><p>proposed {counts['proposed']} ({escape(variants)}); running "
-        f"{counts['running']}; evaluated {counts['evaluated']}; dead letters "
-        f"{counts['dead_letters']}; LLM ${summary['llm']['usd']:.2f}</p>{chart}"
-        f"{_results_table(queries.recent_results(conn, name, limit=20))}"
-    )
+templates = Environment(
+    loader=PackageLoader("services.ledger", "templates"), autoescape=True, trim_blocks=True
+)
+templates.filters.update(number=_number, signed=_signed, when=_when, seconds=_seconds)
+templates.globals["table_url"] = table_url
 
 
-def render_dashboard(conn: sqlite3.Connection) -> str:
+def render(template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    body = templates.get_template(template).render(**context)
+    return HTMLResponse(body, status_code=status_code, headers={"Content-Security-Policy": CSP})
+
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(conn: Conn) -> Response:
     campaigns = queries.list_campaigns(conn)
-    recent = sorted(campaigns, key=lambda c: c["started_at"] or 0, reverse=True)
-    sections = "".join(_campaign_section(conn, c["name"]) for c in recent[:_CAMPAIGNS_SHOWN])
-    body = _summary_table(campaigns) + sections if campaigns else "<p>no campaign yet</p>"
-    return (
-        "<!doctype html><html><head><meta charset=utf-8>"
-        f'<meta http-equiv="refresh" content="{REFRESH_S}">'
-        f"<title>nightshift</title><style>{_STYLE}</style></head>"
-        f"<body><h1>nightshift</h1>{body}</body></html>"
+    if not campaigns:
+        return render("index.html", campaigns=[])
+    newest = max(campaigns, key=lambda c: c["started_at"] or 0)
+    return RedirectResponse(f"/ui/campaigns/{newest['name']}", status_code=307)
+
+
+@router.get("/ui/campaigns", response_class=HTMLResponse)
+def campaign_list(conn: Conn) -> HTMLResponse:
+    return render("index.html", campaigns=queries.list_campaigns(conn))
+
+
+def _table_query(request: Request) -> TableQuery:
+    """The table's filters from the page's query string (bad values fall back to defaults)."""
+    params = dict(request.query_params)
+    try:
+        query = TableQuery.model_validate(
+            {k: v for k, v in params.items() if k in TableQuery.model_fields and v != ""}
+        )
+    except ValueError:
+        query = TableQuery()
+    query.page = max(1, query.page)
+    query.per_page = min(200, max(1, query.per_page))
+    return query
+
+
+def _parts(conn: sqlite3.Connection, request: Request, name: str) -> dict[str, Any]:
+    """What the overview's parts are drawn from."""
+    view = found(overview.overview(conn, name, request.app.state.fleet), name)
+    progress = found(overview.progress(conn, name), name)
+    query = _table_query(request)
+    return {
+        "name": name,
+        "view": view,
+        "chart": chart.draw(progress),
+        "query": query,
+        "page": experiments.table(conn, name, query),
+        "tiers": experiments.tiers(conn, name),
+        "recent": queries.recent_results(conn, name, limit=12),
+        "controls_on": bool(request.app.state.settings.api_token),
+    }
+
+
+@router.get("/ui/campaigns/{name}", response_class=HTMLResponse)
+def campaign_page(name: str, request: Request, conn: Conn) -> HTMLResponse:
+    return render(
+        "overview.html", campaigns=queries.list_campaigns(conn), **_parts(conn, request, name)
     )
+
+
+@router.get("/ui/campaigns/{name}/parts/{part}", response_class=HTMLResponse)
+def campaign_part(name: str, part: Part, request: Request, conn: Conn) -> HTMLResponse:
+    return render(f"_{part}.html", **_parts(conn, request, name))
+
+
+@router.get("/ui/variants/{variant_id}", response_class=HTMLResponse)
+def variant_page(variant_id: str, conn: Conn) -> HTMLResponse:
+    variant = queries.variant(conn, variant_id)
+    if variant is None:
+        raise HTTPException(status_code=404, detail=f"unknown variant {variant_id!r}")
+    runs = [queries.run(conn, r["run_id"]) or r for r in variant["runs"]]
+    decisions = conn.execute(
+        "SELECT status, value, runs, rule, best_before_variant_id, best_before_value, "
+        "decided_at FROM keep_decisions WHERE variant_id = ? ORDER BY decided_at",
+        (variant_id,),
+    ).fetchall()
+    camp = queries.campaign(conn, variant["campaign"]) or {}
+    return render(
+        "variant.html",
+        v=variant,
+        metric=camp.get("metric", "val_bpb"),
+        diff=diff_lines(queries.variant_diff(conn, variant_id) or ""),
+        runs=runs,
+        decisions=[dict(d) for d in decisions],
+        lineage=queries.lineage(conn, variant_id) or [],
+    )
+
+
+def install(app: FastAPI, settings: Settings, bus: Bus | None) -> None:
+    """Add the dashboard, its data endpoints, the live feed and the controls to the API."""
+    app.state.settings = settings
+    app.state.bus = bus
+    app.state.fleet = FleetWatch() if bus is not None else None
+    app.state.closing = asyncio.Event()  # set when the ledger stops: live feeds end
+    for module in (overview, experiments, live, controls):
+        app.include_router(module.router)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if settings.api_token_reads:
+        if not settings.api_token:
+            raise ValueError(
+                "api_token_reads is set but api_token is empty: set NIGHTSHIFT_API_TOKEN too"
+            )
+        app.add_middleware(ReadGuard, token=settings.api_token)

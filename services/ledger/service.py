@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import uvicorn
+from nats.aio.subscription import Subscription
 
 from services import contracts
 from services.bus import Bus, Delivery, Handler
-from services.contracts import Event, RunFinished, VariantProposed
+from services.bus.errors import NATS_FAILURES
+from services.contracts import Event, FleetStatus, RunFinished, VariantProposed
 from services.ledger import queries
 from services.ledger.api import create_app
 from services.ledger.db import open_db
@@ -187,16 +189,19 @@ async def _replay_from_start(bus: Bus) -> None:
 async def run(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
     log = get_logger(service="ledger")
     path = settings.ledger_path
+    app = create_app(path, settings, bus)
     sock = bind_http(settings.http_host, settings.http_port)
     try:
         conn = open_db(path)
     except BaseException:  # LedgerError (a newer schema), sqlite3.Error: free the port first
         sock.close()
         raise
-    server = _Server(uvicorn.Config(create_app(path), log_level="warning", lifespan="off"))
+    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     http = asyncio.create_task(server.serve(sockets=[sock]))
     url, url_file = _url(sock), path.parent / "ledger.url"
+    fleet_subs: list[Subscription] = []
     try:
+        fleet_subs = await bus.subscribe_lossy({FleetStatus: app.state.fleet.on_status})
         url_file.write_text(url + "\n")
         log.info("http_listening", url=url, ledger=str(path))
         if queries.events_applied(conn) == 0:
@@ -204,6 +209,10 @@ async def run(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
         projector = Projector(conn, bus)
         await bus.consume(DURABLE, projector.handlers(), concurrency=CONCURRENCY, stop=stop)
     finally:
+        app.state.closing.set()  # live feeds end, so the server can stop
+        for sub in fleet_subs:
+            with contextlib.suppress(*NATS_FAILURES):
+                await sub.unsubscribe()
         server.should_exit = True
         try:
             await asyncio.wait_for(http, timeout=10.0)

@@ -1,0 +1,148 @@
+"""Where a trainer runs: inside bubblewrap (`bwrap`) when it can, else as a plain process.
+
+The code a run executes was written by a language model. With bubblewrap a run sees:
+- a private PID namespace that dies with its launcher (`--unshare-pid --die-with-parent`):
+  no descendant outlives the run, whatever it does with signals or sessions;
+- the system (`/usr`, `/etc`, ...) and the Python installation read-only, plus the
+  read-only paths it is given (the prepared data cache);
+- its own `/proc` (no other process's environment), a minimal `/dev` with only the GPUs
+  it was given, a private `/tmp`;
+- its run directory as the only writable place: no user home, no campaign home, no
+  ledger, no NATS store, no credential file (none of them is mounted at all);
+- no network unless allowed.
+
+Without bubblewrap (`sandbox = none`, or `auto` where it does not work) a run is a process
+group of the launcher's user: services/process_lifetime.py keeps what can be kept of its
+lifetime; nothing keeps it from reading or writing what that user can.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.settings import SandboxMode
+from services.telemetry import get_logger
+
+SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
+
+
+class SandboxError(Exception):
+    """`sandbox = bwrap` was asked for and bubblewrap does not work here."""
+
+
+@dataclass(frozen=True)
+class RunMounts:
+    """What one run may see besides the system: its run directory (the only writable
+    place), read-only paths, and the GPU device ids it was given ([] with `all_gpus`)."""
+
+    run_dir: Path
+    read_only: Sequence[Path] = ()
+    gpus: Sequence[str] = ()
+    all_gpus: bool = False
+    network: bool = False
+
+
+@dataclass(frozen=True)
+class Bubblewrap:
+    """Builds the `bwrap` command line of one run."""
+
+    binary: str
+    python_dirs: Sequence[Path] = field(default_factory=lambda: python_dirs())
+
+    def wrap(self, argv: Sequence[str], mounts: RunMounts) -> list[str]:
+        cmd = [self.binary, "--unshare-pid", "--die-with-parent", "--unshare-ipc"]
+        if not mounts.network:
+            cmd.append("--unshare-net")
+        cmd += system_binds()
+        cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        for path in [*self.python_dirs, *mounts.read_only]:
+            if path.exists():
+                cmd += ["--ro-bind", str(path), str(path)]
+        run_dir = str(mounts.run_dir.resolve())
+        cmd += ["--bind", run_dir, run_dir]
+        for device in gpu_devices(mounts.gpus, mounts.all_gpus):
+            cmd += ["--dev-bind", device, device]
+        cmd += ["--remount-ro", "/", "--chdir", run_dir, "--", *argv]
+        return cmd
+
+
+def system_binds() -> list[str]:
+    """Read-only binds of the system directories (merged-/usr symlinks kept as links)."""
+    out: list[str] = []
+    for name in SYSTEM_DIRS:
+        path = Path(name)
+        if path.is_symlink():
+            out += ["--symlink", os.readlink(path), name]
+        elif path.is_dir():
+            out += ["--ro-bind", name, name]
+    return out
+
+
+def python_dirs() -> list[Path]:
+    """The interpreter's installation: the venv, its base, the real executable's directory."""
+    dirs = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix)}
+    dirs.add(Path(os.path.realpath(sys.executable)).parent)
+    covered = [Path(d) for d in SYSTEM_DIRS]
+    out: list[Path] = []
+    for d in sorted(dirs):  # a parent sorts before its children
+        if not any(d.is_relative_to(c) for c in [*covered, *out]):
+            out.append(d)
+    return out
+
+
+def gpu_devices(gpus: Iterable[str], all_gpus: bool) -> list[str]:
+    """The /dev/nvidia* nodes a run needs: the control nodes and its GPUs' own nodes."""
+    dev = Path("/dev")
+    shared = [p for p in dev.glob("nvidia*") if not p.name.removeprefix("nvidia").isdigit()]
+    if all_gpus:
+        own = [p for p in dev.glob("nvidia*") if p.name.removeprefix("nvidia").isdigit()]
+    else:
+        own = [dev / f"nvidia{g}" for g in gpus if g.isdigit()]
+    return sorted(str(p) for p in [*shared, *own] if p.exists())
+
+
+@functools.cache
+def bubblewrap_problem(binary: str) -> str:
+    """'' when `binary` can build a sandbox here; else what went wrong (cached)."""
+    probe = Bubblewrap(binary).wrap(["true"], RunMounts(run_dir=Path("/tmp")))
+    try:
+        done = subprocess.run(probe, capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{binary} could not run: {exc}"
+    if done.returncode != 0:
+        return f"{binary} failed (exit {done.returncode}): {done.stderr.decode().strip()[:300]}"
+    return ""
+
+
+def resolve_sandbox(mode: SandboxMode) -> Bubblewrap | None:
+    """The sandbox runs use under `mode`; None for plain processes. `auto` says loudly,
+    once per process, when it falls back; `bwrap` raises SandboxError instead."""
+    if mode == "none":
+        return None
+    binary = shutil.which("bwrap")
+    problem = bubblewrap_problem(binary) if binary else "bwrap is not installed"
+    if not problem:
+        assert binary is not None
+        return Bubblewrap(binary)
+    fix = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap) or set sandbox = none"
+    if mode == "bwrap":
+        raise SandboxError(f"sandbox = bwrap, but {problem}; {fix}")
+    _warn_unsandboxed(problem, fix)
+    return None
+
+
+@functools.cache
+def _warn_unsandboxed(problem: str, fix: str) -> None:
+    get_logger(component="launcher.sandbox").warning(
+        "runs_not_sandboxed",
+        problem=problem,
+        risk="trainer code runs with this user's rights: it can read keys and write the ledger",
+        fix=fix,
+    )

@@ -1,0 +1,205 @@
+"""A trainer is code a model wrote: under the sandbox it cannot read the user's keys or the
+launcher's environment, nor write anywhere but its run directory (issue 12, findings 1-2).
+
+Each attack runs twice: without a sandbox it succeeds (the threat is real and the test can
+fail), inside bubblewrap it fails and the attacked files are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.launcher.local import LocalBackend
+from services.launcher.sandbox import Bubblewrap, bubblewrap_problem, resolve_sandbox
+from services.process_lifetime import die_with_parent
+from tests.launcher_helpers import job as make_job
+
+BWRAP = shutil.which("bwrap")
+BWRAP_PROBLEM = bubblewrap_problem(BWRAP) if BWRAP else "bwrap is not installed"
+needs_bwrap = pytest.mark.skipif(
+    bool(BWRAP_PROBLEM),
+    reason=f"bubblewrap cannot sandbox here ({BWRAP_PROBLEM}); apt-get install bubblewrap",
+)
+SECRET = "sk-ant-sandbox-test-0123456789"
+
+# Each attack prints "<name>: ok" when it worked and "<name>: denied <error>" when not.
+ATTACKS = """
+import json, os, sqlite3, sys
+T = json.loads(TARGETS)
+def attack(name, fn):
+    try:
+        fn()
+        print(name + ": ok", flush=True)
+    except Exception as exc:
+        print(name + ": denied " + type(exc).__name__, flush=True)
+def read(path):
+    if T["secret"] not in open(path).read():
+        raise LookupError("no secret in " + path)
+def environ_anywhere():
+    for pid in os.listdir("/proc"):
+        try:
+            if T["secret"].encode() in open("/proc/%s/environ" % pid, "rb").read():
+                return
+        except (OSError, ValueError):
+            pass
+    raise LookupError("no process environment holds the secret")
+def write(path):
+    with open(path, "a") as fh:
+        fh.write("pwned\\n")
+def rewrite_ledger():
+    db = sqlite3.connect(T["ledger"], timeout=1)
+    db.execute("UPDATE results SET value = 0.0001")
+    db.commit()
+attack("key_file", lambda: read(T["key_file"]))
+attack("creds_file", lambda: read(T["creds_file"]))
+attack("parent_environ", lambda: read("/proc/%d/environ" % T["launcher_pid"]))
+attack("any_environ", environ_anywhere)
+attack("campaign_home", lambda: write(T["home"] + "/pwned.txt"))
+attack("data_cache", lambda: write(T["cache"] + "/meta.json"))
+attack("ledger", rewrite_ledger)
+attack("harness", lambda: write(T["harness"] + "/prepare.py"))
+attack("own_dir", lambda: write("mine.txt"))
+"""
+ATTACK_NAMES = [
+    "key_file",
+    "creds_file",
+    "parent_environ",
+    "any_environ",
+    "campaign_home",
+    "data_cache",
+    "ledger",
+    "harness",
+]
+
+
+@pytest.fixture
+def holder_of_secret() -> Iterator[int]:
+    """A process with the secret in its environment, as the proposer has the API key."""
+    env = dict(os.environ, ANTHROPIC_API_KEY=SECRET)
+    proc = subprocess.Popen(["sleep", "60"], env=env)
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def world(tmp_path: Path, holder: int) -> tuple[dict[str, object], dict[Path, bytes]]:
+    """A user's machine in miniature: home with a key file, campaign home with ledger, NATS
+    creds and harness, a data cache. Returns the attack targets and the files' contents."""
+    home = tmp_path / "home"
+    key_file = home / ".config" / "nightshift" / "anthropic_key"
+    campaign = home / "project" / ".nightshift"
+    harness = campaign / "runs" / "harness" / "k" / "trainer"
+    cache = home / ".cache" / "nightshift" / "key"
+    creds = home / "nats.creds"
+    for d in (key_file.parent, harness, cache):
+        d.mkdir(parents=True)
+    key_file.write_text(SECRET)
+    creds.write_text(f"-----BEGIN NKEY-----\n{SECRET}\n")
+    (harness / "prepare.py").write_text("print('prepared')\n")
+    (cache / "meta.json").write_text("{}")
+    ledger = campaign / "ledger.db"
+    with sqlite3.connect(ledger) as db:
+        db.execute("CREATE TABLE results (value REAL)")
+        db.execute("INSERT INTO results VALUES (1.5)")
+    files = [key_file, creds, harness / "prepare.py", cache / "meta.json", ledger]
+    targets = {
+        "secret": SECRET,
+        "key_file": str(key_file),
+        "creds_file": str(creds),
+        "launcher_pid": holder,
+        "home": str(campaign),
+        "cache": str(cache),
+        "ledger": str(ledger),
+        "harness": str(harness),
+    }
+    return targets, {f: f.read_bytes() for f in files}
+
+
+async def attack(tmp_path: Path, holder: int, sandbox: Bubblewrap | None) -> dict[str, str]:
+    targets, before = world(tmp_path, holder)
+    campaign = Path(str(targets["home"]))
+    harness = Path(str(targets["harness"]))
+    backend = LocalBackend(
+        campaign / "runs", sandbox=sandbox, data_cache=Path(str(targets["cache"])).parent
+    )
+    # The targets (the secret among them) are in the source, not in the run's environment.
+    source = f"TARGETS = {json.dumps(json.dumps(targets))}\n{ATTACKS}"
+    job = make_job(source, "v1-default-0", campaign="camp", harness_dir=harness)
+    outcome = await backend.run(job, lambda _: None)
+    log = outcome.read_log()
+    assert outcome.exit_code == 0, log
+    results = dict(line.split(": ", 1) for line in log.splitlines() if ": " in line)
+    if sandbox is not None:
+        after = {f: f.read_bytes() if f.exists() else b"" for f in before}
+        assert after == before, "a sandboxed run changed a file outside its run directory"
+        assert not (campaign / "pwned.txt").exists()
+    return results
+
+
+async def test_without_a_sandbox_every_attack_works(tmp_path: Path, holder_of_secret: int) -> None:
+    results = await attack(tmp_path, holder_of_secret, None)
+    assert {name: results[name] for name in ATTACK_NAMES} == dict.fromkeys(ATTACK_NAMES, "ok")
+
+
+@needs_bwrap
+async def test_inside_bubblewrap_every_attack_fails(tmp_path: Path, holder_of_secret: int) -> None:
+    sandbox = resolve_sandbox("bwrap")
+    results = await attack(tmp_path, holder_of_secret, sandbox)
+    # The campaign home of this test lies under /tmp, which in the sandbox is a private
+    # tmpfs: the write lands there and vanishes (`attack` checks the real directory).
+    # A real campaign home is not under /tmp, and the write fails.
+    names = [name for name in ATTACK_NAMES if name != "campaign_home"]
+    denied = {name: results[name].split()[0] for name in names}
+    assert denied == dict.fromkeys(names, "denied"), results
+    assert results["own_dir"] == "ok"  # the run directory stays writable
+
+
+@needs_bwrap
+async def test_a_sandboxed_run_reads_its_data_and_has_no_network(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "meta.json").write_text('{"tokens": 7}')
+    harness = tmp_path / "harness"
+    harness.mkdir()
+    (harness / "helper.py").write_text("VALUE = 3\n")
+    source = (
+        "import json, os, socket, helper\n"
+        "print('data', json.load(open(os.environ['NIGHTSHIFT_CACHE'] + '/meta.json'))['tokens'])\n"
+        "print('helper', helper.VALUE, 'home', os.environ['HOME'])\n"
+        "try:\n"
+        "    socket.create_connection(('1.1.1.1', 53), timeout=2)\n"
+        "    print('network on')\n"
+        "except OSError as exc:\n"
+        "    print('network off', type(exc).__name__)\n"
+    )
+    backend = LocalBackend(tmp_path / "runs", sandbox=resolve_sandbox("bwrap"), data_cache=cache)
+    job = make_job(source, "v1-default-0", campaign="camp", harness_dir=harness)
+    outcome = await backend.run(job, lambda _: None)
+    log = outcome.read_log()
+    assert outcome.exit_code == 0, log
+    assert "data 7" in log and "helper 3 home /tmp" in log
+    assert "network off" in log
+
+
+def test_bwrap_mode_without_bubblewrap_is_an_error_that_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.launcher import sandbox
+
+    monkeypatch.setattr(sandbox.shutil, "which", lambda _: None)
+    with pytest.raises(sandbox.SandboxError, match="apt-get install bubblewrap"):
+        sandbox.resolve_sandbox("bwrap")
+    assert sandbox.resolve_sandbox("auto") is None  # falls back, with a warning
+    assert sandbox.resolve_sandbox("none") is None
+    assert sys.platform != "linux" or die_with_parent() is not None

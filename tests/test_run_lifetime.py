@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from services.contracts import RunFinished
+from services.evaluator.classify import evaluate_run
 from services.launcher.local import LocalBackend
 from services.launcher.output import OutputLimits
 from services.launcher.sandbox import Bubblewrap, resolve_sandbox
@@ -86,6 +88,21 @@ async def test_children_that_ignore_sigterm_or_setsid_die_with_a_timed_out_run(
     assert outcome.timed_out
     await eventually(lambda: not processes_tagged(tag), timeout=5.0, what="escapers to die")
     assert "[nightshift] timed out after 2s" in outcome.read_log()
+    # The reason names the configured timeout, not the slot's wall time (here made 9 s).
+    finished = RunFinished(
+        campaign="c",
+        run_id="v1-default-0",
+        variant_id="v1",
+        tier="default",
+        exit_code=outcome.exit_code,
+        started_at=outcome.started_at,
+        finished_at=outcome.started_at + 9.0,
+        log_key="v1-default-0",
+        log_tail="",
+        timed_out=True,
+    )
+    evaluation = evaluate_run(finished, outcome.read_log())
+    assert evaluation.crash_reason == "timed out after the run timeout of 2s; killed"
 
 
 @pytest.mark.parametrize("mode", SANDBOXES)
@@ -108,6 +125,8 @@ async def test_a_trainer_that_exits_while_a_child_holds_its_output_is_finished_a
 LAUNCHER = """
 import asyncio, sys
 from pathlib import Path
+from services.contracts import RunFinished
+from services.evaluator.classify import evaluate_run
 from services.launcher.local import LocalBackend
 from services.launcher.sandbox import resolve_sandbox
 from tests.launcher_helpers import job

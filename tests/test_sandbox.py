@@ -17,10 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
+from services.launcher.factory import make_local_backend
+from services.launcher.gpus import Gpu, driver_gpus, gpu_access
 from services.launcher.local import LocalBackend
-from services.launcher.sandbox import Bubblewrap, bubblewrap_problem, resolve_sandbox
+from services.launcher.sandbox import Bubblewrap, RunMounts, bubblewrap_problem, resolve_sandbox
 from services.process_lifetime import die_with_parent
+from services.settings import Settings
 from tests.launcher_helpers import job as make_job
 
 BWRAP = shutil.which("bwrap")
@@ -198,8 +202,69 @@ def test_bwrap_mode_without_bubblewrap_is_an_error_that_says_what_to_do(
     from services.launcher import sandbox
 
     monkeypatch.setattr(sandbox.shutil, "which", lambda _: None)
+    sandbox._warn_unsandboxed.cache_clear()
     with pytest.raises(sandbox.SandboxError, match="apt-get install bubblewrap"):
         sandbox.resolve_sandbox("bwrap")
-    assert sandbox.resolve_sandbox("auto") is None  # falls back, with a warning
-    assert sandbox.resolve_sandbox("none") is None
+    with structlog.testing.capture_logs() as logs:
+        assert sandbox.resolve_sandbox("auto") is None  # falls back, with a warning
+        assert sandbox.resolve_sandbox("auto") is None
+        assert sandbox.resolve_sandbox("none") is None
+    warnings = [e for e in logs if e["event"] == "runs_not_sandboxed"]
+    assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
+    assert "not installed" in warnings[0]["problem"]
+
+
+def test_the_launcher_knows_every_secret_it_must_redact(tmp_path: Path) -> None:
+    creds = tmp_path / "nats.creds"
+    creds.write_text("-----BEGIN NATS USER JWT-----\neyJhbGciOiJlZDI1NTE5\n------END------\n")
+    settings = Settings(
+        backend="local",
+        sandbox="none",
+        nats_url="nats://tok-abcdef123@a:4222,nats://u:pass-xyz987@b:4222",
+        nats_password="pw-123456",
+        nats_creds=str(creds),
+        run_log_max_bytes=65536,
+        run_output_bytes_s=1000,
+    )
+    env = {"ANTHROPIC_API_KEY": "sk-ant-xyz-1", "HF_TOKEN": "hf_abcdefgh", "PATH": "/usr/bin"}
+    backend = make_local_backend(settings, env)
+    assert backend.sandbox is None
+    assert backend.limits.max_bytes == 65536 and backend.limits.rate_bytes_s == 1000
+    assert set(backend.limits.secrets) >= {
+        "tok-abcdef123",
+        "pass-xyz987",
+        "pw-123456",
+        "eyJhbGciOiJlZDI1NTE5",
+        "sk-ant-xyz-1",
+        "hf_abcdefgh",
+    }
+    assert "/usr/bin" not in backend.limits.secrets
     assert sys.platform != "linux" or die_with_parent() is not None
+
+
+def test_a_sandboxed_run_gets_its_gpu_node_and_uuid_only(tmp_path: Path) -> None:
+    table, dev = tmp_path / "gpus", tmp_path / "dev"
+    dev.mkdir()
+    # Two GPUs whose device minors are not their indices (bus order 0: minor 3, 1: minor 0).
+    for bus, minor, uuid in (("0000:3b:00.0", 3, "GPU-aaa"), ("0000:86:00.0", 0, "GPU-bbb")):
+        (table / bus).mkdir(parents=True)
+        (table / bus / "information").write_text(
+            f"Model: \t\t NVIDIA H200\nGPU UUID: \t {uuid}\nDevice Minor: \t {minor}\n"
+        )
+    for node in ("nvidiactl", "nvidia-uvm", "nvidia0", "nvidia3"):
+        (dev / node).touch()
+    gpus = driver_gpus(table)
+    assert gpus == [Gpu(0, 3, "GPU-aaa"), Gpu(1, 0, "GPU-bbb")]
+    second = gpu_access(["1"], False, gpus, dev)
+    assert second.devices == sorted(str(dev / n) for n in ("nvidiactl", "nvidia-uvm", "nvidia0"))
+    assert second.visible == "GPU-bbb"
+    everything = gpu_access([], True, gpus, dev)
+    assert len(everything.devices) == 4 and everything.visible is None
+    no_driver_table = gpu_access(["3"], False, [], dev)
+    assert str(dev / "nvidia3") in no_driver_table.devices and no_driver_table.visible is None
+    assert driver_gpus(tmp_path / "absent") == []
+    argv = Bubblewrap("bwrap", gpu_table=gpus).wrap(["true"], RunMounts(tmp_path, gpus=["1"]))
+    assert argv[argv.index("--setenv") + 1 : argv.index("--setenv") + 3] == [
+        "CUDA_VISIBLE_DEVICES",
+        "GPU-bbb",
+    ]

@@ -14,6 +14,7 @@ from services.launcher.sandbox import resolve_sandbox
 from services.launcher.sim import SimBackend
 from services.proposer.apikey import load_api_key
 from services.settings import Settings, SettingsError
+from services.telemetry import get_logger
 
 ENV_SECRET_MIN_CHARS = 8  # an environment value this short is no credential worth a redaction
 
@@ -40,11 +41,16 @@ def make_backend(settings: Settings, launcher_id: str) -> Backend:
 def make_local_backend(settings: Settings, env: dict[str, str] | None = None) -> LocalBackend:
     env = dict(os.environ) if env is None else env
     extra = [Path(p.strip()).expanduser() for p in settings.sandbox_read_only.split(",")]
+    sandbox = resolve_sandbox(settings.sandbox)
+    if sandbox is not None:
+        get_logger(component="launcher").info(
+            "runs_sandboxed", bwrap=sandbox.binary, network=settings.sandbox_network
+        )
     return LocalBackend(
         settings.runs_path,
         gpus=settings.gpus,
         slots=settings.slots,
-        sandbox=resolve_sandbox(settings.sandbox),
+        sandbox=sandbox,
         read_only=[p for p in extra if str(p) != "."],
         data_cache=data_cache(env),
         network=settings.sandbox_network,

@@ -6,7 +6,7 @@ The code a run executes was written by a language model. With bubblewrap a run s
 - the system (`/usr`, `/etc`, ...) and the Python installation read-only, plus the
   read-only paths it is given (the prepared data cache);
 - its own `/proc` (no other process's environment), a minimal `/dev` with only the GPUs
-  it was given, a private `/tmp`;
+  it was given (gpus.py), a private `/tmp`;
 - its run directory as the only writable place: no user home, no campaign home, no
   ledger, no NATS store, no credential file (none of them is mounted at all);
 - no network unless allowed.
@@ -23,17 +23,18 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.settings import SandboxMode
+from services.launcher.gpus import Gpu, driver_gpus, gpu_access
+from services.settings import SandboxMode, SettingsError
 from services.telemetry import get_logger
 
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
 
 
-class SandboxError(Exception):
+class SandboxError(SettingsError):
     """`sandbox = bwrap` was asked for and bubblewrap does not work here."""
 
 
@@ -55,6 +56,7 @@ class Bubblewrap:
 
     binary: str
     python_dirs: Sequence[Path] = field(default_factory=lambda: python_dirs())
+    gpu_table: Sequence[Gpu] = field(default_factory=lambda: driver_gpus())
 
     def wrap(self, argv: Sequence[str], mounts: RunMounts) -> list[str]:
         cmd = [self.binary, "--unshare-pid", "--die-with-parent", "--unshare-ipc"]
@@ -67,8 +69,11 @@ class Bubblewrap:
                 cmd += ["--ro-bind", str(path), str(path)]
         run_dir = str(mounts.run_dir.resolve())
         cmd += ["--bind", run_dir, run_dir]
-        for device in gpu_devices(mounts.gpus, mounts.all_gpus):
+        gpus = gpu_access(mounts.gpus, mounts.all_gpus, self.gpu_table)
+        for device in gpus.devices:
             cmd += ["--dev-bind", device, device]
+        if gpus.visible is not None:
+            cmd += ["--setenv", "CUDA_VISIBLE_DEVICES", gpus.visible]
         cmd += ["--remount-ro", "/", "--chdir", run_dir, "--", *argv]
         return cmd
 
@@ -95,17 +100,6 @@ def python_dirs() -> list[Path]:
         if not any(d.is_relative_to(c) for c in [*covered, *out]):
             out.append(d)
     return out
-
-
-def gpu_devices(gpus: Iterable[str], all_gpus: bool) -> list[str]:
-    """The /dev/nvidia* nodes a run needs: the control nodes and its GPUs' own nodes."""
-    dev = Path("/dev")
-    shared = [p for p in dev.glob("nvidia*") if not p.name.removeprefix("nvidia").isdigit()]
-    if all_gpus:
-        own = [p for p in dev.glob("nvidia*") if p.name.removeprefix("nvidia").isdigit()]
-    else:
-        own = [dev / f"nvidia{g}" for g in gpus if g.isdigit()]
-    return sorted(str(p) for p in [*shared, *own] if p.exists())
 
 
 @functools.cache

@@ -26,6 +26,9 @@ class EmbeddedNats:
 
     With `user` and `password` (or `token`) the server refuses anonymous clients, as a
     deployment's does; tests use it to prove credentials reach every connection.
+
+    The server is SIGKILLed by Linux when the thread that started it ends (PR_SET_PDEATHSIG:
+    the process dying, even by SIGKILL): start it from the main thread, not a worker's.
     """
 
     def __init__(

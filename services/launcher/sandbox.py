@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import site
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -91,9 +92,12 @@ def system_binds() -> list[str]:
 
 
 def python_dirs() -> list[Path]:
-    """The interpreter's installation: the venv, its base, the real executable's directory."""
+    """The interpreter's installation: the venv, its base, the real executable's directory
+    and the user's site-packages."""
     dirs = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix)}
     dirs.add(Path(os.path.realpath(sys.executable)).parent)
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        dirs.add(Path(site.getusersitepackages()))  # `pip install --user`: only that directory
     covered = [Path(d) for d in SYSTEM_DIRS]
     out: list[Path] = []
     for d in sorted(dirs):  # a parent sorts before its children

@@ -15,12 +15,14 @@ import pytest
 
 from services.contracts import RunFinished
 from services.evaluator.classify import evaluate_run
+from services.launcher.backend import RunOutcome
 from services.launcher.local import LocalBackend
 from services.launcher.output import OutputLimits
 from services.launcher.sandbox import Bubblewrap, resolve_sandbox
 from tests.e2e_helpers import REPO
 from tests.eventually import eventually
 from tests.launcher_helpers import job as make_job
+from tests.test_launcher_local import alive
 from tests.test_sandbox import BWRAP_PROBLEM, needs_bwrap
 
 SANDBOXES = [
@@ -75,18 +77,31 @@ def backend(tmp_path: Path, mode: str, **kw: object) -> LocalBackend:
     return LocalBackend(tmp_path / "runs", grace_s=0.3, sandbox=sandbox, **kw)  # type: ignore[arg-type]
 
 
+async def run_escapers(
+    tmp_path: Path, mode: str, tag: str, rest: str, timeout_s: float
+) -> RunOutcome:
+    """Run a trainer that starts the escapers, then does `rest`; wait for the escapers'
+    end (they must die with the run)."""
+    job = make_job(
+        escapers(tag) + rest,
+        "v1-default-0",
+        campaign="c",
+        harness_dir=harness(tmp_path),
+        timeout_s=timeout_s,
+    )
+    outcome = await backend(tmp_path, mode).run(job, lambda _: None)
+    await eventually(lambda: not processes_tagged(tag), timeout=5.0, what="escapers to die")
+    return outcome
+
+
 @pytest.mark.parametrize("mode", SANDBOXES)
 async def test_children_that_ignore_sigterm_or_setsid_die_with_a_timed_out_run(
     tmp_path: Path, mode: str
 ) -> None:
     tag = f"esc-timeout-{mode}-{os.getpid()}"
-    source = escapers(tag) + "print('started', flush=True)\ntime.sleep(3600)\n"
-    job = make_job(
-        source, "v1-default-0", campaign="c", harness_dir=harness(tmp_path), timeout_s=2.0
-    )
-    outcome = await backend(tmp_path, mode).run(job, lambda _: None)
+    rest = "print('started', flush=True)\ntime.sleep(3600)\n"
+    outcome = await run_escapers(tmp_path, mode, tag, rest, timeout_s=2.0)
     assert outcome.timed_out
-    await eventually(lambda: not processes_tagged(tag), timeout=5.0, what="escapers to die")
     assert "[nightshift] timed out after 2s" in outcome.read_log()
     # The reason names the configured timeout, not the slot's wall time (here made 9 s).
     finished = RunFinished(
@@ -110,16 +125,11 @@ async def test_a_trainer_that_exits_while_a_child_holds_its_output_is_finished_a
     tmp_path: Path, mode: str
 ) -> None:
     tag = f"esc-finish-{mode}-{os.getpid()}"
-    source = escapers(tag) + "print('---')\nprint('val_bpb: 1.25')\n"
-    job = make_job(
-        source, "v1-default-0", campaign="c", harness_dir=harness(tmp_path), timeout_s=60.0
-    )
     t0 = time.monotonic()
-    outcome = await backend(tmp_path, mode).run(job, lambda _: None)
+    outcome = await run_escapers(tmp_path, mode, tag, "print('---\\nval_bpb: 1.25')\n", 60.0)
     assert time.monotonic() - t0 < 15, "the run waited for its children's pipe"
     assert outcome.exit_code == 0 and not outcome.timed_out
     assert "val_bpb: 1.25" in outcome.read_log()
-    await eventually(lambda: not processes_tagged(tag), timeout=5.0, what="escapers to die")
 
 
 LAUNCHER = """
@@ -127,6 +137,7 @@ import asyncio, sys
 from pathlib import Path
 from services.contracts import RunFinished
 from services.evaluator.classify import evaluate_run
+from services.launcher.backend import RunOutcome
 from services.launcher.local import LocalBackend
 from services.launcher.sandbox import resolve_sandbox
 from tests.launcher_helpers import job
@@ -236,24 +247,16 @@ def test_nats_server_dies_with_a_sigkilled_parent(tmp_path: Path) -> None:
     try:
         assert parent.stdout is not None
         server = int(parent.stdout.readline())
-        assert _alive(server)
+        assert alive(server)
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
         deadline = time.monotonic() + 5
-        while _alive(server) and time.monotonic() < deadline:
+        while alive(server) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(server), "the private nats-server outlived its SIGKILLed parent"
+        assert not alive(server), "the private nats-server outlived its SIGKILLed parent"
     finally:
         parent.kill()
         parent.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 async def test_a_cancelled_supervision_kills_the_run(tmp_path: Path) -> None:

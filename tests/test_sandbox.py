@@ -201,7 +201,7 @@ def test_bwrap_mode_without_bubblewrap_is_an_error_that_says_what_to_do(
 ) -> None:
     from services.launcher import sandbox
 
-    monkeypatch.setattr(sandbox.shutil, "which", lambda _: None)
+    monkeypatch.setattr(shutil, "which", lambda _: None)
     sandbox._warn_unsandboxed.cache_clear()
     with pytest.raises(sandbox.SandboxError, match="apt-get install bubblewrap"):
         sandbox.resolve_sandbox("bwrap")

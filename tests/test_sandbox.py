@@ -71,6 +71,7 @@ attack("campaign_home", lambda: write(T["home"] + "/pwned.txt"))
 attack("data_cache", lambda: write(T["cache"] + "/meta.json"))
 attack("ledger", rewrite_ledger)
 attack("harness", lambda: write(T["harness"] + "/prepare.py"))
+attack("harness_copy", lambda: write("prepare.py"))
 attack("own_dir", lambda: write("mine.txt"))
 """
 ATTACK_NAMES = [
@@ -82,6 +83,7 @@ ATTACK_NAMES = [
     "data_cache",
     "ledger",
     "harness",
+    "harness_copy",
 ]
 
 

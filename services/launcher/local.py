@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import fnmatch
 import os
 import secrets
 import shutil
@@ -43,6 +44,11 @@ def _log() -> Any:
 PREPARED_MARKER = ".nightshift-prepared"
 PREPARE_TIMEOUT_S = 3600.0
 DRAIN_TIMEOUT_S = 5.0
+NOT_COPIED = (PREPARED_MARKER, ".prepare.*")  # the harness's own bookkeeping
+
+
+def _copied(name: str) -> bool:
+    return not any(fnmatch.fnmatch(name, pattern) for pattern in NOT_COPIED)
 
 
 class LocalBackend:
@@ -108,7 +114,10 @@ class LocalBackend:
             return argv
         gpus = [self.gpus[job.slot % len(self.gpus)]] if self.gpus else []
         read_only = [*self.read_only, *([self.data_cache] if self.data_cache else [])]
-        mounts = RunMounts(run_dir, read_only, gpus, not self.gpus, self.network)
+        # The run's copy of the harness is read-only too: only what the run creates is its.
+        harness = [run_dir / p.name for p in job.harness_dir.iterdir() if _copied(p.name)]
+        frozen = [p for p in harness if p.name != job.edit_file]
+        mounts = RunMounts(run_dir, read_only, gpus, not self.gpus, self.network, frozen)
         return self.sandbox.wrap(argv, mounts)
 
     async def run(self, job: Job, on_line: LineCallback) -> RunOutcome:
@@ -232,9 +241,7 @@ class LocalBackend:
             raise OSError(f"harness directory {job.harness_dir} does not exist")
         if run_dir.exists():  # a redelivered run starts over
             shutil.rmtree(run_dir)
-        shutil.copytree(
-            job.harness_dir, run_dir, ignore=shutil.ignore_patterns(PREPARED_MARKER, ".prepare.*")
-        )
+        shutil.copytree(job.harness_dir, run_dir, ignore=shutil.ignore_patterns(*NOT_COPIED))
         (run_dir / job.edit_file).write_text(job.source)
         log_path = run_dir / "run.log"
         log_path.write_bytes(b"")

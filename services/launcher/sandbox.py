@@ -42,13 +42,15 @@ class SandboxError(SettingsError):
 @dataclass(frozen=True)
 class RunMounts:
     """What one run may see besides the system: its run directory (the only writable
-    place), read-only paths, and the GPU device ids it was given ([] with `all_gpus`)."""
+    place) with `frozen` paths in it read-only (its copy of the harness), other read-only
+    paths, and the GPU device ids it was given ([] with `all_gpus`)."""
 
     run_dir: Path
     read_only: Sequence[Path] = ()
     gpus: Sequence[str] = ()
     all_gpus: bool = False
     network: bool = False
+    frozen: Sequence[Path] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class Bubblewrap:
                 cmd += ["--ro-bind", str(path), str(path)]
         run_dir = str(mounts.run_dir.resolve())
         cmd += ["--bind", run_dir, run_dir]
+        for path in mounts.frozen:  # after the run directory, which they lie in
+            cmd += ["--ro-bind", str(path.resolve()), str(path.resolve())]
         gpus = gpu_access(mounts.gpus, mounts.all_gpus, self.gpu_table)
         for device in gpus.devices:
             cmd += ["--dev-bind", device, device]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -192,7 +193,10 @@ async def test_a_flood_of_output_keeps_head_and_tail_within_the_cap(tmp_path: Pa
     cap = 256 * 1024
     limits = OutputLimits(max_bytes=cap, rate_bytes_s=0)
     job = make_job(source, "v1-default-0", campaign="c", harness_dir=harness(tmp_path))
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     outcome = await backend(tmp_path, "none", limits=limits).run(job, lambda _: None)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grown_mib < 50, f"the launcher's peak memory grew by {grown_mib:.0f} MiB"
     assert outcome.exit_code == 0
     assert outcome.log_path is not None
     size = outcome.log_path.stat().st_size

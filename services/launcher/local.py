@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import signal
+import site
 import socket
 import sys
 import time
@@ -104,6 +105,7 @@ class LocalBackend:
         if self.sandbox is not None:
             env["HOME"] = "/tmp"  # the user's home is not in the sandbox
             env["TMPDIR"] = "/tmp"
+            env["PYTHONUSERBASE"] = site.getuserbase()  # the user site stays where it was
             if self.data_cache is not None:  # found where prepare.py put it, read-only
                 env["NIGHTSHIFT_CACHE"] = str(self.data_cache)
         return env

@@ -65,6 +65,7 @@ def rewrite_ledger():
     db.commit()
 attack("key_file", lambda: read(T["key_file"]))
 attack("creds_file", lambda: read(T["creds_file"]))
+attack("creds_in_readable", lambda: read(T["cache"] + "/../nats.creds"))
 attack("parent_environ", lambda: read("/proc/%d/environ" % T["launcher_pid"]))
 attack("any_environ", environ_anywhere)
 attack("campaign_home", lambda: write(T["home"] + "/pwned.txt"))
@@ -77,6 +78,7 @@ attack("own_dir", lambda: write("mine.txt"))
 ATTACK_NAMES = [
     "key_file",
     "creds_file",
+    "creds_in_readable",
     "parent_environ",
     "any_environ",
     "campaign_home",
@@ -99,9 +101,10 @@ def holder_of_secret() -> Iterator[int]:
         proc.wait()
 
 
-def world(tmp_path: Path, holder: int) -> tuple[dict[str, object], dict[Path, bytes]]:
+def world(tmp_path: Path, holder: int) -> tuple[dict[str, object], dict[Path, bytes], list[Path]]:
     """A user's machine in miniature: home with a key file, campaign home with ledger, NATS
-    creds and harness, a data cache. Returns the attack targets and the files' contents."""
+    creds and harness, a data cache. Returns the attack targets, the files' contents and
+    the paths the launcher hides (as the factory's secret_paths)."""
     home = tmp_path / "home"
     key_file = home / ".config" / "nightshift" / "anthropic_key"
     campaign = home / "project" / ".nightshift"
@@ -112,6 +115,8 @@ def world(tmp_path: Path, holder: int) -> tuple[dict[str, object], dict[Path, by
         d.mkdir(parents=True)
     key_file.write_text(SECRET)
     creds.write_text(f"-----BEGIN NKEY-----\n{SECRET}\n")
+    # Credentials inside a path the run may read (as under /etc): masked all the same.
+    shutil.copy(creds, cache.parent / "nats.creds")
     (harness / "prepare.py").write_text("print('prepared')\n")
     (cache / "meta.json").write_text("{}")
     ledger = campaign / "ledger.db"
@@ -119,6 +124,7 @@ def world(tmp_path: Path, holder: int) -> tuple[dict[str, object], dict[Path, by
         db.execute("CREATE TABLE results (value REAL)")
         db.execute("INSERT INTO results VALUES (1.5)")
     files = [key_file, creds, harness / "prepare.py", cache / "meta.json", ledger]
+    hidden = [cache.parent / "nats.creds", creds, key_file, ledger, campaign]
     targets = {
         "secret": SECRET,
         "key_file": str(key_file),
@@ -129,16 +135,15 @@ def world(tmp_path: Path, holder: int) -> tuple[dict[str, object], dict[Path, by
         "ledger": str(ledger),
         "harness": str(harness),
     }
-    return targets, {f: f.read_bytes() for f in files}
+    return targets, {f: f.read_bytes() for f in files}, hidden
 
 
 async def attack(tmp_path: Path, holder: int, sandbox: Bubblewrap | None) -> dict[str, str]:
-    targets, before = world(tmp_path, holder)
+    targets, before, hidden = world(tmp_path, holder)
     campaign = Path(str(targets["home"]))
     harness = Path(str(targets["harness"]))
-    backend = LocalBackend(
-        campaign / "runs", sandbox=sandbox, data_cache=Path(str(targets["cache"])).parent
-    )
+    cache = Path(str(targets["cache"])).parent
+    backend = LocalBackend(campaign / "runs", sandbox=sandbox, data_cache=cache, hidden=hidden)
     # The targets (the secret among them) are in the source, not in the run's environment.
     source = f"TARGETS = {json.dumps(json.dumps(targets))}\n{ATTACKS}"
     job = make_job(source, "v1-default-0", campaign="camp", harness_dir=harness)
@@ -241,6 +246,8 @@ def test_the_launcher_knows_every_secret_it_must_redact(tmp_path: Path) -> None:
         "hf_abcdefgh",
     }
     assert "/usr/bin" not in backend.limits.secrets
+    # Masked in the sandbox even where they lie under a path a run may read.
+    assert {creds, settings.ledger_path, Path(settings.home)} <= set(backend.hidden)
     assert sys.platform != "linux" or die_with_parent() is not None
 
 

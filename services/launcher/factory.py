@@ -12,7 +12,7 @@ from services.launcher.local import LocalBackend
 from services.launcher.output import OutputLimits
 from services.launcher.sandbox import resolve_sandbox
 from services.launcher.sim import SimBackend
-from services.proposer.apikey import load_api_key
+from services.proposer.apikey import KEY_FILE, load_api_key
 from services.settings import Settings, SettingsError
 from services.telemetry import get_logger
 
@@ -53,6 +53,7 @@ def make_local_backend(settings: Settings, env: dict[str, str] | None = None) ->
         sandbox=sandbox,
         read_only=[p for p in extra if str(p) != "."],
         data_cache=data_cache(env),
+        hidden=secret_paths(settings, env),
         network=settings.sandbox_network,
         limits=OutputLimits(
             max_bytes=settings.run_log_max_bytes,
@@ -65,6 +66,14 @@ def make_local_backend(settings: Settings, env: dict[str, str] | None = None) ->
 def data_cache(env: dict[str, str]) -> Path:
     """Where the trainer's prepare.py keeps prepared data (its NIGHTSHIFT_CACHE)."""
     return Path(env.get("NIGHTSHIFT_CACHE") or "~/.cache/nightshift").expanduser()
+
+
+def secret_paths(settings: Settings, env: dict[str, str]) -> list[Path]:
+    """Files and directories no run may see, even where they lie under a path it may read:
+    the NATS credentials, the Anthropic key file, the ledger, the campaign's home."""
+    key_file = env.get("NIGHTSHIFT_ANTHROPIC_KEY_FILE") or str(KEY_FILE)
+    paths = [settings.nats_creds, key_file, str(settings.ledger_path), settings.home]
+    return [Path(p).expanduser() for p in paths if p]
 
 
 def known_secrets(settings: Settings, env: dict[str, str]) -> list[str]:

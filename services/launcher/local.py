@@ -66,6 +66,7 @@ class LocalBackend:
         sandbox: Bubblewrap | None = None,
         read_only: Sequence[Path] = (),
         data_cache: Path | None = None,
+        hidden: Sequence[Path] = (),
         network: bool = False,
         limits: OutputLimits = OutputLimits(),  # noqa: B008 (frozen)
     ) -> None:
@@ -77,6 +78,7 @@ class LocalBackend:
         self.sandbox = sandbox
         self.read_only = [Path(p) for p in read_only]
         self.data_cache = data_cache
+        self.hidden = [Path(p) for p in hidden]
         self.network = network
         self.limits = limits
         self.host = socket.gethostname()
@@ -119,7 +121,9 @@ class LocalBackend:
         # The run's copy of the harness is read-only too: only what the run creates is its.
         harness = [run_dir / p.name for p in job.harness_dir.iterdir() if _copied(p.name)]
         frozen = [p for p in harness if p.name != job.edit_file]
-        mounts = RunMounts(run_dir, read_only, gpus, not self.gpus, self.network, frozen)
+        mounts = RunMounts(
+            run_dir, read_only, gpus, not self.gpus, self.network, frozen, self.hidden
+        )
         return self.sandbox.wrap(argv, mounts)
 
     async def run(self, job: Job, on_line: LineCallback) -> RunOutcome:

@@ -43,7 +43,8 @@ class SandboxError(SettingsError):
 class RunMounts:
     """What one run may see besides the system: its run directory (the only writable
     place) with `frozen` paths in it read-only (its copy of the harness), other read-only
-    paths, and the GPU device ids it was given ([] with `all_gpus`)."""
+    paths, `hidden` ones (secrets, the ledger) masked wherever they lie in what is
+    mounted, and the GPU device ids it was given ([] with `all_gpus`)."""
 
     run_dir: Path
     read_only: Sequence[Path] = ()
@@ -51,6 +52,7 @@ class RunMounts:
     all_gpus: bool = False
     network: bool = False
     frozen: Sequence[Path] = ()
+    hidden: Sequence[Path] = ()
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,13 @@ class Bubblewrap:
             cmd.append("--unshare-net")
         cmd += system_binds()
         cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-        for path in [*self.python_dirs, *mounts.read_only]:
-            if path.exists():
+        readable = [p for p in [*self.python_dirs, *mounts.read_only] if p.exists()]
+        for path in readable:
+            cmd += ["--ro-bind", str(path), str(path)]
+        hidden_dirs = [p.resolve() for p in mounts.hidden if p.is_dir()]
+        cmd += mask(mounts.hidden)
+        for path in readable:  # what may be read inside a hidden directory comes back
+            if any(path.resolve().is_relative_to(d) for d in hidden_dirs):
                 cmd += ["--ro-bind", str(path), str(path)]
         run_dir = str(mounts.run_dir.resolve())
         cmd += ["--bind", run_dir, run_dir]
@@ -79,8 +86,24 @@ class Bubblewrap:
             cmd += ["--dev-bind", device, device]
         if gpus.visible is not None:
             cmd += ["--setenv", "CUDA_VISIBLE_DEVICES", gpus.visible]
+        for hidden_dir in hidden_dirs:  # read-only once the mounts inside them are made
+            cmd += ["--remount-ro", str(hidden_dir)]
         cmd += ["--remount-ro", "/", "--chdir", run_dir, "--", *argv]
         return cmd
+
+
+def mask(paths: Sequence[Path]) -> list[str]:
+    """Hide each existing path (a credentials file under /etc, a ledger under a read-only
+    path): a file behind /dev/null, a directory behind an empty tmpfs (made read-only at
+    the end). Paths that are not mounted anyway cost a harmless mount each."""
+    out: list[str] = []
+    for path in paths:
+        real = path.resolve()
+        if real.is_dir():
+            out += ["--tmpfs", str(real)]
+        elif real.exists():
+            out += ["--ro-bind", "/dev/null", str(real)]
+    return out
 
 
 def system_binds() -> list[str]:

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from services.process_lifetime import die_with_parent
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -24,6 +26,9 @@ class EmbeddedNats:
 
     With `user` and `password` (or `token`) the server refuses anonymous clients, as a
     deployment's does; tests use it to prove credentials reach every connection.
+
+    The server is SIGKILLed by Linux when the thread that started it ends (PR_SET_PDEATHSIG:
+    the process dying, even by SIGKILL): start it from the main thread, not a worker's.
     """
 
     def __init__(
@@ -61,9 +66,14 @@ class EmbeddedNats:
             *self.auth_args,
         ]
         log = self.log_path.open("ab")
-        # Its own session, so a Ctrl-C meant for us does not kill it before we drain.
+        # Its own session, so a Ctrl-C meant for us does not kill it before we drain; and
+        # SIGKILLed when we die, however we die (a SIGKILL leaves no chance to stop it).
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

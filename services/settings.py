@@ -34,6 +34,7 @@ Direction = Literal["minimize", "maximize"]
 StrategyName = Literal["auto", "grid", "claude"]
 KeepRuleName = Literal["strict"]  # the names in services.ledger.keep.RULES
 LogFormat = Literal["", "json", "console"]
+SandboxMode = Literal["auto", "bwrap", "none"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 # Level names are written either way (logging prints INFO): accepted in any case.
 CASE_FREE_SETTINGS = frozenset({"log_level"})
@@ -98,6 +99,26 @@ class Settings(msgspec.Struct, kw_only=True):
     log_tail_lines: Annotated[
         int, Meta(ge=0, description="lines of a failed run's log kept in its result")
     ] = 60
+    sandbox: Annotated[
+        SandboxMode,
+        Meta(description="how local runs are confined: bwrap, none, or auto (bwrap when it works)"),
+    ] = "auto"
+    sandbox_network: Annotated[
+        bool, Meta(description="whether a sandboxed run may use the network")
+    ] = False
+    sandbox_read_only: Annotated[
+        str,
+        Meta(
+            description="comma-separated paths a sandboxed run may read "
+            "(besides the system, Python and the data cache)"
+        ),
+    ] = ""
+    run_log_max_bytes: Annotated[
+        int, Meta(ge=1024, description="bytes of a run's output kept (its first and last halves)")
+    ] = 4 * 1024 * 1024
+    run_output_bytes_s: Annotated[
+        int, Meta(ge=0, description="bytes per second read from a run's output (0: no limit)")
+    ] = 1024 * 1024
     ack_wait_s: Annotated[
         float, Meta(gt=0, description="seconds before a silent launcher's run is redelivered")
     ] = 30.0

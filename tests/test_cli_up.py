@@ -131,7 +131,9 @@ def test_ctrl_c_stops_everything_and_leaves_no_orphans(tmp_path: Path) -> None:
     (trainer / "train.py").write_text(f"LR = 0.01\n{SLOW_TRAINER}")
     pids_dir = tmp_path / "pids"
     pids_dir.mkdir()
-    env = cli_env(tmp_path / "home", PIDS_DIR=str(pids_dir))
+    # The trainers report their pids in PIDS_DIR: outside the sandbox, whose own tests
+    # (test_run_lifetime.py) show that its runs die with their launcher.
+    env = cli_env(tmp_path / "home", PIDS_DIR=str(pids_dir), NIGHTSHIFT_SANDBOX="none")
     proc = subprocess.Popen(
         [*CLI, *up_args("ctrlc", backend="local", slots=2, trainer=trainer)],
         env=env,

@@ -60,10 +60,12 @@ from services.contracts.trainer import (
     knob_assignments,
     knob_value,
     knob_values_only,
+    output_cut_line,
     parse_progress,
     parse_summary,
     split_lines,
     timed_out_line,
+    timeout_seconds,
     truncated_line,
 )
 
@@ -117,6 +119,7 @@ __all__ = [
     "knob_value",
     "knob_values_only",
     "normalize_source",
+    "output_cut_line",
     "parse_progress",
     "parse_summary",
     "run_id_for",
@@ -125,6 +128,7 @@ __all__ = [
     "split_lines",
     "stream_subjects",
     "timed_out_line",
+    "timeout_seconds",
     "truncated_line",
     "variant_id_for",
     "variant_keys",

@@ -222,6 +222,23 @@ def truncated_line() -> str:
     return f"{MARKER} log truncated to its end"
 
 
+def output_cut_line(cut_bytes: int, max_bytes: int) -> str:
+    """The line where the launcher cut the middle of a log longer than its cap."""
+    return (
+        f"{MARKER} {cut_bytes} bytes of output cut here "
+        f"(the stored log keeps the first and last {max_bytes // 2} bytes)"
+    )
+
+
+_TIMEOUT_LINE = re.compile(r"^\[nightshift\] timed out after (\d+)s")
+
+
+def timeout_seconds(log_text: str) -> int | None:
+    """The configured timeout on a log's timed-out marker; None when there is none."""
+    found = [m.group(1) for m in map(_TIMEOUT_LINE.match, split_lines(log_text)) if m]
+    return int(found[-1]) if found else None
+
+
 def cancel_reason(log_text: str) -> str | None:
     """The reason on the last cancellation marker of a log; None when there is none."""
     reasons = [m.group(1) for m in map(_CANCEL_LINE.match, split_lines(log_text)) if m]

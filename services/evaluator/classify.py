@@ -13,6 +13,7 @@ from services.contracts import (
     cancel_reason,
     parse_summary,
     split_lines,
+    timeout_seconds,
 )
 
 BPB_CEILING = 20.0  # bits per byte beyond this is a bug, not a result (uniform bytes: 8)
@@ -98,7 +99,11 @@ def evaluate_run(finished: RunFinished, log_text: str, metric: str = "val_bpb") 
         return Evaluation("infra", crash_reason=_cut(finished.infra_reason or "infrastructure"))
     seconds = finished.finished_at - finished.started_at
     if finished.timed_out:
-        return Evaluation("timeout", crash_reason=f"timed out after {seconds:.0f}s; killed")
+        # The configured limit, from the launcher's marker line; the wall time of the slot
+        # (preparing, copying, the kill's grace period) only when the marker is missing.
+        limit = timeout_seconds(log_text)
+        shown = f"the run timeout of {limit}s" if limit is not None else f"{seconds:.0f}s"
+        return Evaluation("timeout", crash_reason=f"timed out after {shown}; killed")
     lines = [line for line in split_lines(log_text) if line.strip()]
     if finished.cancelled:
         reason = cancel_reason(log_text)

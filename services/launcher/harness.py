@@ -3,11 +3,17 @@
 The CLI puts a tar.gz of it in the `sources` bucket under `harness_key`; a launcher
 extracts it once per key into `<runs_path>/harness/<key>/`, atomically (extract beside,
 then rename), so concurrent slots and launcher processes never see half a harness.
+
+Each run gets a fresh copy of it (local.py), and before each run every file of the
+archive is checked against its hash, kept in this process's memory: a harness changed on
+disk (a run outside the sandbox can write it) is set aside and extracted anew, so no run
+executes a `prepare.py` or helper that an earlier run rewrote.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 import re
@@ -18,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from services.contracts import harness_root
+from services.telemetry import get_logger
 
 
 class HarnessError(Exception):
@@ -50,23 +57,71 @@ def extract_harness(data: bytes, dest: Path) -> Path:
     return harness_root(dest)
 
 
+def archive_digests(data: bytes) -> dict[str, str]:
+    """sha256 of each regular file of a harness archive, by its path in the archive."""
+    out: dict[str, str] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        for member in tar.getmembers():
+            fh = tar.extractfile(member) if member.isfile() else None
+            if fh is not None:
+                out[member.name] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def changed_files(dest: Path, digests: dict[str, str]) -> list[str]:
+    """The archive's files that are missing or different under `dest`."""
+    changed = []
+    for name, digest in digests.items():
+        try:
+            actual = hashlib.sha256((dest / name).read_bytes()).hexdigest()
+        except OSError:
+            actual = ""
+        if actual != digest:
+            changed.append(name)
+    return changed
+
+
+def set_aside(dest: Path) -> None:
+    """Move a changed harness out of the way (atomically), then delete it."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.changed.", dir=dest.parent))
+    try:
+        os.rename(dest, trash / dest.name)
+    except FileNotFoundError:
+        pass  # another launcher process set it aside first
+    except OSError as exc:
+        raise HarnessError(f"cannot set aside the changed harness {dest}: {exc}") from exc
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 class HarnessCache:
-    """Harness directories by key, fetched and extracted at most once per process."""
+    """Harness directories by key, each checked against its archive before it is used."""
 
     def __init__(self, root: Path, fetch: Callable[[str], Awaitable[bytes]]) -> None:
         self.root = Path(root)
         self.fetch = fetch
         self._locks: dict[str, asyncio.Lock] = {}
+        self._digests: dict[str, dict[str, str]] = {}
 
     async def get(self, key: str) -> Path:
         dest = self.root / safe_name(key)
-        if dest.is_dir():
-            return harness_root(dest)
         async with self._locks.setdefault(key, asyncio.Lock()):
+            data = b""
+            if key not in self._digests:
+                data = await self._fetch(key)
+                self._digests[key] = await asyncio.to_thread(archive_digests, data)
             if dest.is_dir():
-                return harness_root(dest)
-            try:
-                data = await self.fetch(key)
-            except KeyError as exc:
-                raise HarnessError(f"harness {key!r} is not in the sources bucket") from exc
-            return await asyncio.to_thread(extract_harness, data, dest)
+                changed = await asyncio.to_thread(changed_files, dest, self._digests[key])
+                if not changed:
+                    return harness_root(dest)
+                get_logger(component="launcher.harness").warning(
+                    "harness_changed_on_disk", harness=str(dest), files=changed[:20]
+                )
+                await asyncio.to_thread(set_aside, dest)
+            return await asyncio.to_thread(extract_harness, data or await self._fetch(key), dest)
+
+    async def _fetch(self, key: str) -> bytes:
+        try:
+            return await self.fetch(key)
+        except KeyError as exc:
+            raise HarnessError(f"harness {key!r} is not in the sources bucket") from exc

@@ -1,9 +1,14 @@
 """The `local` backend: one subprocess per slot on this machine.
 
 Each run is `python <edit_file>` in its own run directory (a copy of the harness plus the
-variant's source) and its own process group, with a hard timeout that kills the whole
-group, secrets scrubbed from its environment, and stdout+stderr merged into `run.log`.
-A slot is a GPU (CUDA_VISIBLE_DEVICES) when `gpus` lists any, else a CPU slot.
+variant's source), inside the sandbox (sandbox.py: bubblewrap, when it works) and its own
+process group, with a hard timeout that kills the whole run, secrets scrubbed from its
+environment, and stdout+stderr merged into `run.log` through output.py (capped, throttled,
+secrets redacted). A slot is a GPU (CUDA_VISIBLE_DEVICES) when `gpus` lists any, else a
+CPU slot.
+
+The run's output goes through a pipe this process owns, not asyncio's: the run is over
+when its leader exits, even while a stray child still holds the pipe (it is killed then).
 """
 
 from __future__ import annotations
@@ -11,17 +16,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import fnmatch
 import os
+import secrets
 import shutil
 import signal
+import site
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from services.contracts import cancelled_line, infra_failure_line, split_lines, timed_out_line
+from services.contracts import cancelled_line, infra_failure_line, timed_out_line
 from services.launcher.backend import Job, LineCallback, RunOutcome, log_tail, scrubbed_env
+from services.launcher.output import CappedLog, OutputLimits, pump, redact_file, redact_text
+from services.launcher.sandbox import Bubblewrap, RunMounts
+from services.process_lifetime import RUN_TOKEN_VAR, kill_descendants, popen_kwargs
 from services.telemetry import get_logger
 
 
@@ -32,6 +44,12 @@ def _log() -> Any:
 
 PREPARED_MARKER = ".nightshift-prepared"
 PREPARE_TIMEOUT_S = 3600.0
+DRAIN_TIMEOUT_S = 5.0
+NOT_COPIED = (PREPARED_MARKER, ".prepare.*")  # the harness's own bookkeeping
+
+
+def _copied(name: str) -> bool:
+    return not any(fnmatch.fnmatch(name, pattern) for pattern in NOT_COPIED)
 
 
 class LocalBackend:
@@ -44,12 +62,25 @@ class LocalBackend:
         slots: int = 1,
         grace_s: float = 5.0,
         prepare_timeout_s: float = PREPARE_TIMEOUT_S,
+        *,
+        sandbox: Bubblewrap | None = None,
+        read_only: Sequence[Path] = (),
+        data_cache: Path | None = None,
+        hidden: Sequence[Path] = (),
+        network: bool = False,
+        limits: OutputLimits = OutputLimits(),  # noqa: B008 (frozen)
     ) -> None:
         self.runs_path = Path(runs_path)
         self.gpus = [g.strip() for g in gpus.split(",") if g.strip()]
         self._slots = len(self.gpus) if self.gpus else max(1, slots)
         self.grace_s = grace_s
         self.prepare_timeout_s = prepare_timeout_s
+        self.sandbox = sandbox
+        self.read_only = [Path(p) for p in read_only]
+        self.data_cache = data_cache
+        self.hidden = [Path(p) for p in hidden]
+        self.network = network
+        self.limits = limits
         self.host = socket.gethostname()
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._active: set[str] = set()
@@ -73,7 +104,27 @@ class LocalBackend:
         env.pop("NIGHTSHIFT_SEED", None)
         if job.replica > 0:
             env["NIGHTSHIFT_SEED"] = str(job.replica)
+        if self.sandbox is not None:
+            env["HOME"] = "/tmp"  # the user's home is not in the sandbox
+            env["TMPDIR"] = "/tmp"
+            env["PYTHONUSERBASE"] = site.getuserbase()  # the user site stays where it was
+            if self.data_cache is not None:  # found where prepare.py put it, read-only
+                env["NIGHTSHIFT_CACHE"] = str(self.data_cache)
         return env
+
+    def _argv(self, job: Job, run_dir: Path) -> list[str]:
+        argv = [sys.executable, job.edit_file]
+        if self.sandbox is None:
+            return argv
+        gpus = [self.gpus[job.slot % len(self.gpus)]] if self.gpus else []
+        read_only = [*self.read_only, *([self.data_cache] if self.data_cache else [])]
+        # The run's copy of the harness is read-only too: only what the run creates is its.
+        harness = [run_dir / p.name for p in job.harness_dir.iterdir() if _copied(p.name)]
+        frozen = [p for p in harness if p.name != job.edit_file]
+        mounts = RunMounts(
+            run_dir, read_only, gpus, not self.gpus, self.network, frozen, self.hidden
+        )
+        return self.sandbox.wrap(argv, mounts)
 
     async def run(self, job: Job, on_line: LineCallback) -> RunOutcome:
         self._active.add(job.run_id)
@@ -90,7 +141,7 @@ class LocalBackend:
         try:
             failure = await self.prepare(job.harness_dir, job.profile)
             if failure:
-                return self._infra(outcome, failure)
+                return self._infra(outcome, redact_text(failure, self.limits.secrets))
             log_path = self._make_run_dir(job, run_dir)
         except OSError as exc:
             return self._infra(outcome, f"cannot set up the run directory {run_dir}: {exc}")
@@ -105,6 +156,7 @@ class LocalBackend:
             self._append(log_path, cancelled_line(reason))
         elif outcome.timed_out:
             self._append(log_path, timed_out_line(job.timeout_s))
+        redact_file(log_path, self.limits.secrets)
         outcome.finished_at = time.time()
         return outcome
 
@@ -112,38 +164,51 @@ class LocalBackend:
         self, job: Job, run_dir: Path, log_path: Path, on_line: LineCallback, outcome: RunOutcome
     ) -> bool:
         """Run the trainer to its end; False (an infra outcome) when it cannot start."""
-        with log_path.open("ab") as sink:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    job.edit_file,
-                    cwd=run_dir,
-                    env=self._env(job),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                self._infra(outcome, f"cannot start {sys.executable} {job.edit_file}: {exc}")
-                return False
-            self._procs[job.run_id] = proc
-            try:
-                await self._supervise(job, proc, sink, on_line, outcome)
-            finally:
-                self._procs.pop(job.run_id, None)
+        token = secrets.token_hex(12)
+        env = self._env(job) | {RUN_TOKEN_VAR: token}
+        argv = self._argv(job, run_dir)
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=run_dir,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=write_fd,
+                **popen_kwargs(),
+            )
+        except OSError as exc:
+            os.close(read_fd)
+            self._infra(outcome, f"cannot start {argv[0]} {job.edit_file}: {exc}")
+            return False
+        finally:
+            os.close(write_fd)
+        self._procs[job.run_id] = proc
+        reader, transport = await _open_reader(read_fd)
+        try:
+            with log_path.open("ab") as sink:
+                log = CappedLog(sink, self.limits.max_bytes)
+                try:
+                    await self._supervise(job, proc, token, reader, log, on_line, outcome)
+                finally:
+                    log.close()
+        finally:
+            transport.close()
+            self._procs.pop(job.run_id, None)
         return True
 
     async def _supervise(
         self,
         job: Job,
         proc: asyncio.subprocess.Process,
-        sink: BinaryIO,
+        token: str,
+        reader: asyncio.StreamReader,
+        log: CappedLog,
         on_line: LineCallback,
         outcome: RunOutcome,
     ) -> None:
-        assert proc.stdout is not None
-        pump = asyncio.create_task(_pump(proc.stdout, sink, on_line))
+        pumping = asyncio.create_task(pump(reader, log, on_line, self.limits.rate_bytes_s))
         try:
             await asyncio.wait_for(proc.wait(), timeout=job.timeout_s)
         except TimeoutError:
@@ -153,11 +218,12 @@ class LocalBackend:
             await self._kill_group(proc)
             raise
         finally:
-            # Children that outlived the leader (dataloader workers, a stray `sleep`) die too.
-            _signal_group(proc.pid, signal.SIGKILL)
+            # Whatever outlived the leader (dataloader workers, a stray `sleep`, a child in
+            # its own session) dies now: its output pipe closes and the run is over.
+            _kill_run(proc.pid, token)
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(pump, timeout=5.0)
-            pump.cancel()
+                await asyncio.wait_for(pumping, timeout=DRAIN_TIMEOUT_S)
+            pumping.cancel()
         outcome.exit_code = proc.returncode
 
     async def _kill_group(self, proc: asyncio.subprocess.Process) -> None:
@@ -181,9 +247,7 @@ class LocalBackend:
             raise OSError(f"harness directory {job.harness_dir} does not exist")
         if run_dir.exists():  # a redelivered run starts over
             shutil.rmtree(run_dir)
-        shutil.copytree(
-            job.harness_dir, run_dir, ignore=shutil.ignore_patterns(PREPARED_MARKER, ".prepare.*")
-        )
+        shutil.copytree(job.harness_dir, run_dir, ignore=shutil.ignore_patterns(*NOT_COPIED))
         (run_dir / job.edit_file).write_text(job.source)
         log_path = run_dir / "run.log"
         log_path.write_bytes(b"")
@@ -235,7 +299,7 @@ class LocalBackend:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=sink,
                 stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
+                **popen_kwargs(),
             )
             try:
                 await asyncio.wait_for(proc.wait(), timeout=self.prepare_timeout_s)
@@ -262,27 +326,19 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-async def _pump(stream: asyncio.StreamReader, sink: BinaryIO, on_line: LineCallback) -> None:
-    """Copy the process output to the log file, calling on_line for each complete line."""
-    pending = ""
-    while True:
-        chunk = await stream.read(65536)
-        if not chunk:
-            break
-        sink.write(chunk)
-        sink.flush()
-        pending += chunk.decode(errors="replace")
-        *lines, pending = split_lines(pending)
-        pending = pending[-65536:]  # output with no line ends at all stays bounded
-        for line in lines:
-            if line.strip():
-                _call(on_line, line)
-    if pending.strip():
-        _call(on_line, pending)
+def _kill_run(pgid: int, token: str) -> None:
+    """SIGKILL the run's process group and every process that carries its token."""
+    _signal_group(pgid, signal.SIGKILL)
+    killed = kill_descendants(token)
+    if killed:
+        _log().info("run_descendants_killed", pids=killed)
 
 
-def _call(on_line: LineCallback, line: str) -> None:
-    try:
-        on_line(line)
-    except Exception as exc:  # last resort: a broken observer must not break the run
-        _log().warning("on_line_failed", error=repr(exc))
+async def _open_reader(read_fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    """A StreamReader on our end of the run's output pipe; closing the transport closes it."""
+    reader = asyncio.StreamReader(limit=65536)
+    pipe = os.fdopen(read_fd, "rb", buffering=0)
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), pipe
+    )
+    return reader, transport

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from services.contracts import RunStarted, run_id_for
+from services.contracts import ResultEvaluated, RunStarted, VariantProposed, run_id_for
 from services.ledger import queries
 from services.ledger.api import create_app
 from services.ledger.db import open_db, open_read
@@ -226,3 +226,28 @@ def test_missing_ledger_is_503(tmp_path: Path) -> None:
     with TestClient(create_app(tmp_path / "absent.db")) as test_client:
         response = test_client.get("/campaigns")
         assert response.status_code == 503 and "no ledger" in response.json()["detail"]
+
+
+def test_lineage_stops_at_a_missing_ancestor(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    conn = open_db(path)
+    items = synthetic_campaign("orphan", variants=2, stop=False)
+    for event, source, text in [items[0], *items[5:]]:  # without the baseline and its run
+        apply_event(conn, event, source_text=source, log_text=text)
+    child, result = items[5][0], items[8][0]
+    assert isinstance(child, VariantProposed) and child.parent_id is not None
+    assert isinstance(result, ResultEvaluated) and result.value is not None
+    with TestClient(create_app(path)) as test_client:
+        response = test_client.get(f"/variants/{child.variant_id}/lineage")
+        assert response.status_code == 200, response.text
+        assert response.json() == [
+            {"variant_id": child.parent_id, "missing": True},
+            {
+                "variant_id": child.variant_id,
+                "parent_id": child.parent_id,
+                "title": child.title,
+                "status": "keep",
+                "value": result.value,
+                "proposed_at": child.ts,
+            },
+        ]

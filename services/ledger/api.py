@@ -196,7 +196,20 @@ def best(name: CampaignName, conn: Conn) -> dict[str, Any]:
     return _best(conn, name)
 
 
-_SOURCE_404 = _not_found("unknown campaign, no best yet, or its source is not in the ledger")
+def _attachment(filename: str) -> dict[int | str, Any]:
+    """A 200 that names the file to save it as (the Content-Disposition header)."""
+    header = {
+        "description": f'`attachment; filename="{filename}"`',
+        "required": True,
+        "schema": {"type": "string", "pattern": '^attachment; filename="[^"/]+"$'},
+    }
+    return {200: {"headers": {"Content-Disposition": header}}}
+
+
+_SOURCE_404 = {
+    **_not_found("unknown campaign, no best yet, or its source is not in the ledger"),
+    **_attachment("<the edited file, train.py by default>"),
+}
 
 
 @router.get(
@@ -244,7 +257,7 @@ def variants(
 @router.get(
     "/campaigns/{name}/results.tsv",
     response_class=TsvResponse,
-    responses=_not_found("unknown campaign"),
+    responses={**_not_found("unknown campaign"), **_attachment("results.tsv")},
 )
 def results_tsv(name: CampaignName, conn: Conn) -> Response:
     body = _found(queries.results_tsv(conn, name), f"unknown campaign {name!r}")

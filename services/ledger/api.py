@@ -201,7 +201,7 @@ def _attachment(filename: str) -> dict[int | str, Any]:
     header = {
         "description": f'`attachment; filename="{filename}"`',
         "required": True,
-        "schema": {"type": "string", "pattern": '^attachment; filename="[^"/]+"$'},
+        "schema": {"type": "string", "pattern": '^attachment; filename="[^"]+"$'},
     }
     return {200: {"headers": {"Content-Disposition": header}}}
 

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from services.contracts import RunStarted, run_id_for
+from services.contracts import ResultEvaluated, RunStarted, VariantProposed, run_id_for
+from services.ledger import queries
 from services.ledger.api import create_app
-from services.ledger.db import open_db
+from services.ledger.db import open_db, open_read
 from services.ledger.projection import apply_event
 from tests.synthetic import synthetic_campaign
 
@@ -122,27 +123,80 @@ def test_deadletters_and_history(client: TestClient) -> None:
     assert history[-1]["variant_id"] == client.get("/campaigns/demo/best").json()["variant_id"]
 
 
+UNKNOWN_VARIANT = "0123456789abcdef"  # well formed, not in the ledger
+UNKNOWN_RUN = f"{UNKNOWN_VARIANT}-default-0"
+
+
 @pytest.mark.parametrize(
-    "url",
+    ("url", "named"),
     [
-        "/campaigns/nope",
-        "/campaigns/nope/best",
-        "/campaigns/nope/best/train.py",
-        "/campaigns/nope/variants",
-        "/campaigns/nope/results.tsv",
-        "/campaigns/nope/deadletters",
-        "/variants/nope",
-        "/variants/nope/source",
-        "/variants/nope/diff",
-        "/variants/nope/lineage",
-        "/runs/nope",
-        "/runs/nope/log",
+        ("/campaigns/nope", "nope"),
+        ("/campaigns/nope/best", "nope"),
+        ("/campaigns/nope/best/train.py", "nope"),
+        ("/campaigns/nope/variants", "nope"),
+        ("/campaigns/nope/results.tsv", "nope"),
+        ("/campaigns/nope/deadletters", "nope"),
+        ("/campaigns/nope/history", "nope"),
+        (f"/variants/{UNKNOWN_VARIANT}", UNKNOWN_VARIANT),
+        (f"/variants/{UNKNOWN_VARIANT}/source", UNKNOWN_VARIANT),
+        (f"/variants/{UNKNOWN_VARIANT}/diff", UNKNOWN_VARIANT),
+        (f"/variants/{UNKNOWN_VARIANT}/lineage", UNKNOWN_VARIANT),
+        (f"/runs/{UNKNOWN_RUN}", UNKNOWN_RUN),
+        (f"/runs/{UNKNOWN_RUN}/log", UNKNOWN_RUN),
     ],
 )
-def test_unknown_ids_are_404(client: TestClient, url: str) -> None:
+def test_unknown_ids_are_404(client: TestClient, url: str, named: str) -> None:
     response = client.get(url)
     assert response.status_code == 404
-    assert "nope" in response.json()["detail"]
+    assert response.headers["content-type"] == "application/json"
+    assert named in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("url", "params"),
+    [
+        ("/campaigns/demo/variants", {"offset": "1" * 31}),  # was a 500: SQLite overflow
+        ("/campaigns/demo/variants", {"offset": 10**9 + 1}),
+        ("/campaigns/demo/variants", {"limit": "9" * 20}),
+        ("/campaigns/has space", {}),
+        ("/campaigns/" + "a" * 129, {}),
+        ("/variants/nope", {}),
+        ("/variants/0123456789ABCDEF/diff", {}),
+        ("/variants/0123456789abcdef0", {}),
+        ("/runs/nope", {}),
+        ("/runs/0123456789abcdef-default-x/log", {}),
+    ],
+)
+def test_out_of_bounds_parameters_are_422(
+    client: TestClient, url: str, params: dict[str, Any]
+) -> None:
+    response = client.get(url, params=params)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"][0] in ("path", "query")
+
+
+def test_json_answers_keep_the_shapes_of_the_queries(client: TestClient) -> None:
+    """The response models drop nothing the queries return (a field added to a query
+    must be declared in services/ledger/models.py too)."""
+    conn = open_read(client.app.state.db_path)  # type: ignore[attr-defined]
+    try:
+        variant_id = queries.list_variants(conn, "demo", sort="time", limit=3)[2]["variant_id"]
+        run_id = run_id_for(variant_id, "default", 0)
+        expected = {
+            "/campaigns": queries.list_campaigns(conn),
+            "/campaigns/demo": queries.campaign_summary(conn, "demo"),
+            "/campaigns/demo/best": queries.best(conn, "demo"),
+            "/campaigns/demo/variants?limit=1000": queries.list_variants(conn, "demo", limit=1000),
+            "/campaigns/demo/deadletters": queries.dead_letters(conn, "demo"),
+            "/campaigns/demo/history": queries.best_history(conn, "demo"),
+            f"/variants/{variant_id}": queries.variant(conn, variant_id),
+            f"/variants/{variant_id}/lineage": queries.lineage(conn, variant_id),
+            f"/runs/{run_id}": queries.run(conn, run_id),
+        }
+    finally:
+        conn.close()
+    for url, value in expected.items():
+        assert client.get(url).json() == value, url
 
 
 def test_dashboard(client: TestClient) -> None:
@@ -172,3 +226,28 @@ def test_missing_ledger_is_503(tmp_path: Path) -> None:
     with TestClient(create_app(tmp_path / "absent.db")) as test_client:
         response = test_client.get("/campaigns")
         assert response.status_code == 503 and "no ledger" in response.json()["detail"]
+
+
+def test_lineage_stops_at_a_missing_ancestor(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    conn = open_db(path)
+    items = synthetic_campaign("orphan", variants=2, stop=False)
+    for event, source, text in [items[0], *items[5:]]:  # without the baseline and its run
+        apply_event(conn, event, source_text=source, log_text=text)
+    child, result = items[5][0], items[8][0]
+    assert isinstance(child, VariantProposed) and child.parent_id is not None
+    assert isinstance(result, ResultEvaluated) and result.value is not None
+    with TestClient(create_app(path)) as test_client:
+        response = test_client.get(f"/variants/{child.variant_id}/lineage")
+        assert response.status_code == 200, response.text
+        assert response.json() == [
+            {"variant_id": child.parent_id, "missing": True},
+            {
+                "variant_id": child.variant_id,
+                "parent_id": child.parent_id,
+                "title": child.title,
+                "status": "keep",
+                "value": result.value,
+                "proposed_at": child.ts,
+            },
+        ]

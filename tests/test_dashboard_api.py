@@ -84,7 +84,8 @@ def test_variant_page_shows_diff_and_lineage(client: TestClient) -> None:
     assert '<span class="add">+LR = 0.042</span>' in page.text
     assert '<span class="del">-LR = 0.04</span>' in page.text
     assert f'href="/ui/variants/{rows[0]["variant_id"]}"' in page.text  # the lineage's root
-    assert client.get("/ui/variants/nope").status_code == 404
+    assert client.get("/ui/variants/0123456789abcdef").status_code == 404
+    assert client.get("/ui/variants/nope").status_code == 422  # not an id: refused before SQL
 
 
 def test_progress_matches_the_results(client: TestClient) -> None:

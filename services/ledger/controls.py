@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from services.bus import Bus
 from services.campaign import CampaignError, resume_campaign, stop_campaign
 from services.ledger.access import require_control_token
+from services.ledger.params import CampaignName
 
 Action = Literal["stop", "resume"]
 
@@ -51,7 +52,7 @@ def _bus(request: Request) -> Bus:
 
 
 @router.post("/campaigns/{name}/stop", response_model=ControlResult, responses=_ERRORS)
-async def stop(name: str, request: Request) -> ControlResult:
+async def stop(name: CampaignName, request: Request) -> ControlResult:
     """Stop proposing and cancel the campaign's runs; its history stays."""
     try:
         changed = await stop_campaign(
@@ -64,7 +65,7 @@ async def stop(name: str, request: Request) -> ControlResult:
 
 
 @router.post("/campaigns/{name}/resume", response_model=ControlResult, responses=_ERRORS)
-async def resume(name: str, request: Request) -> ControlResult:
+async def resume(name: CampaignName, request: Request) -> ControlResult:
     """Start a stopped campaign again with its configuration (seed, limits)."""
     try:
         changed = await resume_campaign(_bus(request), name)

@@ -29,6 +29,7 @@ from services.ledger.access import ReadGuard
 from services.ledger.api import Conn
 from services.ledger.experiments import TableQuery
 from services.ledger.overview import FleetWatch, found
+from services.ledger.params import CampaignName, VariantId
 from services.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -147,19 +148,19 @@ def _parts(conn: sqlite3.Connection, request: Request, name: str) -> dict[str, A
 
 
 @router.get("/ui/campaigns/{name}", response_class=HTMLResponse)
-def campaign_page(name: str, request: Request, conn: Conn) -> HTMLResponse:
+def campaign_page(name: CampaignName, request: Request, conn: Conn) -> HTMLResponse:
     return render(
         "overview.html", campaigns=queries.list_campaigns(conn), **_parts(conn, request, name)
     )
 
 
 @router.get("/ui/campaigns/{name}/parts/{part}", response_class=HTMLResponse)
-def campaign_part(name: str, part: Part, request: Request, conn: Conn) -> HTMLResponse:
+def campaign_part(name: CampaignName, part: Part, request: Request, conn: Conn) -> HTMLResponse:
     return render(f"_{part}.html", **_parts(conn, request, name))
 
 
 @router.get("/ui/variants/{variant_id}", response_class=HTMLResponse)
-def variant_page(variant_id: str, conn: Conn) -> HTMLResponse:
+def variant_page(variant_id: VariantId, conn: Conn) -> HTMLResponse:
     variant = queries.variant(conn, variant_id)
     if variant is None:
         raise HTTPException(status_code=404, detail=f"unknown variant {variant_id!r}")

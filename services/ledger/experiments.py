@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from services.ledger.api import Conn
 from services.ledger.overview import found
+from services.ledger.params import MAX_PAGE, CampaignName
 
 ExperimentSort = Literal["time", "value", "duration", "cost"]
 Order = Literal["asc", "desc"]
@@ -167,14 +168,14 @@ router = APIRouter(tags=["dashboard data"])
     responses={404: {"description": "unknown campaign"}},
 )
 def experiments(
-    name: str,
+    name: CampaignName,
     conn: Conn,
     status: StatusFilter | None = None,
     tier: Annotated[str | None, Query(max_length=100)] = None,
     q: Annotated[str | None, Query(max_length=200, description="text in the title")] = None,
     sort: ExperimentSort = "time",
     order: Order = "desc",
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     per_page: Annotated[int, Query(ge=1, le=200)] = PER_PAGE,
 ) -> ExperimentPage:
     """The experiments table: decision, evidence (n, mean, spread), Δ to the best, cost."""

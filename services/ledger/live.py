@@ -26,6 +26,7 @@ from fastapi.responses import StreamingResponse
 
 from services.ledger.db import LedgerError, open_read
 from services.ledger.overview import FleetWatch, found, overview, position
+from services.ledger.params import CampaignName
 
 POLL_S = 0.25
 KEEPALIVE_S = 15.0
@@ -112,19 +113,32 @@ async def stream(request: Request, name: str, after: int | None) -> AsyncIterato
             await asyncio.wait_for(closing.wait(), timeout=POLL_S)
 
 
+# One server-sent event as a client parses it: `event` names the message, `data` is JSON text.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["result", "update"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+
+
 @router.get(
     "/campaigns/{name}/events",
     response_class=StreamingResponse,
     responses={
         200: {
             "description": "a stream of `result` and `update` messages (server-sent events)",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
         },
         404: {"description": "unknown campaign"},
     },
 )
 async def events(
-    name: str,
+    name: CampaignName,
     request: Request,
     last_event_id: Annotated[str | None, Header(description="the last id received")] = None,
     after: Annotated[int | None, Query(ge=0, description="start after this position")] = None,

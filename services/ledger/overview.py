@@ -22,6 +22,7 @@ from services.bus import Delivery
 from services.contracts import FleetStatus
 from services.ledger import queries
 from services.ledger.api import Conn
+from services.ledger.params import CampaignName
 from services.proposer.state import Fleet
 
 HOUR_S = 3600.0
@@ -243,14 +244,14 @@ _404: dict[int | str, dict[str, Any]] = {404: {"description": "unknown campaign"
 
 
 @router.get("/campaigns/{name}/progress", response_model=Progress, responses=_404)
-def get_progress(name: str, conn: Conn) -> Progress:
+def get_progress(name: CampaignName, conn: Conn) -> Progress:
     """The chart's data: ok results as points, kept ones marked, the running best."""
     result: Progress = found(progress(conn, name), name)
     return result
 
 
 @router.get("/campaigns/{name}/overview", response_model=Overview, responses=_404)
-def get_overview(name: str, request: Request, conn: Conn) -> Overview:
+def get_overview(name: CampaignName, request: Request, conn: Conn) -> Overview:
     """Counts, rates, fleet, spend and state of a campaign."""
     result: Overview = found(overview(conn, name, request.app.state.fleet), name)
     return result

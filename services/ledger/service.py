@@ -156,7 +156,10 @@ def _release_after(done: asyncio.Future[None], prev: asyncio.Future[None] | None
 
 def bind_http(host: str, port: int) -> socket.socket:
     """Bind the API's socket (port 0: any free port), with an actionable error when taken."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that say TCP,
+    # and without it Nagle's algorithm and delayed ACKs add ~40 ms to every keep-alive request.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

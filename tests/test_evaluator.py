@@ -147,9 +147,9 @@ def test_parse_summary(log: str, expected: dict[str, float] | None) -> None:
         ("", 1, {}, "crash", "exit code 1; last line: (empty log)"),
         (OK_LOG, 2, {}, "crash", "exit code 2"),
         ("---\nval_bpb: nan\n", 0, {}, "diverged", "val_bpb is nan"),
-        ("---\nval_bpb: 0.0\n", 0, {}, "crash", "implausible val_bpb"),
-        ("---\nval_bpb: 31.2\n", 0, {}, "crash", "implausible val_bpb"),
-        ("---\nval_bpb: 0.99\nnum_steps: -3\n", 0, {}, "crash", "implausible num_steps"),
+        ("---\nval_bpb: 0.0\n", 0, {}, "implausible", "implausible val_bpb"),
+        ("---\nval_bpb: 31.2\n", 0, {}, "implausible", "implausible val_bpb"),
+        ("---\nval_bpb: 0.99\nnum_steps: -3\n", 0, {}, "implausible", "implausible num_steps"),
         (OK_LOG, None, {"timed_out": True}, "timeout", "timed out after 330s"),
         (
             OK_LOG,

@@ -226,6 +226,8 @@ class Launcher:
                 cancelled=outcome.cancelled,
                 infra_failure=outcome.infra_failure,
                 infra_reason=outcome.infra_reason,
+                clock_scale=outcome.clock_scale,
+                budget_s=outcome.budget_s,
             )
         )
 

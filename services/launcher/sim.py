@@ -80,7 +80,9 @@ class SimBackend:
     async def run(self, job: Job, on_line: LineCallback) -> RunOutcome:
         started = time.time()
         obs = self.observe(job)
-        outcome = RunOutcome(None, started, started)
+        outcome = RunOutcome(
+            None, started, started, clock_scale=self.time_scale, budget_s=self.budget_s
+        )
         sim_seconds = _simulated_seconds(obs, self.budget_s, f"{self.seed}:{job.run_id}")
         limit = job.timeout_s
         lines: list[str] = [f"sim: {job.run_id} on {self.host} (profile {job.profile})"]

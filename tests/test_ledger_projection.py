@@ -24,9 +24,11 @@ from services.contracts import (
 )
 from services.contracts.events import event_id_for, run_id_for, source_digest, variant_id_for
 from services.ledger import keep, queries
+from services.ledger.apply import Unreferenced
 from services.ledger.db import open_db
 from services.ledger.projection import apply_event, projected_types
 from tests.synthetic import SEED_SOURCE, Item, synthetic_campaign
+from tests.synthetic import run_events as synthetic_run
 
 
 def dump(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
@@ -39,9 +41,11 @@ def dump(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
     }
 
 
-def apply_all(conn: sqlite3.Connection, items: list[Item]) -> list[Event]:
+def apply_all(conn: sqlite3.Connection, items: list[Item | list[Item]]) -> list[Event]:
+    """Apply the items in order (a list in the list: a run's events, see `_result`)."""
     out: list[Event] = []
-    for event, source, log in items:
+    flat = [i for item in items for i in (item if isinstance(item, list) else [item])]
+    for event, source, log in flat:
         out.extend(apply_event(conn, event, source_text=source, log_text=log))
     return out
 
@@ -234,24 +238,9 @@ def _result(
     replica: int = 0,
     attempt: int = 1,
     ts: float = 10.0,
-) -> Item:
-    run_id = run_id_for(vid, "default", replica)
-    return (
-        ResultEvaluated(
-            campaign="c",
-            event_id=f"r-{run_id}-{attempt}",
-            ts=ts,
-            run_id=run_id,
-            variant_id=vid,
-            tier="default",
-            replica=replica,
-            attempt=attempt,
-            status=status,
-            value=value,
-        ),
-        None,
-        None,
-    )
+) -> list[Item]:
+    """A run of `vid` as the launcher and evaluator report it: started, finished, result."""
+    return synthetic_run("c", vid, status, value, ts - 2, replica=replica, attempt=attempt)
 
 
 def test_later_attempt_replaces_result_and_infra_is_no_verdict(conn: sqlite3.Connection) -> None:
@@ -307,38 +296,56 @@ def test_maximize_campaign(conn: sqlite3.Connection) -> None:
     assert queries.best(conn, "c")["variant_id"] == v1  # type: ignore[index]
 
 
-def test_out_of_order_events_fill_placeholders(conn: sqlite3.Connection) -> None:
+def test_a_result_before_its_proposal_waits_instead_of_a_placeholder(
+    conn: sqlite3.Connection,
+) -> None:
     (prop, vid) = _proposal(0)
     run_id = run_id_for(vid, "default", 0)
-    apply_all(conn, [_result(vid, "ok", 1.0)])  # before the campaign and the proposal
-    assert queries.variant(conn, vid)["title"] == ""  # type: ignore[index]
-    apply_all(
-        conn,
-        [
-            prop,
-            _campaign(),
-            (
-                RunRequested(
-                    campaign="c",
-                    event_id="rr",
-                    ts=3.0,
-                    run_id=run_id,
-                    variant_id=vid,
-                    source_digest="d",
-                    tier="default",
-                    replica=0,
-                    reason="replicate",
-                ),
-                None,
-                None,
-            ),
-        ],
+    started, finished, result = _result(vid, "ok", 1.0)
+    for early in (result, started, finished):  # before the campaign and the proposal
+        with pytest.raises(Unreferenced, match="never proposed") as raised:
+            apply_all(conn, [early])
+        assert not raised.value.definitive  # the service decides: wait, or dead-letter
+    assert queries.variant(conn, vid) is None and queries.run(conn, run_id) is None
+    with pytest.raises(Unreferenced, match="no launcher started"):
+        apply_all(conn, [_campaign(), prop, result])  # proposed, but the run never started
+    with pytest.raises(Unreferenced, match="no launcher reported finished"):
+        apply_all(conn, [started, result])
+    request = RunRequested(
+        campaign="c",
+        event_id="rr",
+        ts=3.0,
+        run_id=run_id,
+        variant_id=vid,
+        source_digest="d",
+        tier="default",
+        replica=0,
+        reason="replicate",
     )
+    apply_all(conn, [(request, None, None), finished, result])
     found = queries.variant(conn, vid)
     assert found is not None and found["title"] == "v0" and found["status"] == "keep"
     assert queries.variant_source(conn, vid) is not None
     assert queries.run(conn, run_id)["request_reason"] == "replicate"  # type: ignore[index]
     assert queries.campaign(conn, "c")["config"]["direction"] == "minimize"  # type: ignore[index]
+
+
+def test_a_result_naming_another_variants_run_is_refused_at_once(conn: sqlite3.Connection) -> None:
+    (p0, v0), (p1, v1) = (_proposal(i) for i in range(2))
+    apply_all(conn, [_campaign(), p0, p1, _result(v0, "ok", 1.0)])
+    forged = ResultEvaluated(
+        campaign="c",
+        event_id="forged",
+        run_id=run_id_for(v0, "default", 0),
+        variant_id=v1,
+        tier="default",
+        status="ok",
+        value=0.0001,
+    )
+    with pytest.raises(Unreferenced, match="launcher ran it for variant") as raised:
+        apply_all(conn, [(forged, None, None)])
+    assert raised.value.definitive
+    assert queries.best(conn, "c")["variant_id"] == v0  # type: ignore[index]
 
 
 def test_dead_letters_recorded(conn: sqlite3.Connection) -> None:

@@ -160,7 +160,7 @@ class Bus:
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL,
             ack_wait=ack_wait_s,
-            max_deliver=max_deliver,
+            max_deliver=-1,  # the runner dead-letters after max_deliver failures (not waits)
             max_ack_pending=-1,
         )
         runner = MessageRunner(self.publish, durable, handlers, ack_wait_s, max_deliver)

@@ -5,7 +5,8 @@ derived from those types, and each handler is called with its concrete type. Sev
 processes sharing a durable split the messages (work-queue semantics).
 
 A handler that returns has made its effect durable, so the message is acked; one that
-raises is naked with a growing delay; one that raises PoisonError, or fails on every
+raises is naked with a growing delay (TransientError: as often as it takes, the handler
+waits for a dependency); one that raises PoisonError, or fails otherwise on every
 allowed delivery, or whose payload is not an event, is recorded as a DeadLettered event and
 terminated, so it never blocks the messages behind it. While a handler runs, the message is
 kept alive with `in_progress()` heartbeats (a 5-minute run outlives any ack wait).
@@ -118,13 +119,16 @@ class MessageRunner:
         await _settle(msg.ack(), what="ack", stream_seq=delivery.stream_seq)
 
     async def _failed(self, msg: Msg, delivery: Delivery, exc: Exception) -> None:
-        if delivery.num_delivered >= self.max_deliver:
+        """Redeliver later; a handler that keeps failing (not a TransientError, which waits
+        for its dependency however long it takes) is dead-lettered after max_deliver."""
+        transient = isinstance(exc, TransientError)
+        if not transient and delivery.num_delivered >= self.max_deliver:
             await self.dead_letter(
                 msg, delivery, f"failed on all {self.max_deliver} deliveries: {exc!r}"
             )
             return
         delay = min(0.5 * 2 ** (delivery.num_delivered - 1), 15.0)
-        level = log.info if isinstance(exc, TransientError) else log.warning
+        level = log.info if transient else log.warning
         level(
             "handler_failed",
             consumer=self.consumer,

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 
 from services.ledger import queries
 from services.ledger.dashboard import render_dashboard
@@ -187,3 +188,30 @@ def create_app(db_path: Path | str) -> FastAPI:
     app.state.db_path = Path(db_path)
     app.include_router(router)
     return app
+
+
+# --- dead letters (issue 12): every campaign's, and those no campaign could be read from ---
+
+
+class DeadLetter(BaseModel):
+    """A message no handler could ever accept, with why (forged, unknown run, undecodable)."""
+
+    event_id: str
+    campaign: str  # `?` when the payload named none that could be read
+    subject: str
+    stream_seq: int
+    consumer: str
+    error: str
+    payload_preview: str
+    ts: float
+
+
+@router.get("/dead-letters", response_model=list[DeadLetter])
+def all_dead_letters(conn: Conn) -> list[dict[str, Any]]:
+    return queries.all_dead_letters(conn)
+
+
+@router.get("/campaigns/{name}/dead-letters", response_model=list[DeadLetter])
+def campaign_dead_letters(name: str, conn: Conn) -> list[dict[str, Any]]:
+    _campaign(conn, name)
+    return queries.dead_letters(conn, name)

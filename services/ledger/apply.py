@@ -6,9 +6,12 @@ Shaped like optuna's journal storage replay (`_apply_create_study`, `_apply_crea
 result makes a new best). `projection` registers each on its dispatcher by the type in
 its signature.
 
-Events may arrive out of order after a redelivery: run and result functions create
-placeholder rows for what they reference, later attempts of a run replace earlier ones, and
-an older attempt arriving late is ignored.
+The ledger accepts only what happened: a run or result event must name a variant proposed
+in its campaign, and a result (or a run's end) a run the launcher started. An event that
+names what has not been applied raises `Unreferenced`; the service then waits for it (the
+message is redelivered) while an earlier message is still unhandled, and dead-letters it
+once none is, so a result never becomes a placeholder, is never counted, never the best.
+Later attempts of a run replace earlier ones, and an older attempt arriving late is ignored.
 """
 
 from __future__ import annotations
@@ -54,25 +57,72 @@ def record_only(_ev: Event, _ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-# --- placeholders -----------------------------------------------------------------------
+# --- what an event may reference ----------------------------------------------------
+
+
+class Unreferenced(Exception):
+    """The event names a variant or run the ledger has not seen (yet).
+
+    `definitive` when waiting cannot help (the run belongs to another variant or
+    campaign); otherwise the service decides: every earlier message handled means the
+    referenced event never happened (dead-letter it), else wait for it (redeliver).
+    """
+
+    def __init__(self, reason: str, *, definitive: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.definitive = definitive
 
 
 def _ensure_campaign(conn: sqlite3.Connection, name: str) -> None:
     conn.execute("INSERT OR IGNORE INTO campaigns(name) VALUES (?)", (name,))
 
 
-def _ensure_variant(conn: sqlite3.Connection, campaign: str, variant_id: str) -> None:
-    _ensure_campaign(conn, campaign)
-    conn.execute(
-        "INSERT OR IGNORE INTO variants(variant_id, campaign) VALUES (?, ?)", (variant_id, campaign)
-    )
+def _require_variant(conn: sqlite3.Connection, ev: Event, variant_id: str) -> None:
+    """The variant was proposed in this campaign (its VariantProposed was applied)."""
+    row = conn.execute(
+        "SELECT campaign, proposed_at FROM variants WHERE variant_id = ?", (variant_id,)
+    ).fetchone()
+    what = f"{type(ev).__name__} {event_key(ev)}"
+    if row is None or row["proposed_at"] is None:
+        raise Unreferenced(
+            f"{what} names variant {variant_id}, which was never proposed in campaign "
+            f"{ev.campaign!r}"
+        )
+    if row["campaign"] != ev.campaign:
+        raise Unreferenced(
+            f"{what} names variant {variant_id} of campaign {row['campaign']!r}, not of "
+            f"{ev.campaign!r}",
+            definitive=True,
+        )
+
+
+def _require_run(
+    conn: sqlite3.Connection, ev: RunFinished | ResultEvaluated, *, finished: bool
+) -> None:
+    """The launcher started this run (RunStarted applied), for this variant and campaign;
+    with `finished`, it also reported its end (RunFinished applied)."""
+    row = conn.execute(
+        "SELECT campaign, variant_id, attempt, finished_at FROM runs WHERE run_id = ?", (ev.run_id,)
+    ).fetchone()
+    what = f"{type(ev).__name__} {event_key(ev)}"
+    if row is not None and (row["variant_id"], row["campaign"]) != (ev.variant_id, ev.campaign):
+        raise Unreferenced(
+            f"{what} names run {ev.run_id} as variant {ev.variant_id} of {ev.campaign!r}, but "
+            f"the launcher ran it for variant {row['variant_id']} of {row['campaign']!r}",
+            definitive=True,
+        )
+    if row is None or int(row["attempt"]) == 0:
+        raise Unreferenced(f"{what} names run {ev.run_id}, which no launcher started")
+    if finished and row["finished_at"] is None:
+        raise Unreferenced(f"{what} names run {ev.run_id}, which no launcher reported finished")
 
 
 def _ensure_run(
     conn: sqlite3.Connection, campaign: str, variant_id: str, run_id: str, tier: str, replica: int
 ) -> int:
-    """Make sure the run exists; return its current attempt (0 for one not started yet)."""
-    _ensure_variant(conn, campaign, variant_id)
+    """Make sure the run of a proposed variant exists; return its current attempt (0 for one
+    not started yet)."""
     conn.execute(
         "INSERT OR IGNORE INTO runs(run_id, campaign, variant_id, tier, replica) "
         "VALUES (?, ?, ?, ?, ?)",
@@ -227,6 +277,7 @@ def variant_proposed(ev: VariantProposed, ctx: Ctx) -> list[BestUpdated]:
 
 def run_requested(ev: RunRequested, ctx: Ctx) -> list[BestUpdated]:
     conn = ctx.conn
+    _require_variant(conn, ev, ev.variant_id)
     _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
     conn.execute(
         "UPDATE runs SET requested_at = COALESCE(requested_at, ?), "
@@ -244,6 +295,7 @@ _RESET_FINISH = (
 
 def run_started(ev: RunStarted, ctx: Ctx) -> list[BestUpdated]:
     conn = ctx.conn
+    _require_variant(conn, ev, ev.variant_id)
     current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
     if ev.attempt < current:
         return []  # a late message about an attempt that has been superseded
@@ -261,7 +313,12 @@ def run_started(ev: RunStarted, ctx: Ctx) -> list[BestUpdated]:
 
 
 def run_finished(ev: RunFinished, ctx: Ctx) -> list[BestUpdated]:
+    """Record a run's end; a run the launcher never started is refused (an infrastructure
+    failure before the start, a missing harness, is the one end without a start)."""
     conn = ctx.conn
+    _require_variant(conn, ev, ev.variant_id)
+    if not ev.infra_failure:
+        _require_run(conn, ev, finished=False)
     current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
     if ev.attempt < current:
         return []
@@ -299,9 +356,14 @@ def run_finished(ev: RunFinished, ctx: Ctx) -> list[BestUpdated]:
 
 
 def result_evaluated(ev: ResultEvaluated, ctx: Ctx) -> list[BestUpdated]:
-    """Record the result (a later attempt of a run replaces an earlier one), then decide."""
+    """Record the result of a run the launcher started and finished for a proposed variant
+    (a later attempt of a run replaces an earlier one), then decide."""
     conn = ctx.conn
-    _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
+    _require_variant(conn, ev, ev.variant_id)
+    if ev.status == keep.INFRA_STATUS:
+        _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
+    else:
+        _require_run(conn, ev, finished=True)
     row = conn.execute("SELECT attempt FROM results WHERE run_id = ?", (ev.run_id,)).fetchone()
     if row is not None and int(row["attempt"]) > ev.attempt:
         return []

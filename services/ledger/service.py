@@ -12,15 +12,17 @@ import socket
 import sqlite3
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import uvicorn
 
 from services import contracts
-from services.bus import Bus, Delivery, Handler
+from services.bus import Bus, Delivery, Handler, PoisonError, TransientError
+from services.bus.errors import NATS_FAILURES
 from services.contracts import Event, RunFinished, VariantProposed
 from services.ledger import queries
 from services.ledger.api import create_app
+from services.ledger.apply import Unreferenced
 from services.ledger.db import open_db
 from services.ledger.projection import apply_event, seen
 from services.settings import Settings
@@ -78,17 +80,20 @@ class Projector:
         table[RunFinished] = self.on_run_finished
         return table
 
-    async def on_event(self, event: Event, _: Delivery) -> None:
-        await self._project(event, None)
+    async def on_event(self, event: Event, delivery: Delivery) -> None:
+        await self._project(event, delivery, None)
 
-    async def on_variant_proposed(self, event: VariantProposed, _: Delivery) -> None:
-        await self._project(event, self._source)
+    async def on_variant_proposed(self, event: VariantProposed, delivery: Delivery) -> None:
+        await self._project(event, delivery, self._source)
 
-    async def on_run_finished(self, event: RunFinished, _: Delivery) -> None:
-        await self._project(event, self._log)
+    async def on_run_finished(self, event: RunFinished, delivery: Delivery) -> None:
+        await self._project(event, delivery, self._log)
 
     async def _project(
-        self, event: EventT, fetch: Callable[[EventT], Awaitable[Objects]] | None
+        self,
+        event: EventT,
+        delivery: Delivery,
+        fetch: Callable[[EventT], Awaitable[Objects]] | None,
     ) -> None:
         """Fetch (in parallel with the others in hand), then apply and publish in order."""
         prev, done = self._tail, asyncio.get_running_loop().create_future()
@@ -99,9 +104,12 @@ class Projector:
                 fetched = await fetch(event)
             if prev is not None:
                 await asyncio.shield(prev)
-            outbox = apply_event(
-                self.conn, event, source_text=fetched.source_text, log_text=fetched.log_text
-            )
+            try:
+                outbox = apply_event(
+                    self.conn, event, source_text=fetched.source_text, log_text=fetched.log_text
+                )
+            except Unreferenced as exc:
+                await self._refuse(exc, delivery)
             for best in outbox:
                 await self.bus.publish(best)
                 self.log.info(
@@ -110,6 +118,19 @@ class Projector:
                 )
         finally:
             _release_after(done, prev)
+
+    async def _refuse(self, exc: Unreferenced, delivery: Delivery) -> NoReturn:
+        """Wait for what the event names while an earlier message is unhandled (it may be
+        the one that names it: redeliver); once none is, the event has nothing to stand on
+        (dead-letter it: never counted, never the best)."""
+        if not exc.definitive:
+            try:
+                lag = await self.bus.consumer_lag(DURABLE)
+            except NATS_FAILURES as away:
+                raise TransientError(f"{exc.reason}; broker away: {away!r}") from away
+            if lag is None or lag.acked_seq < delivery.stream_seq - 1:
+                raise TransientError(f"{exc.reason}; waiting for it")
+        raise PoisonError(f"{exc.reason}: not counted")
 
     async def _source(self, event: VariantProposed) -> Objects:
         row = self.conn.execute(

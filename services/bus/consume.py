@@ -202,8 +202,13 @@ async def consume(
 ) -> None:
     """Fetch and hand messages to `runner` until `stop`; then let those in hand finish."""
     durable = config.durable_name or ""
-    await while_broker_away(lambda: js.add_consumer(stream, config), what=f"add consumer {durable}")
-    psub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+
+    async def bind() -> Any:
+        await js.add_consumer(stream, config)
+        return await js.pull_subscribe_bind(durable=durable, stream=stream)
+
+    # A service waits for the broker as long as it takes: it ends only when stopped.
+    psub = await while_broker_away(bind, what=f"bind consumer {durable}", timeout_s=None)
     in_hand: set[asyncio.Task[None]] = set()
     freed = asyncio.Event()
     while not stop.is_set():

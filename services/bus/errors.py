@@ -47,9 +47,10 @@ class PoisonError(Exception):
 
 
 async def while_broker_away(
-    op: Callable[[], Awaitable[T]], what: str, timeout_s: float = BROKER_RETRY_S
+    op: Callable[[], Awaitable[T]], what: str, timeout_s: float | None = BROKER_RETRY_S
 ) -> T:
-    """Run `op`, retrying while the broker is away for up to `timeout_s`.
+    """Run `op`, retrying while the broker is away for up to `timeout_s` (None: forever,
+    for a service's set-up, which has nothing better to do than wait for the broker).
 
     Past the deadline the failure becomes a TransientError naming the operation, so a
     handler's message is redelivered instead of lost.

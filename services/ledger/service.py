@@ -18,7 +18,7 @@ import uvicorn
 
 from services import contracts
 from services.bus import Bus, Delivery, Handler, PoisonError, TransientError
-from services.bus.errors import NATS_FAILURES
+from services.bus.errors import NATS_FAILURES, while_broker_away
 from services.contracts import Event, RunFinished, VariantProposed
 from services.ledger import queries
 from services.ledger.api import create_app
@@ -198,7 +198,9 @@ def _url(sock: socket.socket) -> str:
 
 async def _replay_from_start(bus: Bus) -> None:
     """An empty ledger rebuilds from the whole stream: drop a durable that is further along."""
-    lag = await bus.consumer_lag(DURABLE)
+    lag = await while_broker_away(
+        lambda: bus.consumer_lag(DURABLE), what="ledger consumer info", timeout_s=None
+    )
     if lag is None or lag.delivered_seq == 0:
         return
     get_logger(service="ledger").info("ledger_rebuild", from_stream_seq=lag.delivered_seq)

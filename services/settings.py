@@ -158,6 +158,14 @@ class Settings(msgspec.Struct, kw_only=True):
     keep_rule: Annotated[KeepRuleName, Meta(description="when a variant replaces the best")] = (
         "strict"
     )
+    confirm_jump: Annotated[
+        float,
+        Meta(
+            ge=0,
+            description="a result better than the best by more than this share of it is kept "
+            "only once a replicate run agrees (0: never asks)",
+        ),
+    ] = 0.1
 
     # --- telemetry ------------------------------------------------------------------
     log_format: Annotated[

@@ -93,6 +93,9 @@ class CampaignStarted(Event, tag="campaign.started", kw_only=True, frozen=True):
     run_timeout_s: float = 600.0
     tiers: list[str] = msgspec.field(default_factory=lambda: ["default"])
     keep_rule: str = "strict"
+    # A result better than the best by more than this share of it (improbably far) is kept
+    # only once a replicate run of the same variant agrees (0: never asks).
+    confirm_jump: float = 0.0
     proposer: ProposerConfig = msgspec.field(default_factory=ProposerConfig)
 
 

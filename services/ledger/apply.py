@@ -23,7 +23,6 @@ import msgspec
 
 from services import contracts
 from services.contracts import (
-    BestUpdated,
     CampaignStarted,
     CampaignStopped,
     DeadLettered,
@@ -36,7 +35,7 @@ from services.contracts import (
     VariantProposed,
 )
 from services.ledger import keep
-from services.ledger.verdict import decide, event_key
+from services.ledger.verdict import Published, decide, event_key
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class Ctx:
     log_text: str | None = None  # the full log of a RunFinished
 
 
-def record_only(_ev: Event, _ctx: Ctx) -> list[BestUpdated]:
+def record_only(_ev: Event, _ctx: Ctx) -> list[Published]:
     """An event with nothing to project: `events_seen` records it, and that is all.
 
     The BestUpdated the ledger itself publishes comes back this way.
@@ -135,7 +134,7 @@ def _ensure_run(
 # --- campaign events --------------------------------------------------------------------
 
 
-def campaign_started(ev: CampaignStarted, ctx: Ctx) -> list[BestUpdated]:
+def campaign_started(ev: CampaignStarted, ctx: Ctx) -> list[Published]:
     conn = ctx.conn
     conn.execute(
         """
@@ -169,7 +168,7 @@ def campaign_started(ev: CampaignStarted, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> list[BestUpdated]:
+def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> list[Published]:
     conn = ctx.conn
     _ensure_campaign(conn, ev.campaign)
     status = "completed" if ev.reason == "completed" else "stopped"
@@ -181,7 +180,7 @@ def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> list[BestUpdated]:
+def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> list[Published]:
     conn = ctx.conn
     _ensure_campaign(conn, ev.campaign)
     conn.execute(
@@ -196,7 +195,7 @@ def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def dead_lettered(ev: DeadLettered, ctx: Ctx) -> list[BestUpdated]:
+def dead_lettered(ev: DeadLettered, ctx: Ctx) -> list[Published]:
     conn = ctx.conn
     conn.execute(
         "INSERT OR IGNORE INTO dead_letters(event_id, campaign, subject, stream_seq, consumer, "
@@ -218,7 +217,7 @@ def dead_lettered(ev: DeadLettered, ctx: Ctx) -> list[BestUpdated]:
 # --- variants and runs ------------------------------------------------------------------
 
 
-def variant_proposed(ev: VariantProposed, ctx: Ctx) -> list[BestUpdated]:
+def variant_proposed(ev: VariantProposed, ctx: Ctx) -> list[Published]:
     """Record a proposal; a placeholder is filled in, a duplicate proposal adds its LLM cost."""
     conn = ctx.conn
     _ensure_campaign(conn, ev.campaign)
@@ -275,7 +274,7 @@ def variant_proposed(ev: VariantProposed, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def run_requested(ev: RunRequested, ctx: Ctx) -> list[BestUpdated]:
+def run_requested(ev: RunRequested, ctx: Ctx) -> list[Published]:
     conn = ctx.conn
     _require_variant(conn, ev, ev.variant_id)
     _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
@@ -293,7 +292,7 @@ _RESET_FINISH = (
 )
 
 
-def run_started(ev: RunStarted, ctx: Ctx) -> list[BestUpdated]:
+def run_started(ev: RunStarted, ctx: Ctx) -> list[Published]:
     conn = ctx.conn
     _require_variant(conn, ev, ev.variant_id)
     current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
@@ -312,7 +311,7 @@ def run_started(ev: RunStarted, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def run_finished(ev: RunFinished, ctx: Ctx) -> list[BestUpdated]:
+def run_finished(ev: RunFinished, ctx: Ctx) -> list[Published]:
     """Record a run's end; a run the launcher never started is refused (an infrastructure
     failure before the start, a missing harness, is the one end without a start)."""
     conn = ctx.conn
@@ -355,7 +354,7 @@ def run_finished(ev: RunFinished, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def result_evaluated(ev: ResultEvaluated, ctx: Ctx) -> list[BestUpdated]:
+def result_evaluated(ev: ResultEvaluated, ctx: Ctx) -> list[Published]:
     """Record the result of a run the launcher started and finished for a proposed variant
     (a later attempt of a run replaces an earlier one), then decide."""
     conn = ctx.conn

@@ -19,7 +19,7 @@ import uvicorn
 from services import contracts
 from services.bus import Bus, Delivery, Handler, PoisonError, TransientError
 from services.bus.errors import NATS_FAILURES, while_broker_away
-from services.contracts import Event, RunFinished, VariantProposed
+from services.contracts import Event, RunFinished, RunRequested, VariantProposed
 from services.ledger import queries
 from services.ledger.api import create_app
 from services.ledger.apply import Unreferenced
@@ -110,12 +110,18 @@ class Projector:
                 )
             except Unreferenced as exc:
                 await self._refuse(exc, delivery)
-            for best in outbox:
-                await self.bus.publish(best)
-                self.log.info(
-                    "best_updated",
-                    **fields_of(best, "campaign", "variant_id", "value", "previous_value"),
-                )
+            for published in outbox:
+                await self.bus.publish(published)
+                if isinstance(published, RunRequested):
+                    self.log.info(
+                        "replicate_requested",
+                        **fields_of(published, "campaign", "variant_id", "run_id", "reason"),
+                    )
+                else:
+                    self.log.info(
+                        "best_updated",
+                        **fields_of(published, "campaign", "variant_id", "value", "previous_value"),
+                    )
         finally:
             _release_after(done, prev)
 

@@ -89,7 +89,12 @@ class Settings(msgspec.Struct, kw_only=True):
         int, Meta(ge=0, description="lines of a failed run's log kept in its result")
     ] = 60
     ack_wait_s: Annotated[
-        float, Meta(gt=0, description="seconds before a silent launcher's run is redelivered")
+        float,
+        Meta(
+            gt=0,
+            description="seconds before a message whose service went silent (a launcher's run, "
+            "an evaluation, a ledger update) is delivered again",
+        ),
     ] = 30.0
     sim_time_scale: Annotated[
         float, Meta(ge=0, description="sim: seconds of wall time per second of budget")

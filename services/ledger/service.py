@@ -231,7 +231,13 @@ async def run(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
         if queries.events_applied(conn) == 0:
             await _replay_from_start(bus)
         projector = Projector(conn, bus)
-        await bus.consume(DURABLE, projector.handlers(), concurrency=CONCURRENCY, stop=stop)
+        await bus.consume(
+            DURABLE,
+            projector.handlers(),
+            concurrency=CONCURRENCY,
+            ack_wait_s=settings.ack_wait_s,
+            stop=stop,
+        )
     finally:
         server.should_exit = True
         try:

@@ -147,17 +147,15 @@ class Watched:
 def forged_events(campaign: str, real_variant: str, k: int) -> list[ResultEvaluated | RunFinished]:
     """Three bad events: a result of a variant never proposed, a RunFinished of a run no
     launcher started (of a real variant), a result of that unknown run."""
-    fake_variant = f"{k:016x}"
-    unknown_run = f"{real_variant}-default-{900 + k}"
+    fake_variant, replica = f"{k:016x}", 900 + k
+    unknown_run = f"{real_variant}-default-{replica}"
+    claim = {"campaign": campaign, "tier": "default", "status": "ok", "value": 0.0001}
     return [
         ResultEvaluated(
-            campaign=campaign,
             event_id=f"forged-result-{k}",
             run_id=f"{fake_variant}-default-0",
             variant_id=fake_variant,
-            tier="default",
-            status="ok",
-            value=0.0001,
+            **claim,  # type: ignore[arg-type]
         ),
         RunFinished(
             campaign=campaign,
@@ -165,7 +163,7 @@ def forged_events(campaign: str, real_variant: str, k: int) -> list[ResultEvalua
             run_id=unknown_run,
             variant_id=real_variant,
             tier="default",
-            replica=900 + k,
+            replica=replica,
             exit_code=0,
             started_at=time.time() - 1.0,
             finished_at=time.time(),
@@ -173,14 +171,11 @@ def forged_events(campaign: str, real_variant: str, k: int) -> list[ResultEvalua
             log_tail="---\nval_bpb: 0.0001\n",
         ),
         ResultEvaluated(
-            campaign=campaign,
             event_id=f"forged-unknown-run-{k}",
             run_id=unknown_run,
             variant_id=real_variant,
-            tier="default",
-            replica=900 + k,
-            status="ok",
-            value=0.0002,
+            replica=replica,
+            **claim,  # type: ignore[arg-type]
         ),
     ]
 

@@ -194,3 +194,11 @@ def test_other_metric_names_are_only_required_finite() -> None:
 def test_last_exception_without_traceback_header() -> None:
     assert last_exception(["hello", "ValueError: bad"]) == "ValueError: bad"
     assert last_exception(["hello"]) == ""
+
+
+def test_a_timeout_names_the_run_timeout_not_the_slots_wall_time() -> None:
+    """Finding of issue 12: "timed out after 9s" for a 3 s timeout."""
+    event = finished(None, timed_out=True, started_at=100.0, finished_at=109.0)
+    evaluation = evaluate_run(event, PROGRESS, "val_bpb", timeout_s=3.0)
+    assert evaluation.status == "timeout"
+    assert "run timeout of 3s" in evaluation.crash_reason and "9s" not in evaluation.crash_reason

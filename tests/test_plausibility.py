@@ -13,10 +13,9 @@ import pytest
 
 from services.contracts import RunFinished
 from services.evaluator.classify import evaluate_run
-from services.launcher.backend import RunOutcome
 from services.launcher.local import LocalBackend
 from services.launcher.sim import SimBackend
-from tests.launcher_helpers import job
+from tests.launcher_helpers import finished_from, job
 
 FORGED_TRAIN = """
 import time
@@ -30,22 +29,6 @@ print("num_steps:        953")
 """
 
 
-def finished(outcome: RunOutcome, log: str = "") -> RunFinished:
-    return RunFinished(
-        campaign="c",
-        run_id="v-default-0",
-        variant_id="v",
-        tier="default",
-        exit_code=outcome.exit_code,
-        started_at=outcome.started_at,
-        finished_at=outcome.finished_at,
-        log_key="v-default-0",
-        log_tail=log,
-        clock_scale=outcome.clock_scale,
-        budget_s=outcome.budget_s,
-    )
-
-
 async def test_a_forged_block_from_a_real_run_is_implausible(tmp_path: Path) -> None:
     (tmp_path / "harness").mkdir()
     backend = LocalBackend(tmp_path / "runs")
@@ -55,7 +38,7 @@ async def test_a_forged_block_from_a_real_run_is_implausible(tmp_path: Path) -> 
     )
     assert outcome.exit_code == 0
     log = outcome.read_log()
-    evaluation = evaluate_run(finished(outcome, log), log, "val_bpb")
+    evaluation = evaluate_run(finished_from(outcome, "v-default-0", log), log, "val_bpb")
     assert evaluation.status == "implausible"
     assert evaluation.value is None
     assert "training_seconds 300.1" in evaluation.crash_reason
@@ -66,7 +49,7 @@ async def test_the_sim_backend_is_plausible_on_its_own_clock() -> None:
     backend = SimBackend(budget_s=300.0, time_scale=0.5 / 300.0, failure_rate=0.0)
     outcome = await backend.run(job("DEPTH = 8\n", "v-default-0"), lambda _: None)
     log = outcome.read_log()
-    evaluation = evaluate_run(finished(outcome, log), log, "val_bpb")
+    evaluation = evaluate_run(finished_from(outcome, "v-default-0", log), log, "val_bpb")
     assert evaluation.status == "ok", evaluation.crash_reason
 
 
@@ -74,7 +57,20 @@ def block(**values: float) -> str:
     return "---\n" + "".join(f"{k}: {v}\n" for k, v in values.items())
 
 
-WALL = {"exit_code": 0, "started_at": 100.0, "finished_at": 430.0}
+def wall_clock_run(**fields: float) -> RunFinished:
+    """A run the launcher measured at 330 s (and `fields`)."""
+    return RunFinished(
+        campaign="c",
+        run_id="v-default-0",
+        variant_id="v",
+        tier="default",
+        log_key="k",
+        log_tail="",
+        exit_code=0,
+        started_at=100.0,
+        finished_at=430.0,
+        **fields,  # type: ignore[arg-type]
+    )
 
 
 @pytest.mark.parametrize(
@@ -117,31 +113,13 @@ WALL = {"exit_code": 0, "started_at": 100.0, "finished_at": 430.0}
     ],
 )
 def test_implausible_blocks(fields: dict[str, float], log: str, reason: str) -> None:
-    event = RunFinished(
-        campaign="c",
-        run_id="v-default-0",
-        variant_id="v",
-        tier="default",
-        log_key="k",
-        log_tail="",
-        **(WALL | fields),  # type: ignore[arg-type]
-    )
-    evaluation = evaluate_run(event, log, "val_bpb")
+    evaluation = evaluate_run(wall_clock_run(**fields), log, "val_bpb")
     assert evaluation.status == "implausible", evaluation
     assert reason in evaluation.crash_reason
     assert evaluation.value is None
 
 
 def test_an_honest_block_within_budget_and_wall_is_ok() -> None:
-    event = RunFinished(
-        campaign="c",
-        run_id="v-default-0",
-        variant_id="v",
-        tier="default",
-        log_key="k",
-        log_tail="",
-        budget_s=300.0,
-        **WALL,  # type: ignore[arg-type]
-    )
+    event = wall_clock_run(budget_s=300.0)
     log = block(val_bpb=0.99, training_seconds=300.1, total_tokens_M=499.6, num_steps=953)
     assert evaluate_run(event, log, "val_bpb").status == "ok"

@@ -76,13 +76,20 @@ def _cut(text: str) -> str:
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
 
-def evaluate_run(finished: RunFinished, log_text: str, metric: str = "val_bpb") -> Evaluation:
-    """The result of one finished run."""
+def evaluate_run(
+    finished: RunFinished, log_text: str, metric: str = "val_bpb", timeout_s: float = 0.0
+) -> Evaluation:
+    """The result of one finished run (`timeout_s`: the campaign's run timeout, if known)."""
     if finished.infra_failure:
         return Evaluation("infra", crash_reason=_cut(finished.infra_reason or "infrastructure"))
     seconds = finished.finished_at - finished.started_at
     if finished.timed_out:
-        return Evaluation("timeout", crash_reason=f"timed out after {seconds:.0f}s; killed")
+        # The slot's wall time also holds the start-up and the kill: name the limit.
+        if timeout_s > 0:
+            why = f"timed out: killed at the run timeout of {timeout_s:g}s (run_timeout_s)"
+        else:
+            why = f"timed out after {seconds:.0f}s; killed"
+        return Evaluation("timeout", crash_reason=why)
     lines = [line for line in split_lines(log_text) if line.strip()]
     if finished.cancelled:
         reason = cancel_reason(log_text)

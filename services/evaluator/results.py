@@ -53,7 +53,7 @@ class Evaluator:
                 "campaigns KV: no launcher ran it"
             )
         text = await fetch_log_text(self.bus, event, campaign.metric)
-        evaluation = evaluate_run(event, text, campaign.metric)
+        evaluation = evaluate_run(event, text, campaign.metric, campaign.run_timeout_s)
         result = result_event(event, evaluation, campaign.metric)
         await self.bus.publish(result)
         self.log.info(

@@ -128,6 +128,8 @@ class MessageRunner:
             )
             return
         delay = min(0.5 * 2 ** (delivery.num_delivered - 1), 15.0)
+        if isinstance(exc, TransientError) and exc.retry_in_s is not None:
+            delay = exc.retry_in_s
         level = log.info if transient else log.warning
         level(
             "handler_failed",

@@ -39,7 +39,12 @@ NATS_FAILURES: tuple[type[Exception], ...] = (*BROKER_AWAY, nats.errors.Error)
 
 
 class TransientError(Exception):
-    """The handler could not finish now (a dependency is away); redeliver after a delay."""
+    """The handler could not finish now (a dependency is away); redeliver after a delay
+    (`retry_in_s`, else one that grows with the deliveries)."""
+
+    def __init__(self, *args: object, retry_in_s: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_in_s = retry_in_s
 
 
 class PoisonError(Exception):

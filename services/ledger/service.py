@@ -29,6 +29,8 @@ from services.settings import Settings
 from services.telemetry import fields_of, get_logger
 
 DURABLE = "ledger"
+# How soon an event that names what is not applied yet is delivered again.
+WAIT_RETRY_S = 1.0
 # Deliveries in hand at once (their objects are fetched in parallel; applied in order).
 CONCURRENCY = 64
 
@@ -135,7 +137,9 @@ class Projector:
             except NATS_FAILURES as away:
                 raise TransientError(f"{exc.reason}; broker away: {away!r}") from away
             if lag is None or lag.acked_seq < delivery.stream_seq - 1:
-                raise TransientError(f"{exc.reason}; waiting for it")
+                # Soon again: the earlier message may be one that waits too (a forged
+                # RunFinished before its forged result), and they resolve one by one.
+                raise TransientError(f"{exc.reason}; waiting for it", retry_in_s=WAIT_RETRY_S)
         raise PoisonError(f"{exc.reason}: not counted")
 
     async def _source(self, event: VariantProposed) -> Objects:

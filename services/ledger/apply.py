@@ -218,7 +218,7 @@ def dead_lettered(ev: DeadLettered, ctx: Ctx) -> list[Published]:
 
 
 def variant_proposed(ev: VariantProposed, ctx: Ctx) -> list[Published]:
-    """Record a proposal; a placeholder is filled in, a duplicate proposal adds its LLM cost."""
+    """Record a proposal; a duplicate proposal (another wave proposed it too) adds its LLM cost."""
     conn = ctx.conn
     _ensure_campaign(conn, ev.campaign)
     if ctx.source_text is not None:

@@ -41,6 +41,7 @@ def campaign_event(settings: Settings, seed_digest: str, harness_key: str) -> Ca
         max_experiments=settings.max_experiments,
         run_timeout_s=settings.run_timeout_s,
         keep_rule=settings.keep_rule,
+        confirm_jump=settings.confirm_jump,
     )
 
 

@@ -134,6 +134,12 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="run the services in this process (as `up` does), not one each",
     )
     fleet.add_argument("--json", action="store_true", help="print one JSON object")
+    chaos = bench_sub.add_parser(
+        "chaos", help="a sim campaign while every service and nats-server are SIGKILLed"
+    )
+    chaos.add_argument("--experiments", type=int, default=150, help="experiments (default 150)")
+    chaos.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    chaos.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def command_key(args: argparse.Namespace) -> str:
@@ -184,6 +190,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return show(args.command, settings, args)
     if args.command == "campaign":
         return asyncio.run(_campaign(args, settings))
+    if args.command == "bench" and args.bench == "chaos":
+        from services.bench_chaos import chaos_bench, print_chaos
+
+        chaos = asyncio.run(chaos_bench(args.experiments, args.seed))
+        print_chaos(chaos, as_json=args.json)
+        return 0 if chaos.completed and not (chaos.lost or chaos.forged_counted) else 1
     if args.command == "bench":
         from services.bench import fleet_bench, print_report
 

@@ -62,6 +62,10 @@ class LedgerReader(Protocol):
         """The campaign's results in autoresearch's results.tsv format."""
         ...
 
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Every dead letter, newest first (those of no readable campaign too)."""
+        ...
+
 
 class HttpLedgerReader:
     """A running ledger's HTTP API."""
@@ -97,6 +101,10 @@ class HttpLedgerReader:
 
     def results_tsv(self, name: str) -> str:
         return self._get(f"/campaigns/{name}/results.tsv").text
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self._get("/deadletters").json()
+        return data
 
 
 def _detail(response: httpx.Response) -> str:
@@ -144,6 +152,9 @@ class FileLedgerReader:
             raise unknown_campaign(name)
         return found
 
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return self._read(queries.all_dead_letters)
+
 
 def reader_for(settings: Settings, url: str | None) -> LedgerReader:
     """The HTTP reader for `url` (or NIGHTSHIFT_LEDGER_URL), else the file of `settings`."""
@@ -184,6 +195,7 @@ def show(command: str, settings: Settings, args: argparse.Namespace) -> int:
         sys.stdout.write(reader.results_tsv(name))
     else:
         print(format_status(reader.summary(name)))
+        print(format_dead_letters(reader.dead_letters(), name))
     return 0
 
 
@@ -200,6 +212,21 @@ def format_status(summary: dict[str, Any]) -> str:
         lines.append(f"  best {best.get('value')} ({best.get('variant_id')}: {best.get('title')})")
     if llm.get("usd"):
         lines.append(f"  LLM cost ${llm['usd']:.4f}")
-    if counts.get("dead_letters"):
-        lines.append(f"  dead letters: {counts['dead_letters']} (GET /campaigns/NAME/deadletters)")
+    return "\n".join(lines)
+
+
+def format_dead_letters(letters: list[dict[str, Any]], name: str) -> str:
+    """The campaign's dead letters (the latest one's error) and those of no readable
+    campaign or another one, which no campaign's page shows."""
+    mine = [d for d in letters if d.get("campaign") == name]
+    others = len(letters) - len(mine)
+    lines = [f"  dead letters: {len(mine)} (GET /campaigns/{name}/deadletters)"]
+    if mine:
+        lines[0] += f"; latest: {str(mine[0].get('error', ''))[:160]}"
+    if others:
+        unreadable = sum(1 for d in letters if d.get("campaign") == "?")
+        lines.append(
+            f"  dead letters of other or unreadable campaigns: {others} ({unreadable} "
+            "undecodable; GET /deadletters)"
+        )
     return "\n".join(lines)

@@ -23,7 +23,9 @@ ServiceMain = Callable[[Settings, Bus, asyncio.Event], Coroutine[Any, Any, None]
 
 
 async def serve(name: str, run: ServiceMain, settings: Settings) -> None:
-    bus = await Bus.from_settings(settings, name)
+    # Waits for the broker (and its JetStream) as long as it takes: a service ends only on
+    # a signal or a fatal configuration error (a refused login, bad settings).
+    bus = await Bus.from_settings(settings, name, connect_timeout_s=None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

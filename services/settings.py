@@ -120,7 +120,12 @@ class Settings(msgspec.Struct, kw_only=True):
         int, Meta(ge=0, description="bytes per second read from a run's output (0: no limit)")
     ] = 1024 * 1024
     ack_wait_s: Annotated[
-        float, Meta(gt=0, description="seconds before a silent launcher's run is redelivered")
+        float,
+        Meta(
+            gt=0,
+            description="seconds before a message whose service went silent (a launcher's run, "
+            "an evaluation, a ledger update) is delivered again",
+        ),
     ] = 30.0
     sim_time_scale: Annotated[
         float, Meta(ge=0, description="sim: seconds of wall time per second of budget")
@@ -189,6 +194,14 @@ class Settings(msgspec.Struct, kw_only=True):
     keep_rule: Annotated[KeepRuleName, Meta(description="when a variant replaces the best")] = (
         "strict"
     )
+    confirm_jump: Annotated[
+        float,
+        Meta(
+            ge=0,
+            description="a result better than the best by more than this share of it is kept "
+            "only once a replicate run agrees (0: never asks)",
+        ),
+    ] = 0.1
 
     # --- telemetry ------------------------------------------------------------------
     log_format: Annotated[

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from services import contracts as c
 from services.bus import Bus
-from services.launcher.backend import Job
+from services.launcher.backend import Job, RunOutcome
 
 
 def job(source: str, run_id: str, **kw: object) -> Job:
@@ -52,3 +52,22 @@ async def propose(bus: Bus, campaign: str, source: str) -> c.VariantProposed:
     )
     await bus.publish(event)
     return event
+
+
+def finished_from(outcome: RunOutcome, run_id: str = "r", log_tail: str = "") -> c.RunFinished:
+    """The RunFinished a launcher would publish for `outcome` (its clock and budget too)."""
+    return c.RunFinished(
+        campaign="c",
+        run_id=run_id,
+        variant_id=run_id.split("-")[0],
+        tier="default",
+        exit_code=outcome.exit_code,
+        started_at=outcome.started_at,
+        finished_at=outcome.finished_at,
+        log_key=run_id,
+        log_tail=log_tail,
+        timed_out=outcome.timed_out,
+        cancelled=outcome.cancelled,
+        clock_scale=outcome.clock_scale,
+        budget_s=outcome.budget_s,
+    )

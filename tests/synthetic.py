@@ -40,7 +40,7 @@ def _summary(value: float | None) -> str:
     return f"---\nval_bpb:          {value:.6f}\npeak_vram_mb:     2048.0\n"
 
 
-def _run(
+def run_events(
     campaign: str,
     variant_id: str,
     status: Status,
@@ -137,9 +137,9 @@ def synthetic_campaign(
         items.append(proposal)
         vid = variant_id_for(name, _source(i))
         if i and crash_every and i % crash_every == 0:
-            items.extend(_run(name, vid, "crash", None, t + 3))
+            items.extend(run_events(name, vid, "crash", None, t + 3))
         else:
-            items.extend(_run(name, vid, "ok", round(1.0 + rng.gauss(0, 0.01), 6), t + 3))
+            items.extend(run_events(name, vid, "ok", round(1.0 + rng.gauss(0, 0.01), 6), t + 3))
     if stop:
         stopped = CampaignStopped(
             campaign=name,

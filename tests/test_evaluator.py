@@ -147,9 +147,9 @@ def test_parse_summary(log: str, expected: dict[str, float] | None) -> None:
         ("", 1, {}, "crash", "exit code 1; last line: (empty log)"),
         (OK_LOG, 2, {}, "crash", "exit code 2"),
         ("---\nval_bpb: nan\n", 0, {}, "diverged", "val_bpb is nan"),
-        ("---\nval_bpb: 0.0\n", 0, {}, "crash", "implausible val_bpb"),
-        ("---\nval_bpb: 31.2\n", 0, {}, "crash", "implausible val_bpb"),
-        ("---\nval_bpb: 0.99\nnum_steps: -3\n", 0, {}, "crash", "implausible num_steps"),
+        ("---\nval_bpb: 0.0\n", 0, {}, "implausible", "implausible val_bpb"),
+        ("---\nval_bpb: 31.2\n", 0, {}, "implausible", "implausible val_bpb"),
+        ("---\nval_bpb: 0.99\nnum_steps: -3\n", 0, {}, "implausible", "implausible num_steps"),
         (OK_LOG, None, {"timed_out": True}, "timeout", "timed out after 330s"),
         (
             OK_LOG,
@@ -194,3 +194,11 @@ def test_other_metric_names_are_only_required_finite() -> None:
 def test_last_exception_without_traceback_header() -> None:
     assert last_exception(["hello", "ValueError: bad"]) == "ValueError: bad"
     assert last_exception(["hello"]) == ""
+
+
+def test_a_timeout_names_the_run_timeout_not_the_slots_wall_time() -> None:
+    """Finding of issue 12: "timed out after 9s" for a 3 s timeout."""
+    event = finished(None, timed_out=True, started_at=100.0, finished_at=109.0)
+    evaluation = evaluate_run(event, PROGRESS, "val_bpb", timeout_s=3.0)
+    assert evaluation.status == "timeout"
+    assert "run timeout of 3s" in evaluation.crash_reason and "9s" not in evaluation.crash_reason

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from services import contracts as c
@@ -14,6 +15,7 @@ from services.bus import Bus, Delivery
 from services.launcher import service
 from services.launcher.factory import make_backend
 from services.settings import Settings
+from services.supervisor import wait_until_consumed
 from tests.eventually import eventually
 from tests.launcher_helpers import harness_tar, propose
 
@@ -236,3 +238,37 @@ async def test_stopping_the_launcher_mid_run_hands_the_run_back(
 def test_unknown_backends_are_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="skypilot"):
         make_backend(settings(tmp_path, backend="skypilot"), "x")
+
+
+async def test_a_finished_run_is_not_run_again_whatever_the_message_id(
+    bus: Bus, recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding of issue 12: a VariantProposed published again with a new message id (as
+    after the stream's 2-minute duplicate window) made the launcher run a finished variant
+    again (its RunStarted and RunFinished then had the ids of the first run's: JetStream
+    dropped them, so only the backend knows how often it ran)."""
+    runs: list[str] = []
+
+    def counting_backend(s: Settings, launcher_id: str) -> Any:
+        backend = make_backend(s, launcher_id)
+        real_run = backend.run
+
+        async def run(job: Any, on_line: Any) -> Any:
+            runs.append(job.run_id)
+            return await real_run(job, on_line)
+
+        backend.run = run  # type: ignore[method-assign]
+        return backend
+
+    monkeypatch.setattr(service, "make_backend", counting_backend)
+    await start_campaign(bus)
+    proposed = await propose(bus, "camp", SEED)
+    launcher = Running(settings(tmp_path, backend="sim", sim_time_scale=0.001), bus)
+    try:
+        await recorder.wait_for(lambda: recorder.of(c.RunFinished))
+        again = msgspec.structs.replace(proposed, event_id="proposed-again-after-the-window")
+        await bus.publish(again)
+        await wait_until_consumed(bus, "launcher-default")
+    finally:
+        await launcher.close()
+    assert runs == [c.run_id_for(proposed.variant_id, "default", 0)]

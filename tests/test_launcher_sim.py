@@ -8,11 +8,12 @@ import time
 import msgspec
 import pytest
 
-from services.contracts import RunFinished, parse_progress, parse_summary
+from services.contracts import parse_progress, parse_summary
 from services.evaluator.classify import evaluate_run
 from services.launcher import landscape as ls
 from services.launcher.backend import Job, RunOutcome
 from services.launcher.sim import SimBackend, SimParams
+from tests.launcher_helpers import finished_from
 from tests.launcher_helpers import job as make_job
 
 SEED = (
@@ -33,19 +34,7 @@ def backend(slots: int = 4, **params: float) -> SimBackend:
 
 
 def evaluate(outcome: RunOutcome) -> tuple[str, float | None, str]:
-    finished = RunFinished(
-        campaign="c",
-        run_id="r",
-        variant_id="v",
-        tier="default",
-        exit_code=outcome.exit_code,
-        started_at=outcome.started_at,
-        finished_at=outcome.finished_at,
-        log_key="r",
-        log_tail=outcome.log_text,
-        timed_out=outcome.timed_out,
-        cancelled=outcome.cancelled,
-    )
+    finished = finished_from(outcome, log_tail=outcome.log_text)
     ev = evaluate_run(finished, outcome.read_log())
     return ev.status, ev.value, ev.crash_reason
 

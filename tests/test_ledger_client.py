@@ -23,6 +23,7 @@ from services.ledger_client import (
     HttpLedgerReader,
     LedgerReader,
     LedgerUnavailable,
+    format_dead_letters,
     format_status,
     reader_for,
     show,
@@ -114,7 +115,11 @@ def test_show_prints_the_same_from_either_reader(
         assert capsys.readouterr().out == on_disk
         printed[command] = on_disk
     summary = FileLedgerReader(ledger_path).summary("demo")
-    assert printed["status"] == format_status(summary) + "\n"
+    letters = FileLedgerReader(ledger_path).dead_letters()
+    assert (
+        printed["status"]
+        == format_status(summary) + "\n" + format_dead_letters(letters, "demo") + "\n"
+    )
     assert printed["status"].startswith("campaign demo: completed")
     assert printed["best"] == FileLedgerReader(ledger_path).best_source("demo")
     output = tmp_path / "best.py"
@@ -145,3 +150,14 @@ def test_an_unreachable_ledger_is_a_connection_error() -> None:
         port = probe.getsockname()[1]
     with pytest.raises(ConnectionError, match="cannot reach the ledger"):
         HttpLedgerReader(f"http://127.0.0.1:{port}", timeout_s=2).campaigns()
+
+
+def test_status_shows_undecodable_and_other_campaigns_dead_letters() -> None:
+    letters = [
+        {"campaign": "demo", "error": "ResultEvaluated x names run r, which no launcher started"},
+        {"campaign": "?", "error": "malformed event"},
+        {"campaign": "evil", "error": "never proposed"},
+    ]
+    shown = format_dead_letters(letters, "demo")
+    assert "dead letters: 1 (GET /campaigns/demo/deadletters); latest: ResultEvaluated" in shown
+    assert "other or unreadable campaigns: 2 (1 undecodable; GET /deadletters)" in shown

@@ -24,9 +24,11 @@ from services.contracts import (
 )
 from services.contracts.events import event_id_for, run_id_for, source_digest, variant_id_for
 from services.ledger import keep, queries
+from services.ledger.apply import Unreferenced
 from services.ledger.db import open_db
 from services.ledger.projection import apply_event, projected_types
 from tests.synthetic import SEED_SOURCE, Item, synthetic_campaign
+from tests.synthetic import run_events as synthetic_run
 
 
 def dump(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
@@ -39,9 +41,11 @@ def dump(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
     }
 
 
-def apply_all(conn: sqlite3.Connection, items: list[Item]) -> list[Event]:
+def apply_all(conn: sqlite3.Connection, items: list[Item | list[Item]]) -> list[Event]:
+    """Apply the items in order (a list in the list: a run's events, see `_result`)."""
     out: list[Event] = []
-    for event, source, log in items:
+    flat = [i for item in items for i in (item if isinstance(item, list) else [item])]
+    for event, source, log in flat:
         out.extend(apply_event(conn, event, source_text=source, log_text=log))
     return out
 
@@ -234,24 +238,9 @@ def _result(
     replica: int = 0,
     attempt: int = 1,
     ts: float = 10.0,
-) -> Item:
-    run_id = run_id_for(vid, "default", replica)
-    return (
-        ResultEvaluated(
-            campaign="c",
-            event_id=f"r-{run_id}-{attempt}",
-            ts=ts,
-            run_id=run_id,
-            variant_id=vid,
-            tier="default",
-            replica=replica,
-            attempt=attempt,
-            status=status,
-            value=value,
-        ),
-        None,
-        None,
-    )
+) -> list[Item]:
+    """A run of `vid` as the launcher and evaluator report it: started, finished, result."""
+    return synthetic_run("c", vid, status, value, ts - 2, replica=replica, attempt=attempt)
 
 
 def test_later_attempt_replaces_result_and_infra_is_no_verdict(conn: sqlite3.Connection) -> None:
@@ -307,38 +296,56 @@ def test_maximize_campaign(conn: sqlite3.Connection) -> None:
     assert queries.best(conn, "c")["variant_id"] == v1  # type: ignore[index]
 
 
-def test_out_of_order_events_fill_placeholders(conn: sqlite3.Connection) -> None:
+def test_a_result_before_its_proposal_waits_instead_of_a_placeholder(
+    conn: sqlite3.Connection,
+) -> None:
     (prop, vid) = _proposal(0)
     run_id = run_id_for(vid, "default", 0)
-    apply_all(conn, [_result(vid, "ok", 1.0)])  # before the campaign and the proposal
-    assert queries.variant(conn, vid)["title"] == ""  # type: ignore[index]
-    apply_all(
-        conn,
-        [
-            prop,
-            _campaign(),
-            (
-                RunRequested(
-                    campaign="c",
-                    event_id="rr",
-                    ts=3.0,
-                    run_id=run_id,
-                    variant_id=vid,
-                    source_digest="d",
-                    tier="default",
-                    replica=0,
-                    reason="replicate",
-                ),
-                None,
-                None,
-            ),
-        ],
+    started, finished, result = _result(vid, "ok", 1.0)
+    for early in (result, started, finished):  # before the campaign and the proposal
+        with pytest.raises(Unreferenced, match="never proposed") as raised:
+            apply_all(conn, [early])
+        assert not raised.value.definitive  # the service decides: wait, or dead-letter
+    assert queries.variant(conn, vid) is None and queries.run(conn, run_id) is None
+    with pytest.raises(Unreferenced, match="no launcher started"):
+        apply_all(conn, [_campaign(), prop, result])  # proposed, but the run never started
+    with pytest.raises(Unreferenced, match="no launcher reported finished"):
+        apply_all(conn, [started, result])
+    request = RunRequested(
+        campaign="c",
+        event_id="rr",
+        ts=3.0,
+        run_id=run_id,
+        variant_id=vid,
+        source_digest="d",
+        tier="default",
+        replica=0,
+        reason="replicate",
     )
+    apply_all(conn, [(request, None, None), finished, result])
     found = queries.variant(conn, vid)
     assert found is not None and found["title"] == "v0" and found["status"] == "keep"
     assert queries.variant_source(conn, vid) is not None
     assert queries.run(conn, run_id)["request_reason"] == "replicate"  # type: ignore[index]
     assert queries.campaign(conn, "c")["config"]["direction"] == "minimize"  # type: ignore[index]
+
+
+def test_a_result_naming_another_variants_run_is_refused_at_once(conn: sqlite3.Connection) -> None:
+    (p0, v0), (p1, v1) = (_proposal(i) for i in range(2))
+    apply_all(conn, [_campaign(), p0, p1, _result(v0, "ok", 1.0)])
+    forged = ResultEvaluated(
+        campaign="c",
+        event_id="forged",
+        run_id=run_id_for(v0, "default", 0),
+        variant_id=v1,
+        tier="default",
+        status="ok",
+        value=0.0001,
+    )
+    with pytest.raises(Unreferenced, match="launcher ran it for variant") as raised:
+        apply_all(conn, [(forged, None, None)])
+    assert raised.value.definitive
+    assert queries.best(conn, "c")["variant_id"] == v0  # type: ignore[index]
 
 
 def test_dead_letters_recorded(conn: sqlite3.Connection) -> None:
@@ -379,3 +386,45 @@ def test_restarted_campaign_runs_again_but_a_late_start_does_not_reopen(
     found = queries.campaign(conn, "c")
     assert found is not None and found["status"] == "running" and found["stop_reason"] is None
     assert found["started_at"] == 1.0
+
+
+# --- a jump past the best must be confirmed ----------------------------------------------
+
+
+def _jump_campaign() -> Item:
+    started = CampaignStarted(
+        campaign="c", event_id="cs-jump", ts=1.0, seed_digest="d", harness_key="h", confirm_jump=0.1
+    )
+    return (started, None, None)
+
+
+def test_an_improbable_jump_is_kept_only_once_a_replicate_agrees(conn: sqlite3.Connection) -> None:
+    (p0, v0), (p1, v1), (p2, v2) = (_proposal(i) for i in range(3))
+    apply_all(conn, [_jump_campaign(), p0, p1, p2, _result(v0, "ok", 1.0)])
+    # 0.5 is 50% past the best: not kept yet, a replicate is requested (once)
+    out = apply_all(conn, [_result(v1, "ok", 0.5, ts=20.0)])
+    assert [type(e).__name__ for e in out] == ["RunRequested"]
+    request = out[0]
+    assert isinstance(request, RunRequested)
+    assert (request.variant_id, request.replica) == (v1, 1) and "confirm" in request.reason
+    assert queries.best(conn, "c")["variant_id"] == v0  # type: ignore[index]
+    assert queries.variant(conn, v1)["status"] == "pending"  # type: ignore[index]
+    apply_all(conn, [(request, None, None)])
+    # the replicate disagrees (no better than the best): discarded, the best stays
+    assert apply_all(conn, [_result(v1, "ok", 1.01, replica=1, ts=30.0)]) == []
+    assert queries.variant(conn, v1)["status"] == "discard"  # type: ignore[index]
+    assert queries.best(conn, "c")["variant_id"] == v0  # type: ignore[index]
+    # another jump whose replicate agrees becomes the best
+    [request2] = apply_all(conn, [_result(v2, "ok", 0.6, ts=40.0)])
+    apply_all(conn, [(request2, None, None)])
+    out = apply_all(conn, [_result(v2, "ok", 0.62, replica=1, ts=50.0)])
+    assert [type(e).__name__ for e in out] == ["BestUpdated"]
+    assert queries.best(conn, "c")["value"] == pytest.approx(0.61)  # type: ignore[index]
+
+
+def test_a_small_step_needs_no_replicate(conn: sqlite3.Connection) -> None:
+    (p0, v0), (p1, v1) = (_proposal(i) for i in range(2))
+    out = apply_all(
+        conn, [_jump_campaign(), p0, p1, _result(v0, "ok", 1.0), _result(v1, "ok", 0.95)]
+    )
+    assert [type(e).__name__ for e in out] == ["BestUpdated", "BestUpdated"]

@@ -281,3 +281,24 @@ async def test_unavailable_strategy_falls_back_to_grid(
 
 def test_program_is_read_from_the_harness() -> None:
     assert program_from_harness(harness("rules")) == "rules"
+
+
+async def test_a_best_without_a_source_does_not_stall_the_campaign(bus: Bus) -> None:
+    """Finding of issue 12: a forged result became the best with no source behind it; the
+    proposer then failed every 2 s (`KeyError('sources/')`) and the campaign stalled."""
+    await start_campaign(bus, lookahead=1)
+    async with watching(bus) as watch, fleet(bus, slots=1), proposer(bus):
+        await eventually(lambda: len(watch.proposed) == 2, what="1 slot + 1 lookahead")
+        await bus.publish(
+            BestUpdated(
+                campaign="c",
+                event_id="best-without-source",
+                variant_id="0123456789abcdef",
+                source_digest="",
+                value=0.0001,
+                runs=1,
+            )
+        )
+        await finish(bus, watch.proposed[0])
+        await eventually(lambda: len(watch.proposed) == 3, what="a proposal after the bad best")
+        assert watch.proposed[2].parent_id == variant_id_for("c", SEED)  # from the seed

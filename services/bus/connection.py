@@ -33,7 +33,7 @@ from services.bus.consume import (
     consume,
     filter_subjects,
 )
-from services.bus.errors import NATS_FAILURES, while_broker_away
+from services.bus.errors import NATS_FAILURES, TransientError, while_broker_away
 from services.bus.follow import Follower
 from services.bus.publish import publish_event
 from services.bus.store import CampaignRegistry, ObjectBucket, bucket_name
@@ -96,9 +96,12 @@ class Bus:
 
     @classmethod
     async def from_settings(
-        cls, settings: Settings, name: str, connect_timeout_s: float = 30.0
+        cls, settings: Settings, name: str, connect_timeout_s: float | None = 30.0
     ) -> Bus:
-        """Connect as `nightshift-<name>` to settings.nats_url with its credentials."""
+        """Connect as `nightshift-<name>` to settings.nats_url with its credentials, then
+        declare the stream and buckets; both retry while the broker is away (or has no
+        JetStream yet) for up to `connect_timeout_s` each (None: until it is there, as a
+        service does: it ends only on a signal or a refused login)."""
         if not settings.nats_url:
             raise ConnectionError(f"{name}: set NATS_URL to the NATS server to use")
         credentials = Credentials(
@@ -106,7 +109,15 @@ class Bus:
         )
         nc = await _connect(settings.nats_url, f"nightshift-{name}", credentials, connect_timeout_s)
         bus = cls(nc, settings.subject_prefix)
-        await bus.declare()
+        try:
+            await while_broker_away(
+                bus.declare, what=f"{name}: declare the stream", timeout_s=connect_timeout_s
+            )
+        except TransientError as exc:
+            await bus.close()
+            raise ConnectionError(
+                f"{exc}; does the NATS server at {settings.nats_url} have JetStream enabled (-js)?"
+            ) from exc
         return bus
 
     async def declare(self) -> None:
@@ -160,7 +171,7 @@ class Bus:
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL,
             ack_wait=ack_wait_s,
-            max_deliver=max_deliver,
+            max_deliver=-1,  # the runner dead-letters after max_deliver failures (not waits)
             max_ack_pending=-1,
         )
         runner = MessageRunner(self.publish, durable, handlers, ack_wait_s, max_deliver)
@@ -252,7 +263,9 @@ class AuthenticationError(ConnectionError):
     """NATS refused the credentials: retrying will not help."""
 
 
-async def _connect(url: str, name: str, credentials: Credentials, timeout_s: float) -> Client:
+async def _connect(
+    url: str, name: str, credentials: Credentials, timeout_s: float | None
+) -> Client:
     """Connect, retrying while the server is unreachable for up to `timeout_s`; then
     reconnect forever. A refused login fails at once: retrying would not help."""
     clients: list[Client] = []
@@ -297,7 +310,7 @@ async def _connect(url: str, name: str, credentials: Credentials, timeout_s: flo
                 )
     except (TimeoutError, OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
         raise ConnectionError(
-            f"cannot reach NATS at {url} within {timeout_s:.0f}s: {exc!r}; is nats-server "
+            f"cannot reach NATS at {url} within {timeout_s or 0:.0f}s: {exc!r}; is nats-server "
             "running (NATS_URL), with JetStream enabled (-js)?"
         ) from exc
     except nats.errors.Error as exc:

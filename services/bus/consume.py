@@ -5,7 +5,8 @@ derived from those types, and each handler is called with its concrete type. Sev
 processes sharing a durable split the messages (work-queue semantics).
 
 A handler that returns has made its effect durable, so the message is acked; one that
-raises is naked with a growing delay; one that raises PoisonError, or fails on every
+raises is naked with a growing delay (TransientError: as often as it takes, the handler
+waits for a dependency); one that raises PoisonError, or fails otherwise on every
 allowed delivery, or whose payload is not an event, is recorded as a DeadLettered event and
 terminated, so it never blocks the messages behind it. While a handler runs, the message is
 kept alive with `in_progress()` heartbeats (a 5-minute run outlives any ack wait).
@@ -116,13 +117,18 @@ class MessageRunner:
         await _settle(msg.ack(), what="ack", stream_seq=delivery.stream_seq)
 
     async def _failed(self, msg: Msg, delivery: Delivery, exc: Exception) -> None:
-        if delivery.num_delivered >= self.max_deliver:
+        """Redeliver later; a handler that keeps failing (not a TransientError, which waits
+        for its dependency however long it takes) is dead-lettered after max_deliver."""
+        transient = isinstance(exc, TransientError)
+        if not transient and delivery.num_delivered >= self.max_deliver:
             await self.dead_letter(
                 msg, delivery, f"failed on all {self.max_deliver} deliveries: {exc!r}"
             )
             return
         delay = min(0.5 * 2 ** (delivery.num_delivered - 1), 15.0)
-        level = log.info if isinstance(exc, TransientError) else log.warning
+        if isinstance(exc, TransientError) and exc.retry_in_s is not None:
+            delay = exc.retry_in_s
+        level = log.info if transient else log.warning
         level(
             "handler_failed",
             consumer=self.consumer,
@@ -196,8 +202,13 @@ async def consume(
 ) -> None:
     """Fetch and hand messages to `runner` until `stop`; then let those in hand finish."""
     durable = config.durable_name or ""
-    await while_broker_away(lambda: js.add_consumer(stream, config), what=f"add consumer {durable}")
-    psub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+
+    async def bind() -> Any:
+        await js.add_consumer(stream, config)
+        return await js.pull_subscribe_bind(durable=durable, stream=stream)
+
+    # A service waits for the broker as long as it takes: it ends only when stopped.
+    psub = await while_broker_away(bind, what=f"bind consumer {durable}", timeout_s=None)
     in_hand: set[asyncio.Task[None]] = set()
     freed = asyncio.Event()
     while not stop.is_set():

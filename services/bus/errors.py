@@ -39,7 +39,12 @@ NATS_FAILURES: tuple[type[Exception], ...] = (*BROKER_AWAY, nats.errors.Error)
 
 
 class TransientError(Exception):
-    """The handler could not finish now (a dependency is away); redeliver after a delay."""
+    """The handler could not finish now (a dependency is away); redeliver after a delay
+    (`retry_in_s`, else one that grows with the deliveries)."""
+
+    def __init__(self, *args: object, retry_in_s: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_in_s = retry_in_s
 
 
 class PoisonError(Exception):
@@ -47,9 +52,10 @@ class PoisonError(Exception):
 
 
 async def while_broker_away(
-    op: Callable[[], Awaitable[T]], what: str, timeout_s: float = BROKER_RETRY_S
+    op: Callable[[], Awaitable[T]], what: str, timeout_s: float | None = BROKER_RETRY_S
 ) -> T:
-    """Run `op`, retrying while the broker is away for up to `timeout_s`.
+    """Run `op`, retrying while the broker is away for up to `timeout_s` (None: forever,
+    for a service's set-up, which has nothing better to do than wait for the broker).
 
     Past the deadline the failure becomes a TransientError naming the operation, so a
     handler's message is redelivered instead of lost.

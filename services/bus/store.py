@@ -16,6 +16,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import re
 from typing import Generic, TypeVar
 
 import nats.errors
@@ -122,11 +123,23 @@ class ObjectBucket(Declared[ObjectStore]):
         return data
 
 
+_KV_KEY = re.compile(r"[-_=a-zA-Z0-9]+")
+
+
+def _finished_key(campaign: str, run_id: str) -> str:
+    """`finished.<campaign>.<run id>` (a run id with characters a key may not hold: hashed)."""
+    if not _KV_KEY.fullmatch(run_id):
+        run_id = "h-" + hashlib.sha256(run_id.encode()).hexdigest()[:40]
+    return f"finished.{campaign}.{run_id}"
+
+
 class CampaignRegistry(Declared[KeyValue]):
-    """The campaigns KV: each campaign's CampaignStarted, and whether it was stopped.
+    """The campaigns KV: each campaign's CampaignStarted, whether it was stopped, and which
+    of its runs finished.
 
     Keys: `campaign.<name>` holds the encoded CampaignStarted; `stopped.<name>` exists while
-    the campaign is stopped (its value is the reason). Names are checked by the CLI to be
+    the campaign is stopped (its value is the reason); `finished.<name>.<run id>` once a
+    launcher reported the run finished (its value: the RunFinished's id). Names are checked by the CLI to be
     letters, digits, '-' and '_', so they are valid KV keys.
     """
 
@@ -149,6 +162,15 @@ class CampaignRegistry(Declared[KeyValue]):
         except ContractError:
             return None
         return event if isinstance(event, CampaignStarted) else None
+
+    async def mark_finished(self, name: str, run_id: str, event_id: str) -> None:
+        """Record that run `run_id` of campaign `name` finished and was reported."""
+        await self._put(_finished_key(name, run_id), event_id.encode())
+
+    async def is_finished(self, name: str, run_id: str) -> bool:
+        """Has a launcher reported this run finished? (It is then never run again, whatever
+        the id of the message that asks for it.)"""
+        return await self._get(_finished_key(name, run_id)) is not None
 
     async def mark_stopped(self, name: str, reason: str) -> None:
         await self._put(f"stopped.{name}", reason.encode())

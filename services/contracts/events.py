@@ -23,8 +23,11 @@ SOURCES_BUCKET = "sources"
 LOGS_BUCKET = "logs"
 CAMPAIGNS_BUCKET = "campaigns"  # KV: campaign name -> encoded CampaignStarted
 
-# Statuses of a result. `ok` is the only one with a trustworthy metric.
-Status = Literal["ok", "crash", "timeout", "diverged", "oom", "infra"]
+# Statuses of a result. `ok` is the only one with a trustworthy metric. `implausible`: the
+# run printed a summary block its own measurements contradict (a training time longer than
+# the launcher's wall clock, or far below the budget; no steps or tokens): a failure of the
+# variant, shown with its reason like a crash, never a metric.
+Status = Literal["ok", "crash", "timeout", "diverged", "oom", "implausible", "infra"]
 Direction = Literal["minimize", "maximize"]
 
 
@@ -90,6 +93,9 @@ class CampaignStarted(Event, tag="campaign.started", kw_only=True, frozen=True):
     run_timeout_s: float = 600.0
     tiers: list[str] = msgspec.field(default_factory=lambda: ["default"])
     keep_rule: str = "strict"
+    # A result better than the best by more than this share of it (improbably far) is kept
+    # only once a replicate run of the same variant agrees (0: never asks).
+    confirm_jump: float = 0.0
     proposer: ProposerConfig = msgspec.field(default_factory=ProposerConfig)
 
 
@@ -164,6 +170,11 @@ class RunFinished(Event, tag="run.finished", kw_only=True, frozen=True):
     cancelled: bool = False
     infra_failure: bool = False
     infra_reason: str = ""
+    # The launcher's clock, for the evaluator's plausibility checks: wall seconds per
+    # second the trainer reports (1 for real runs; the sim backend's time scale), and the
+    # training budget the run was given in the trainer's seconds (0: not known here).
+    clock_scale: float = 1.0
+    budget_s: float = 0.0
 
     def keys(self, kind: str) -> RunKeys:
         """The keys of an event that follows from this run's attempt (its result)."""

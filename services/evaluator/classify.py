@@ -1,4 +1,6 @@
-"""Classify a finished run from its log: ok (with a plausible metric) or how it failed."""
+"""Classify a finished run from its log: ok (with a plausible metric) or how it failed.
+
+What is plausible is plausibility.py's to say."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import re
 from dataclasses import dataclass, field
 
 from services.contracts import (
-    NON_NEGATIVE_KEYS,
     RunFinished,
     Status,
     cancel_reason,
@@ -15,8 +16,8 @@ from services.contracts import (
     split_lines,
     timeout_seconds,
 )
+from services.evaluator.plausibility import implausible
 
-BPB_CEILING = 20.0  # bits per byte beyond this is a bug, not a result (uniform bytes: 8)
 REASON_CHARS = 500
 
 _OOM = re.compile(
@@ -82,27 +83,18 @@ def _cut(text: str) -> str:
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
 
-def implausible(metric: str, value: float, metrics: dict[str, float]) -> str:
-    """Why the numbers cannot be a real result; '' when they can."""
-    bpb_like = metric.endswith("bpb") or metric.endswith("loss")
-    if bpb_like and not 0.0 < value < BPB_CEILING:
-        return f"implausible {metric} {value!r} (expected between 0 and {BPB_CEILING:g})"
-    for key in NON_NEGATIVE_KEYS:
-        if key in metrics and not metrics[key] >= 0:
-            return f"implausible {key} {metrics[key]!r} (expected >= 0)"
-    return ""
-
-
-def evaluate_run(finished: RunFinished, log_text: str, metric: str = "val_bpb") -> Evaluation:
-    """The result of one finished run."""
+def evaluate_run(
+    finished: RunFinished, log_text: str, metric: str = "val_bpb", timeout_s: float = 0.0
+) -> Evaluation:
+    """The result of one finished run (`timeout_s`: the campaign's run timeout, if known)."""
     if finished.infra_failure:
         return Evaluation("infra", crash_reason=_cut(finished.infra_reason or "infrastructure"))
     seconds = finished.finished_at - finished.started_at
     if finished.timed_out:
-        # The configured limit, from the launcher's marker line; the wall time of the slot
-        # (preparing, copying, the kill's grace period) only when the marker is missing.
-        limit = timeout_seconds(log_text)
-        shown = f"the run timeout of {limit}s" if limit is not None else f"{seconds:.0f}s"
+        # The limit the launcher enforced (its marker line), else the campaign's; the slot's
+        # wall time (preparing, copying, the kill's grace period) only when neither is known.
+        limit = timeout_seconds(log_text) or timeout_s or None
+        shown = f"the run timeout of {limit:g}s" if limit else f"{seconds:.0f}s"
         return Evaluation("timeout", crash_reason=f"timed out after {shown}; killed")
     lines = [line for line in split_lines(log_text) if line.strip()]
     if finished.cancelled:
@@ -122,7 +114,7 @@ def evaluate_run(finished: RunFinished, log_text: str, metric: str = "val_bpb") 
     if not math.isfinite(value):
         return Evaluation("diverged", crash_reason=f"{metric} is {value}")
     metrics = {k: v for k, v in block.items() if math.isfinite(v)}  # NaN is no JSON number
-    reason = implausible(metric, value, metrics)
+    reason = implausible(finished, metric, value, metrics)
     if reason:
-        return Evaluation("crash", metrics=metrics, crash_reason=reason)
+        return Evaluation("implausible", metrics=metrics, crash_reason=_cut(reason))
     return Evaluation("ok", value=value, metrics=metrics)

@@ -7,7 +7,7 @@ traceback); when it has no block, the full log comes from the `logs` bucket.
 from __future__ import annotations
 
 from services import contracts as c
-from services.bus import Bus, Delivery, TransientError
+from services.bus import Bus, Delivery, PoisonError
 from services.evaluator.classify import Evaluation, evaluate_run
 from services.telemetry import fields_of, get_logger
 
@@ -46,9 +46,14 @@ class Evaluator:
     async def on_run_finished(self, event: c.RunFinished, _delivery: Delivery) -> None:
         campaign = await self.bus.campaigns.load(event.campaign)
         if campaign is None:
-            raise TransientError(f"campaign {event.campaign!r} is not in the campaigns KV yet")
+            # The launcher read the campaign from the KV before it ran: a run of a campaign
+            # that is not there was never run by a launcher.
+            raise PoisonError(
+                f"run {event.run_id} names campaign {event.campaign!r}, which is not in the "
+                "campaigns KV: no launcher ran it"
+            )
         text = await fetch_log_text(self.bus, event, campaign.metric)
-        evaluation = evaluate_run(event, text, campaign.metric)
+        evaluation = evaluate_run(event, text, campaign.metric, campaign.run_timeout_s)
         result = result_event(event, evaluation, campaign.metric)
         await self.bus.publish(result)
         self.log.info(

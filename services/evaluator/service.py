@@ -15,17 +15,16 @@ from services.settings import Settings
 
 DURABLE = "evaluator"
 CONCURRENCY = 8
-ACK_WAIT_S = 30.0
 MAX_DELIVER = 10
 
 
-async def run(_settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
+async def run(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
     evaluator = Evaluator(bus)
     await bus.consume(
         DURABLE,
         {c.RunFinished: evaluator.on_run_finished},
         concurrency=CONCURRENCY,
-        ack_wait_s=ACK_WAIT_S,
+        ack_wait_s=settings.ack_wait_s,
         max_deliver=MAX_DELIVER,
         stop=stop,
     )

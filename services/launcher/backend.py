@@ -56,6 +56,8 @@ class RunOutcome:
     cancelled: bool = False
     infra_failure: bool = False
     infra_reason: str = ""
+    clock_scale: float = 1.0  # wall seconds per trainer second (the sim's time scale)
+    budget_s: float = 0.0  # training seconds the run was given (0: not known)
 
     def read_log(self) -> str:
         if self.log_path is not None and self.log_path.is_file():

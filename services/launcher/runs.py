@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from services import contracts as c
-from services.bus import Bus, Delivery, TransientError
+from services.bus import Bus, Delivery, PoisonError, TransientError
 from services.launcher.backend import Backend, Job, LineCallback, RunOutcome, log_tail
 from services.launcher.harness import HarnessCache, HarnessError
 from services.telemetry import get_logger
@@ -113,8 +113,8 @@ class Launcher:
         if self.stopping:  # fetched while stopping: hand it back at once
             raise TransientError(f"launcher {self.launcher_id} is stopping")
         campaign = await self.bus.campaigns.load(name)
-        if campaign is None:
-            raise TransientError(f"campaign {name!r} is not in the campaigns KV yet")
+        if campaign is None:  # saved before its first event is published: never started
+            raise PoisonError(f"campaign {name!r} is not in the campaigns KV: it was never started")
         return campaign
 
     async def take(self, work: Work, attempt: int) -> None:
@@ -129,6 +129,9 @@ class Launcher:
             return
         if work.run_id in self.running:
             log.info("run_already_running")
+            return
+        if await self.bus.campaigns.is_finished(work.campaign.campaign, work.run_id):
+            log.info("run_already_finished", attempt=attempt)  # a message published again
             return
         if not self.free_slots:
             raise TransientError(f"run {work.run_id}: no free slot on {self.launcher_id}")
@@ -157,6 +160,9 @@ class Launcher:
         if outcome.cancelled and self.stopping:
             raise TransientError(f"run {work.run_id}: launcher stopping; it will run again")
         await self.report(work, attempt, outcome)
+        if not outcome.infra_failure:  # an infrastructure failure runs again, by design
+            keys = work.keys("finished", attempt)
+            await self.bus.campaigns.mark_finished(keys["campaign"], work.run_id, keys["event_id"])
         log.info(
             "run_finished",
             exit_code=outcome.exit_code,
@@ -226,6 +232,8 @@ class Launcher:
                 cancelled=outcome.cancelled,
                 infra_failure=outcome.infra_failure,
                 infra_reason=outcome.infra_reason,
+                clock_scale=outcome.clock_scale,
+                budget_s=outcome.budget_s,
             )
         )
 

@@ -82,8 +82,10 @@ class SimBackend:
     async def run(self, job: Job, on_line: LineCallback) -> RunOutcome:
         started = time.time()
         obs = self.observe(job)
-        outcome = RunOutcome(None, started, started)
         budget_s = self.params.sim_budget_s
+        outcome = RunOutcome(
+            None, started, started, clock_scale=self.params.sim_time_scale, budget_s=budget_s
+        )
         sim_seconds = _simulated_seconds(obs, budget_s, f"{self.params.sim_seed}:{job.run_id}")
         limit = job.timeout_s
         lines: list[str] = [f"sim: {job.run_id} on {self.host} (profile {job.profile})"]

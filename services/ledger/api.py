@@ -229,8 +229,15 @@ def results_tsv(name: CampaignName, conn: Conn) -> Response:
     responses=_not_found("unknown campaign"),
 )
 def deadletters(name: CampaignName, conn: Conn) -> list[dict[str, Any]]:
+    """Messages of this campaign that could never be handled (forged, unknown run or variant)."""
     _campaign(conn, name)
     return queries.dead_letters(conn, name)
+
+
+@router.get("/deadletters", response_model=list[DeadLetter])
+def all_deadletters(conn: Conn) -> list[dict[str, Any]]:
+    """Every dead letter, newest first, also those no campaign could be read from (`?`)."""
+    return queries.all_dead_letters(conn)
 
 
 @router.get(

@@ -6,9 +6,12 @@ Shaped like optuna's journal storage replay (`_apply_create_study`, `_apply_crea
 result makes a new best). `projection` registers each on its dispatcher by the type in
 its signature.
 
-Events may arrive out of order after a redelivery: run and result functions create
-placeholder rows for what they reference, later attempts of a run replace earlier ones, and
-an older attempt arriving late is ignored.
+The ledger accepts only what happened: a run or result event must name a variant proposed
+in its campaign, and a result (or a run's end) a run the launcher started. An event that
+names what has not been applied raises `Unreferenced`; the service then waits for it (the
+message is redelivered) while an earlier message is still unhandled, and dead-letters it
+once none is, so a result never becomes a placeholder, is never counted, never the best.
+Later attempts of a run replace earlier ones, and an older attempt arriving late is ignored.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import msgspec
 
 from services import contracts
 from services.contracts import (
-    BestUpdated,
     CampaignStarted,
     CampaignStopped,
     DeadLettered,
@@ -33,7 +35,7 @@ from services.contracts import (
     VariantProposed,
 )
 from services.ledger import keep
-from services.ledger.verdict import decide, event_key
+from services.ledger.verdict import Published, decide, event_key
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Ctx:
     log_text: str | None = None  # the full log of a RunFinished
 
 
-def record_only(_ev: Event, _ctx: Ctx) -> list[BestUpdated]:
+def record_only(_ev: Event, _ctx: Ctx) -> list[Published]:
     """An event with nothing to project: `events_seen` records it, and that is all.
 
     The BestUpdated the ledger itself publishes comes back this way.
@@ -54,25 +56,72 @@ def record_only(_ev: Event, _ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-# --- placeholders -----------------------------------------------------------------------
+# --- what an event may reference ----------------------------------------------------
+
+
+class Unreferenced(Exception):
+    """The event names a variant or run the ledger has not seen (yet).
+
+    `definitive` when waiting cannot help (the run belongs to another variant or
+    campaign); otherwise the service decides: every earlier message handled means the
+    referenced event never happened (dead-letter it), else wait for it (redeliver).
+    """
+
+    def __init__(self, reason: str, *, definitive: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.definitive = definitive
 
 
 def _ensure_campaign(conn: sqlite3.Connection, name: str) -> None:
     conn.execute("INSERT OR IGNORE INTO campaigns(name) VALUES (?)", (name,))
 
 
-def _ensure_variant(conn: sqlite3.Connection, campaign: str, variant_id: str) -> None:
-    _ensure_campaign(conn, campaign)
-    conn.execute(
-        "INSERT OR IGNORE INTO variants(variant_id, campaign) VALUES (?, ?)", (variant_id, campaign)
-    )
+def _require_variant(conn: sqlite3.Connection, ev: Event, variant_id: str) -> None:
+    """The variant was proposed in this campaign (its VariantProposed was applied)."""
+    row = conn.execute(
+        "SELECT campaign, proposed_at FROM variants WHERE variant_id = ?", (variant_id,)
+    ).fetchone()
+    what = f"{type(ev).__name__} {event_key(ev)}"
+    if row is None or row["proposed_at"] is None:
+        raise Unreferenced(
+            f"{what} names variant {variant_id}, which was never proposed in campaign "
+            f"{ev.campaign!r}"
+        )
+    if row["campaign"] != ev.campaign:
+        raise Unreferenced(
+            f"{what} names variant {variant_id} of campaign {row['campaign']!r}, not of "
+            f"{ev.campaign!r}",
+            definitive=True,
+        )
+
+
+def _require_run(
+    conn: sqlite3.Connection, ev: RunFinished | ResultEvaluated, *, finished: bool
+) -> None:
+    """The launcher started this run (RunStarted applied), for this variant and campaign;
+    with `finished`, it also reported its end (RunFinished applied)."""
+    row = conn.execute(
+        "SELECT campaign, variant_id, attempt, finished_at FROM runs WHERE run_id = ?", (ev.run_id,)
+    ).fetchone()
+    what = f"{type(ev).__name__} {event_key(ev)}"
+    if row is not None and (row["variant_id"], row["campaign"]) != (ev.variant_id, ev.campaign):
+        raise Unreferenced(
+            f"{what} names run {ev.run_id} as variant {ev.variant_id} of {ev.campaign!r}, but "
+            f"the launcher ran it for variant {row['variant_id']} of {row['campaign']!r}",
+            definitive=True,
+        )
+    if row is None or int(row["attempt"]) == 0:
+        raise Unreferenced(f"{what} names run {ev.run_id}, which no launcher started")
+    if finished and row["finished_at"] is None:
+        raise Unreferenced(f"{what} names run {ev.run_id}, which no launcher reported finished")
 
 
 def _ensure_run(
     conn: sqlite3.Connection, campaign: str, variant_id: str, run_id: str, tier: str, replica: int
 ) -> int:
-    """Make sure the run exists; return its current attempt (0 for one not started yet)."""
-    _ensure_variant(conn, campaign, variant_id)
+    """Make sure the run of a proposed variant exists; return its current attempt (0 for one
+    not started yet)."""
     conn.execute(
         "INSERT OR IGNORE INTO runs(run_id, campaign, variant_id, tier, replica) "
         "VALUES (?, ?, ?, ?, ?)",
@@ -85,7 +134,7 @@ def _ensure_run(
 # --- campaign events --------------------------------------------------------------------
 
 
-def campaign_started(ev: CampaignStarted, ctx: Ctx) -> list[BestUpdated]:
+def campaign_started(ev: CampaignStarted, ctx: Ctx) -> list[Published]:
     conn = ctx.conn
     conn.execute(
         """
@@ -111,7 +160,7 @@ def campaign_started(ev: CampaignStarted, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> list[BestUpdated]:
+def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> list[Published]:
     conn = ctx.conn
     _ensure_campaign(conn, ev.campaign)
     status = "completed" if ev.reason == "completed" else "stopped"
@@ -123,7 +172,7 @@ def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> list[BestUpdated]:
+def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> list[Published]:
     conn = ctx.conn
     _ensure_campaign(conn, ev.campaign)
     conn.execute(
@@ -138,7 +187,7 @@ def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def dead_lettered(ev: DeadLettered, ctx: Ctx) -> list[BestUpdated]:
+def dead_lettered(ev: DeadLettered, ctx: Ctx) -> list[Published]:
     conn = ctx.conn
     conn.execute(
         "INSERT OR IGNORE INTO dead_letters(event_id, campaign, subject, stream_seq, consumer, "
@@ -152,8 +201,8 @@ def dead_lettered(ev: DeadLettered, ctx: Ctx) -> list[BestUpdated]:
 # --- variants and runs ------------------------------------------------------------------
 
 
-def variant_proposed(ev: VariantProposed, ctx: Ctx) -> list[BestUpdated]:
-    """Record a proposal; a placeholder is filled in, a duplicate proposal adds its LLM cost."""
+def variant_proposed(ev: VariantProposed, ctx: Ctx) -> list[Published]:
+    """Record a proposal; a duplicate proposal (another wave proposed it too) adds its LLM cost."""
     conn = ctx.conn
     _ensure_campaign(conn, ev.campaign)
     if ctx.source_text is not None:
@@ -209,8 +258,9 @@ def variant_proposed(ev: VariantProposed, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def run_requested(ev: RunRequested, ctx: Ctx) -> list[BestUpdated]:
+def run_requested(ev: RunRequested, ctx: Ctx) -> list[Published]:
     conn = ctx.conn
+    _require_variant(conn, ev, ev.variant_id)
     _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
     conn.execute(
         "UPDATE runs SET requested_at = COALESCE(requested_at, ?), "
@@ -226,8 +276,9 @@ _RESET_FINISH = (
 )
 
 
-def run_started(ev: RunStarted, ctx: Ctx) -> list[BestUpdated]:
+def run_started(ev: RunStarted, ctx: Ctx) -> list[Published]:
     conn = ctx.conn
+    _require_variant(conn, ev, ev.variant_id)
     current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
     if ev.attempt < current:
         return []  # a late message about an attempt that has been superseded
@@ -244,8 +295,13 @@ def run_started(ev: RunStarted, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def run_finished(ev: RunFinished, ctx: Ctx) -> list[BestUpdated]:
+def run_finished(ev: RunFinished, ctx: Ctx) -> list[Published]:
+    """Record a run's end; a run the launcher never started is refused (an infrastructure
+    failure before the start, a missing harness, is the one end without a start)."""
     conn = ctx.conn
+    _require_variant(conn, ev, ev.variant_id)
+    if not ev.infra_failure:
+        _require_run(conn, ev, finished=False)
     current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
     if ev.attempt < current:
         return []
@@ -282,10 +338,15 @@ def run_finished(ev: RunFinished, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def result_evaluated(ev: ResultEvaluated, ctx: Ctx) -> list[BestUpdated]:
-    """Record the result (a later attempt of a run replaces an earlier one), then decide."""
+def result_evaluated(ev: ResultEvaluated, ctx: Ctx) -> list[Published]:
+    """Record the result of a run the launcher started and finished for a proposed variant
+    (a later attempt of a run replaces an earlier one), then decide."""
     conn = ctx.conn
-    _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
+    _require_variant(conn, ev, ev.variant_id)
+    if ev.status == keep.INFRA_STATUS:
+        _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
+    else:
+        _require_run(conn, ev, finished=True)
     row = conn.execute("SELECT attempt FROM results WHERE run_id = ?", (ev.run_id,)).fetchone()
     if row is not None and int(row["attempt"]) > ev.attempt:
         return []

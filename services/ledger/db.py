@@ -9,9 +9,10 @@ empty, replays the whole stream into it. A file on a newer schema is refused.
 and remembers the events each one published (its outbox), so a redelivery republishes
 exactly the same events.
 
-Rows may arrive out of order (a redelivered message lands after later ones), so run and
-result handlers create placeholder rows for a campaign or variant they have not seen yet,
-and the handlers of the missing events fill them in later.
+Events may arrive out of order (a redelivered message lands after later ones): an event
+that names a variant or run not applied yet is not recorded as a placeholder but waits
+for it, and is dead-lettered if it never comes (apply.py: a ledger that accepts only what
+happened).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ CREATE TABLE IF NOT EXISTS variants (
     rationale TEXT NOT NULL DEFAULT '',
     proposer TEXT NOT NULL DEFAULT '',
     wave INTEGER NOT NULL DEFAULT 0,
-    proposed_at REAL,                   -- NULL: a placeholder (results arrived first)
+    proposed_at REAL,                   -- when the VariantProposed was applied
     llm_model TEXT,
     llm_input_tokens REAL NOT NULL DEFAULT 0,
     llm_cache_creation_input_tokens REAL NOT NULL DEFAULT 0,

@@ -21,7 +21,7 @@ Decision = Literal["keep", "discard", "undecided"]
 KeepRule = Callable[[Sequence[float], Sequence[float] | None, str], Decision]
 
 # Result statuses that are a verdict on the variant itself (it failed, not the machine).
-FAILED_STATUSES = frozenset({"crash", "timeout", "diverged", "oom"})
+FAILED_STATUSES = frozenset({"crash", "timeout", "diverged", "oom", "implausible"})
 # A failure of the infrastructure (preemption, lost machine): no verdict on the variant.
 INFRA_STATUS = "infra"
 

@@ -166,7 +166,10 @@ class CampaignSummary(BaseModel):
 
 
 class DeadLetter(BaseModel):
+    """A message no handler could ever accept, with why (forged, unknown run, undecodable)."""
+
     event_id: str
+    campaign: str  # `?` when the payload named none that could be read
     subject: str
     stream_seq: int
     consumer: str

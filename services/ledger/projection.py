@@ -21,9 +21,9 @@ import msgspec
 
 from services.contracts import BestUpdated, Event
 from services.ledger import apply
-from services.ledger.verdict import event_key
+from services.ledger.verdict import Published, event_key
 
-_outbox_decoder: msgspec.json.Decoder[list[BestUpdated]] = msgspec.json.Decoder(list[BestUpdated])
+_outbox_decoder: msgspec.json.Decoder[list[Published]] = msgspec.json.Decoder(list[Published])
 
 _apply = functools.singledispatch(apply.record_only)
 for _function in (
@@ -58,7 +58,7 @@ def apply_event(
     *,
     source_text: str | None = None,
     log_text: str | None = None,
-) -> list[BestUpdated]:
+) -> list[Published]:
     """Apply `event` in one transaction; return the events to publish (its outbox).
 
     `source_text` is the source named by a VariantProposed, `log_text` the full log of a

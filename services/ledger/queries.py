@@ -138,13 +138,31 @@ def best_history(conn: sqlite3.Connection, name: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+_DEAD_LETTER_COLUMNS = (
+    "event_id, campaign, subject, stream_seq, consumer, error, payload_preview, ts"
+)
+
+
 def dead_letters(conn: sqlite3.Connection, name: str) -> list[dict[str, Any]]:
     rows = conn.execute(
-        "SELECT event_id, subject, stream_seq, consumer, error, payload_preview, ts "
-        "FROM dead_letters WHERE campaign = ? ORDER BY ts",
-        (name,),
+        f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE campaign = ? ORDER BY ts", (name,)
     )
     return [dict(r) for r in rows]
+
+
+def all_dead_letters(conn: sqlite3.Connection, limit: int = 1000) -> list[dict[str, Any]]:
+    """Every dead letter, newest first: those of unknown campaigns and undecodable ones
+    (campaign `?`) too."""
+    rows = conn.execute(
+        f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters ORDER BY ts DESC LIMIT ?", (limit,)
+    )
+    return [dict(r) for r in rows]
+
+
+def dead_letter_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Dead letters per campaign they name (`?`: the payload was not readable)."""
+    rows = conn.execute("SELECT campaign, COUNT(*) FROM dead_letters GROUP BY campaign")
+    return {str(r[0]): int(r[1]) for r in rows}
 
 
 # --- variants ---------------------------------------------------------------------------

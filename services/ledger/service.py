@@ -12,23 +12,26 @@ import socket
 import sqlite3
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import uvicorn
 from nats.aio.subscription import Subscription
 
 from services import contracts
-from services.bus import Bus, Delivery, Handler
-from services.bus.errors import NATS_FAILURES
-from services.contracts import Event, FleetStatus, RunFinished, VariantProposed
+from services.bus import Bus, Delivery, Handler, PoisonError, TransientError
+from services.bus.errors import NATS_FAILURES, while_broker_away
+from services.contracts import Event, FleetStatus, RunFinished, RunRequested, VariantProposed
 from services.ledger import queries
 from services.ledger.api import create_app
+from services.ledger.apply import Unreferenced
 from services.ledger.db import open_db
 from services.ledger.projection import apply_event, seen
 from services.settings import Settings
 from services.telemetry import fields_of, get_logger
 
 DURABLE = "ledger"
+# How soon an event that names what is not applied yet is delivered again.
+WAIT_RETRY_S = 1.0
 # Deliveries in hand at once (their objects are fetched in parallel; applied in order).
 CONCURRENCY = 64
 
@@ -80,17 +83,20 @@ class Projector:
         table[RunFinished] = self.on_run_finished
         return table
 
-    async def on_event(self, event: Event, _: Delivery) -> None:
-        await self._project(event, None)
+    async def on_event(self, event: Event, delivery: Delivery) -> None:
+        await self._project(event, delivery, None)
 
-    async def on_variant_proposed(self, event: VariantProposed, _: Delivery) -> None:
-        await self._project(event, self._source)
+    async def on_variant_proposed(self, event: VariantProposed, delivery: Delivery) -> None:
+        await self._project(event, delivery, self._source)
 
-    async def on_run_finished(self, event: RunFinished, _: Delivery) -> None:
-        await self._project(event, self._log)
+    async def on_run_finished(self, event: RunFinished, delivery: Delivery) -> None:
+        await self._project(event, delivery, self._log)
 
     async def _project(
-        self, event: EventT, fetch: Callable[[EventT], Awaitable[Objects]] | None
+        self,
+        event: EventT,
+        delivery: Delivery,
+        fetch: Callable[[EventT], Awaitable[Objects]] | None,
     ) -> None:
         """Fetch (in parallel with the others in hand), then apply and publish in order."""
         prev, done = self._tail, asyncio.get_running_loop().create_future()
@@ -101,17 +107,41 @@ class Projector:
                 fetched = await fetch(event)
             if prev is not None:
                 await asyncio.shield(prev)
-            outbox = apply_event(
-                self.conn, event, source_text=fetched.source_text, log_text=fetched.log_text
-            )
-            for best in outbox:
-                await self.bus.publish(best)
-                self.log.info(
-                    "best_updated",
-                    **fields_of(best, "campaign", "variant_id", "value", "previous_value"),
+            try:
+                outbox = apply_event(
+                    self.conn, event, source_text=fetched.source_text, log_text=fetched.log_text
                 )
+            except Unreferenced as exc:
+                await self._refuse(exc, delivery)
+            for published in outbox:
+                await self.bus.publish(published)
+                if isinstance(published, RunRequested):
+                    self.log.info(
+                        "replicate_requested",
+                        **fields_of(published, "campaign", "variant_id", "run_id", "reason"),
+                    )
+                else:
+                    self.log.info(
+                        "best_updated",
+                        **fields_of(published, "campaign", "variant_id", "value", "previous_value"),
+                    )
         finally:
             _release_after(done, prev)
+
+    async def _refuse(self, exc: Unreferenced, delivery: Delivery) -> NoReturn:
+        """Wait for what the event names while an earlier message is unhandled (it may be
+        the one that names it: redeliver); once none is, the event has nothing to stand on
+        (dead-letter it: never counted, never the best)."""
+        if not exc.definitive:
+            try:
+                lag = await self.bus.consumer_lag(DURABLE)
+            except NATS_FAILURES as away:
+                raise TransientError(f"{exc.reason}; broker away: {away!r}") from away
+            if lag is None or lag.acked_seq < delivery.stream_seq - 1:
+                # Soon again: the earlier message may be one that waits too (a forged
+                # RunFinished before its forged result), and they resolve one by one.
+                raise TransientError(f"{exc.reason}; waiting for it", retry_in_s=WAIT_RETRY_S)
+        raise PoisonError(f"{exc.reason}: not counted")
 
     async def _source(self, event: VariantProposed) -> Objects:
         row = self.conn.execute(
@@ -182,7 +212,9 @@ def _url(sock: socket.socket) -> str:
 
 async def _replay_from_start(bus: Bus) -> None:
     """An empty ledger rebuilds from the whole stream: drop a durable that is further along."""
-    lag = await bus.consumer_lag(DURABLE)
+    lag = await while_broker_away(
+        lambda: bus.consumer_lag(DURABLE), what="ledger consumer info", timeout_s=None
+    )
     if lag is None or lag.delivered_seq == 0:
         return
     get_logger(service="ledger").info("ledger_rebuild", from_stream_seq=lag.delivered_seq)
@@ -210,7 +242,13 @@ async def run(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
         if queries.events_applied(conn) == 0:
             await _replay_from_start(bus)
         projector = Projector(conn, bus)
-        await bus.consume(DURABLE, projector.handlers(), concurrency=CONCURRENCY, stop=stop)
+        await bus.consume(
+            DURABLE,
+            projector.handlers(),
+            concurrency=CONCURRENCY,
+            ack_wait_s=settings.ack_wait_s,
+            stop=stop,
+        )
     finally:
         app.state.closing.set()  # live feeds end, so the server can stop
         for sub in fleet_subs:

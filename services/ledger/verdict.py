@@ -10,8 +10,11 @@ import hashlib
 import sqlite3
 
 from services import contracts
-from services.contracts import BestUpdated, Event, ResultEvaluated
+from services.contracts import BestUpdated, Event, ResultEvaluated, RunRequested
 from services.ledger import keep
+
+# What a decision publishes: a new best, or a replicate run of a result to be confirmed.
+Published = BestUpdated | RunRequested
 
 
 def event_key(event: Event) -> str:
@@ -30,10 +33,11 @@ def _ok_values(conn: sqlite3.Connection, variant_id: str) -> list[float]:
     return [float(r["value"]) for r in rows]
 
 
-def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> list[BestUpdated]:
+def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> list[Published]:
     """Update the variant's verdict after a result; return a BestUpdated when it is kept."""
     camp = conn.execute(
-        "SELECT direction, keep_rule, best_variant_id, best_value FROM campaigns WHERE name = ?",
+        "SELECT direction, keep_rule, best_variant_id, best_value, config FROM campaigns "
+        "WHERE name = ?",
         (ev.campaign,),
     ).fetchone()
     var = conn.execute(
@@ -64,7 +68,13 @@ def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> list[BestUpdated]:
             _set_status(conn, ev, "crash", None, 0, rule_name, camp)
         return []
     best_id = camp["best_variant_id"]
-    decision = rule(ok, _ok_values(conn, best_id) if best_id else None, camp["direction"])
+    best_ok = _ok_values(conn, best_id) if best_id else None
+    decision = rule(ok, best_ok, camp["direction"])
+    if decision == "keep" and best_ok and _jumps(camp, keep.mean(ok)):
+        if len(ok) < 2:  # improbably far past the best: a replicate must agree first
+            return _request_replicate(conn, ev, camp)
+        if not all(rule([v], best_ok, camp["direction"]) == "keep" for v in ok):
+            decision = "discard"  # the replicate did not agree
     if decision == "undecided":
         return []
     if decision == "discard":
@@ -72,6 +82,57 @@ def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> list[BestUpdated]:
             _set_status(conn, ev, "discard", value, len(ok), rule_name, camp)
         return []
     return [_keep(conn, ev, ok, rule_name, camp, var["source_digest"] or "")]
+
+
+def _jumps(camp: sqlite3.Row, value: float) -> bool:
+    """Is `value` better than the best by more than the campaign's `confirm_jump` share?"""
+    share = _confirm_jump(camp["config"])
+    if share <= 0 or camp["best_value"] is None:
+        return False
+    best = float(camp["best_value"])
+    return abs(value - best) > share * abs(best)
+
+
+def _confirm_jump(config: str | None) -> float:
+    if not config:
+        return 0.0
+    try:
+        started = contracts.decode(config.encode())
+    except contracts.ContractError:
+        return 0.0
+    return started.confirm_jump if isinstance(started, contracts.CampaignStarted) else 0.0
+
+
+def _request_replicate(
+    conn: sqlite3.Connection, ev: ResultEvaluated, camp: sqlite3.Row
+) -> list[Published]:
+    """Ask the launchers for one more run of the variant (once); it stays pending meanwhile."""
+    row = conn.execute(
+        "SELECT MAX(replica) AS top, COUNT(*) AS n FROM runs WHERE variant_id = ?", (ev.variant_id,)
+    ).fetchone()
+    if int(row["n"]) > 1:
+        return []  # a replicate is already asked for or running
+    var = conn.execute(
+        "SELECT source_digest FROM variants WHERE variant_id = ?", (ev.variant_id,)
+    ).fetchone()
+    replica = int(row["top"] or 0) + 1
+    run_id = contracts.run_id_for(ev.variant_id, ev.tier, replica)
+    return [
+        RunRequested(
+            campaign=ev.campaign,
+            event_id=contracts.event_id_for("requested", ev.campaign, run_id),
+            ts=ev.ts,
+            run_id=run_id,
+            variant_id=ev.variant_id,
+            source_digest=var["source_digest"] or "",
+            tier=ev.tier,
+            replica=replica,
+            reason=(
+                f"confirm: {ev.value!r} is improbably far past the best {camp['best_value']!r} "
+                f"(more than confirm_jump of it); kept only if this replicate agrees"
+            ),
+        )
+    ]
 
 
 def _keep(

@@ -88,10 +88,21 @@ class WaveMaker:
             self.source_cache[digest] = await self.bus.get_source(digest)
         return self.source_cache[digest]
 
-    async def fetch_parent(self, state: CampaignState) -> tuple[str, str]:
-        """(variant id, source) of the current best; the seed before any best."""
+    async def fetch_parent(self, state: CampaignState, rt: CampaignRuntime) -> tuple[str, str]:
+        """(variant id, source) of the current best; the seed before any best, or when the
+        best's source cannot be read (a campaign must not stall on a best without one)."""
         if state.best is not None:
-            return state.best.variant_id, await self.fetch_source(state.best.source_digest)
+            try:
+                return state.best.variant_id, await self.fetch_source(state.best.source_digest)
+            except KeyError:
+                if state.best.variant_id not in rt.warned:
+                    rt.warned.add(state.best.variant_id)
+                    rt.log.error(
+                        "best_source_missing",
+                        variant_id=state.best.variant_id,
+                        digest=state.best.source_digest,
+                        action="proposing from the seed instead",
+                    )
         seed = await self.fetch_source(state.config.seed_digest)
         return variant_id_for(state.name, seed), seed
 
@@ -117,7 +128,7 @@ class WaveMaker:
     async def build_request(
         self, state: CampaignState, rt: CampaignRuntime, k: int
     ) -> ProposalRequest:
-        parent_id, parent_source = await self.fetch_parent(state)
+        parent_id, parent_source = await self.fetch_parent(state, rt)
         cfg = state.config
         return ProposalRequest(
             campaign=state.name,

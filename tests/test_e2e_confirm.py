@@ -1,0 +1,44 @@
+"""A result improbably far past the best is kept only once a replicate agrees (issue 12):
+the whole system on the sim backend, the ledger asking the launchers for the replicate."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from services.broker import EmbeddedNats
+from services.bus import Bus
+from services.campaign import start_campaign
+from services.contracts import BestUpdated, ResultEvaluated, RunRequested
+from services.supervisor import wait_until_consumed
+from tests.e2e_helpers import history, ledger_rows, services_running, sim_settings
+
+JUMP = 0.002  # the sim's grid steps move val_bpb by ~0.1-1%: some are "improbable" here
+
+
+async def test_a_jump_past_the_best_waits_for_its_replicate(
+    tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    settings = sim_settings(
+        tmp_path, nats_server.url, max_experiments=16, slots=4, confirm_jump=JUMP, sim_noise=0.0
+    )
+    async with services_running(settings, nats_server.url):
+        await start_campaign(bus, settings)
+
+        async def completed() -> None:
+            query = "SELECT status FROM campaigns WHERE name = 'e2e'"
+            while ledger_rows(settings.ledger_path, query) != [("completed",)]:
+                await asyncio.sleep(0.3)
+
+        await asyncio.wait_for(completed(), 120)
+        await wait_until_consumed(bus, "ledger")
+    events = await history(bus, [RunRequested, ResultEvaluated, BestUpdated])
+    requested = [e for e in events if isinstance(e, RunRequested)]
+    assert requested and all("confirm" in r.reason and r.replica == 1 for r in requested)
+    replicated = {e.variant_id for e in events if isinstance(e, ResultEvaluated) and e.replica == 1}
+    assert replicated, "the launchers ran the requested replicates"
+    for best in (e for e in events if isinstance(e, BestUpdated)):
+        if best.previous_value is not None and best.previous_value - best.value > JUMP * (
+            best.previous_value
+        ):
+            assert best.runs >= 2, best  # a jump became the best only with its replicate

@@ -65,6 +65,14 @@ class Settings(msgspec.Struct, kw_only=True):
     nats_password: Annotated[str, Meta(description="NATS password (never printed)")] = ""
     nats_token: Annotated[str, Meta(description="NATS auth token (never printed)")] = ""
     subject_prefix: Annotated[str, Meta(description="prefix of every NATS subject")] = "ns"
+    replicas: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=5,
+            description="copies a NATS cluster keeps of the stream and buckets (3: survives a node)",
+        ),
+    ] = 1
     home: Annotated[
         str, Meta(description="state directory: nats store, ledger, run directories")
     ] = ".nightshift"

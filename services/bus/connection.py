@@ -83,14 +83,19 @@ def stream_name(prefix: str) -> str:
 
 
 class Bus:
-    def __init__(self, nc: Client, prefix: str = "ns") -> None:
+    def __init__(self, nc: Client, prefix: str = "ns", replicas: int = 1) -> None:
         self.nc = nc
         self._js = nc.jetstream()
         self.prefix = prefix
+        self.replicas = replicas
         self.stream = stream_name(prefix)
-        self.sources = ObjectBucket(self._js, bucket_name(prefix, contracts.SOURCES_BUCKET))
-        self.logs = ObjectBucket(self._js, bucket_name(prefix, contracts.LOGS_BUCKET))
-        self.campaigns = CampaignRegistry(self._js, bucket_name(prefix, contracts.CAMPAIGNS_BUCKET))
+        self.sources = ObjectBucket(
+            self._js, bucket_name(prefix, contracts.SOURCES_BUCKET), replicas
+        )
+        self.logs = ObjectBucket(self._js, bucket_name(prefix, contracts.LOGS_BUCKET), replicas)
+        self.campaigns = CampaignRegistry(
+            self._js, bucket_name(prefix, contracts.CAMPAIGNS_BUCKET), replicas
+        )
 
     # --- connection -----------------------------------------------------------------
 
@@ -105,18 +110,20 @@ class Bus:
             settings.nats_creds, settings.nats_user, settings.nats_password, settings.nats_token
         )
         nc = await _connect(settings.nats_url, f"nightshift-{name}", credentials, connect_timeout_s)
-        bus = cls(nc, settings.subject_prefix)
+        bus = cls(nc, settings.subject_prefix, settings.replicas)
         await bus.declare()
         return bus
 
     async def declare(self) -> None:
-        """Create (or update) the stream, then declare the object stores and the KV."""
+        """Create (or update) the stream, then declare the object stores and the KV; each
+        kept on `replicas` nodes of a cluster (an existing stream is updated to it)."""
         config = api.StreamConfig(
             name=self.stream,
             subjects=contracts.stream_subjects(self.prefix),
             storage=api.StorageType.FILE,
             retention=api.RetentionPolicy.LIMITS,
             duplicate_window=120.0,
+            num_replicas=self.replicas,
         )
         try:
             await self._js.add_stream(config)
@@ -256,6 +263,8 @@ async def _connect(url: str, name: str, credentials: Credentials, timeout_s: flo
     """Connect, retrying while the server is unreachable for up to `timeout_s`; then
     reconnect forever. A refused login fails at once: retrying would not help."""
     clients: list[Client] = []
+    # A cluster is named as a comma-separated list of its nodes (any one of them answers).
+    servers = [u.strip() for u in url.split(",") if u.strip()]
 
     async def on_disconnected() -> None:
         # A drain or close of our own also disconnects: not worth a warning.
@@ -282,7 +291,7 @@ async def _connect(url: str, name: str, credentials: Credentials, timeout_s: flo
             with attempt:
                 # No reconnect loop inside the first connect, so a failure reaches us.
                 nc = await nats.connect(
-                    url,
+                    servers,
                     name=name,
                     allow_reconnect=False,
                     max_reconnect_attempts=0,

@@ -99,6 +99,10 @@ class Settings(msgspec.Struct, kw_only=True):
     ack_wait_s: Annotated[
         float, Meta(gt=0, description="seconds before a silent launcher's run is redelivered")
     ] = 30.0
+    gpu_usd_per_hour: Annotated[
+        float,
+        Meta(ge=0, description="price of one slot's accelerator per hour, for the GPU cost metric"),
+    ] = 0.0
     sim_time_scale: Annotated[
         float, Meta(ge=0, description="sim: seconds of wall time per second of budget")
     ] = 0.002

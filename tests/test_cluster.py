@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from services import contracts
+from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.campaign import start_campaign
 from services.contracts import CampaignStopped, ResultEvaluated
@@ -132,3 +133,11 @@ async def test_campaigns_survive_a_killed_node_and_a_killed_stream_leader(
         second = msgspec.structs.replace(settings, campaign="leaderless")
         leader_node = cluster.node(await stream_leader(cluster_bus))
         await campaign_survives(cluster_bus, cluster, second, leader_node)
+
+
+async def test_more_replicas_than_servers_fail_at_start_naming_the_setting(
+    nats_server: EmbeddedNats,
+) -> None:
+    with pytest.raises(ConnectionError, match="NIGHTSHIFT_REPLICAS") as failed:
+        await Bus.from_settings(Settings(nats_url=nats_server.url, replicas=3), "ledger")
+    assert "non-clustered" in str(failed.value)

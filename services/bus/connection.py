@@ -126,12 +126,21 @@ class Bus:
             num_replicas=self.replicas,
         )
         try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError:  # exists with another config: update it
-            await self._js.update_stream(config)
-        await self.sources.declare()
-        await self.logs.declare()
-        await self.campaigns.declare()
+            try:
+                await self._js.add_stream(config)
+            except nats.js.errors.BadRequestError:  # exists with another config: update it
+                await self._js.update_stream(config)
+            await self.sources.declare()
+            await self.logs.declare()
+            await self.campaigns.declare()
+        except nats.js.errors.ServerError as exc:
+            if self.replicas == 1:
+                raise
+            raise ConnectionError(
+                f"NATS cannot keep {self.replicas} replicas of the stream {self.stream} and "
+                f"its buckets ({exc.description or exc!r}); set NIGHTSHIFT_REPLICAS to at most "
+                "the number of JetStream servers in the cluster (1 for a single server)"
+            ) from exc
 
     async def close(self) -> None:
         """Drain: in-flight publishes go out, subscriptions end; quiet if already gone."""

@@ -21,7 +21,7 @@ from services import contracts
 from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.campaign import start_campaign
-from services.contracts import CampaignStopped, ResultEvaluated
+from services.contracts import CampaignStopped, ResultEvaluated, VariantProposed
 from services.settings import Settings
 from tests.e2e_helpers import history, services_running, sim_settings
 from tests.eventually import eventually
@@ -112,6 +112,12 @@ async def campaign_survives(
     assert len(set(variants)) == EXPERIMENTS, f"a variant has two results: {sorted(variants)}"
     evaluated = {r.variant_id for r in await results_of(bus, name) if r.status != "infra"}
     assert set(variants) == evaluated
+    proposed = {
+        e.variant_id
+        for e in await history(bus, [VariantProposed])
+        if isinstance(e, VariantProposed) and e.campaign == name
+    }
+    assert proposed == set(variants), "a proposed variant has no result"
 
 
 async def test_campaigns_survive_a_killed_node_and_a_killed_stream_leader(

@@ -10,8 +10,13 @@ metrics add up to what the stream holds for the campaign.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import threading
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,8 @@ from services.contracts import (
     VariantProposed,
 )
 from services.supervisor import wait_until_consumed
-from tests.e2e_helpers import history, services_running, sim_settings
+from tests.e2e_helpers import REPO, history, services_running, sim_env, sim_settings
+from tests.eventually import eventually
 from tests.fake_anthropic import FakeAnthropic
 
 CAMPAIGN = "observed"
@@ -201,3 +207,81 @@ async def test_a_campaign_is_one_trace_per_variant_and_its_metrics_add_up(
     utilization = points(reader, "nightshift.slots.utilization")
     assert queue and all(p.value >= 0 for p in queue)
     assert utilization and all(0.0 <= p.value <= 1.0 for p in utilization)
+
+
+class OtlpReceiver:
+    """An HTTP server that records the OTLP/HTTP requests it receives (path, body)."""
+
+    def __init__(self) -> None:
+        received: list[tuple[str, bytes]] = []
+        self.received = received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                received.append((self.path, self.rfile.read(length)))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def bodies(self, path: str) -> bytes:
+        return b"".join(body for p, body in list(self.received) if p == path)
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    found = OtlpReceiver()
+    found.thread.start()
+    yield found
+    found.server.shutdown()
+
+
+@pytest.fixture
+def exporting_launcher(
+    tmp_path: Path, nats_server: EmbeddedNats, receiver: OtlpReceiver
+) -> Iterator[None]:
+    """`python -m services.launcher` (tier `otlp`) with OTEL_EXPORTER_OTLP_ENDPOINT set."""
+    env = sim_env(
+        tmp_path,
+        nats_server.url,
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+        OTEL_METRIC_EXPORT_INTERVAL="300",
+        NIGHTSHIFT_TIER="otlp",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.launcher"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    yield
+    proc.terminate()
+    proc.wait(20)
+
+
+async def test_a_service_process_exports_its_metrics_over_otlp(
+    exporting_launcher: None, receiver: OtlpReceiver
+) -> None:
+    """A service's fleet gauges reach the endpoint over OTLP/HTTP (what the compose file's
+    collector receives), under the service's name."""
+
+    def exported() -> bool:
+        body = receiver.bodies("/v1/metrics")
+        return b"nightshift.slots.utilization" in body and b"nightshift.queue.depth" in body
+
+    await eventually(exported, 30, "the launcher's gauges at the OTLP endpoint", 0.2)
+    body = receiver.bodies("/v1/metrics")
+    assert b"nightshift-launcher" in body  # the resource's service.name
+    assert b"otlp" in body  # the tier attribute

@@ -10,6 +10,7 @@ the stream's leader is: each campaign completes with one result per variant.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -104,7 +105,14 @@ async def campaign_survives(
             rows = (await http.get(f"/campaigns/{name}/results.tsv")).text.splitlines()[1:]
         return len(rows) >= EXPERIMENTS
 
-    await eventually(ledger_has_all, 20, f"the ledger to record {name}", interval=0.3)
+    # A delivery lost with the node (its ack or the message) comes again after the ledger's
+    # ack wait (30 s): the wait covers one.
+    t0 = time.monotonic()
+    try:
+        await eventually(ledger_has_all, 45, f"the ledger to record {name}", interval=0.3)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; ledger consumer: {await bus.consumer_lag('ledger')}") from exc
+    print(f"{name}: the ledger recorded every result {time.monotonic() - t0:.1f}s after the stop")
     async with httpx.AsyncClient(base_url=url, timeout=5) as http:
         rows = (await http.get(f"/campaigns/{name}/results.tsv")).text.splitlines()[1:]
     variants = [row.split("\t")[0] for row in rows]

@@ -116,7 +116,8 @@ class Bus:
 
     async def declare(self) -> None:
         """Create (or update) the stream, then declare the object stores and the KV; each
-        kept on `replicas` nodes of a cluster (an existing stream is updated to it)."""
+        kept on `replicas` nodes of a cluster (an existing stream is updated to it).
+        Retried while JetStream does not answer (a cluster still electing its leader)."""
         config = api.StreamConfig(
             name=self.stream,
             subjects=contracts.stream_subjects(self.prefix),
@@ -125,7 +126,8 @@ class Bus:
             duplicate_window=120.0,
             num_replicas=self.replicas,
         )
-        try:
+
+        async def declare_all() -> None:
             try:
                 await self._js.add_stream(config)
             except nats.js.errors.BadRequestError:  # exists with another config: update it
@@ -133,6 +135,9 @@ class Bus:
             await self.sources.declare()
             await self.logs.declare()
             await self.campaigns.declare()
+
+        try:
+            await while_broker_away(declare_all, what=f"declare stream {self.stream}")
         except nats.js.errors.ServerError as exc:
             if self.replicas == 1:
                 raise

@@ -47,11 +47,8 @@ class Fleet:
 
     async def publish_status(self) -> None:
         launcher = self.launcher
-        slots, busy, queued = (
-            launcher.backend.slots,
-            len(launcher.running),
-            await self.count_queued(),
-        )
+        slots, busy = launcher.backend.slots, len(launcher.running)
+        queued = await self.count_queued()
         record_fleet(launcher.tier, launcher.launcher_id, slots, busy, queued)
         await self.bus.publish(
             c.FleetStatus(

@@ -28,7 +28,7 @@ import yaml
 
 from services.broker import EmbeddedNats, free_port, nats_server_binary
 from services.settings import SETTING_FIELDS, convert_setting
-from tests.e2e_helpers import REPO
+from tests.e2e_helpers import REPO, spawn_service
 from tests.eventually import eventually
 
 DEPLOY = REPO / "deploy"
@@ -211,13 +211,7 @@ def ledger_process(tmp_path: Path, nats_server: EmbeddedNats) -> Iterator[int]:
         "NIGHTSHIFT_HTTP_PORT": str(port),
         "NIGHTSHIFT_LOG_FORMAT": "json",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.ledger"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = spawn_service("ledger", env)
     yield port
     proc.terminate()
     proc.wait(20)
@@ -278,14 +272,7 @@ def start_service(name: str, url: str, home: Path, password: str) -> subprocess.
         "NIGHTSHIFT_NATS_USER": "nightshift",
         "NIGHTSHIFT_NATS_PASSWORD": password,
     }
-    return subprocess.Popen(
-        [sys.executable, "-m", f"services.{name}"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return spawn_service(name, env, capture=True)
 
 
 async def test_a_wrong_nats_password_stops_each_service_at_start_naming_the_setting(

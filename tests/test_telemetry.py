@@ -10,8 +10,6 @@ metrics add up to what the stream holds for the campaign.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -39,7 +37,7 @@ from services.contracts import (
     VariantProposed,
 )
 from services.supervisor import wait_until_consumed
-from tests.e2e_helpers import REPO, history, services_running, sim_env, sim_settings
+from tests.e2e_helpers import history, services_running, sim_env, sim_settings, spawn_service
 from tests.eventually import eventually
 from tests.fake_anthropic import FakeAnthropic
 
@@ -259,13 +257,7 @@ def exporting_launcher(
         OTEL_METRIC_EXPORT_INTERVAL="300",
         NIGHTSHIFT_TIER="otlp",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.launcher"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = spawn_service("launcher", env)
     yield
     proc.terminate()
     proc.wait(20)

@@ -3,7 +3,9 @@
 It reconnects forever with a short ping interval (a dead broker is noticed in seconds and a
 restarted one picked up by itself), passes the NATS credentials from the settings (a
 credentials file, a user and password, or a token), declares the stream, the object stores
-and the campaigns KV once, and keeps their handles. Nothing outside this package touches
+and the campaigns KV once (with `replicas` copies in a cluster), and keeps their handles. A
+cluster is named by a comma-separated URL list; the client moves to another node when one
+is lost. Nothing outside this package touches
 nats-py's JetStream API: what services need of it (publish, consume, follow, objects,
 campaigns, consumer lag) is a method here.
 """

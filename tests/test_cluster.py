@@ -137,6 +137,10 @@ async def test_campaigns_survive_a_killed_node_and_a_killed_stream_leader(
     for bucket in (contracts.SOURCES_BUCKET, contracts.LOGS_BUCKET):
         assert (await js.stream_info(f"OBJ_{bucket}")).config.num_replicas == 3
     assert (await js.stream_info(f"KV_{contracts.CAMPAIGNS_BUCKET}")).config.num_replicas == 3
+    # A client left at the default (the CLI without NIGHTSHIFT_REPLICAS) keeps them at three.
+    default_client = await Bus.from_settings(msgspec.structs.replace(settings, replicas=1), "cli")
+    await default_client.close()
+    assert (await js.stream_info(cluster_bus.stream)).config.num_replicas == 3
 
     async with services_running(settings, cluster.url):
         # A node that is not the stream's leader first, then the leader itself.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -118,7 +119,8 @@ class Bus:
 
     async def declare(self) -> None:
         """Create (or update) the stream, then declare the object stores and the KV; each
-        kept on `replicas` nodes of a cluster (an existing stream is updated to it).
+        kept on `replicas` nodes of a cluster (an existing stream is updated to it, but
+        never to fewer replicas than it has).
         Retried while JetStream does not answer (a cluster still electing its leader)."""
         config = api.StreamConfig(
             name=self.stream,
@@ -133,7 +135,11 @@ class Bus:
             try:
                 await self._js.add_stream(config)
             except nats.js.errors.BadRequestError:  # exists with another config: update it
-                await self._js.update_stream(config)
+                # ...never to fewer replicas: a client left at the default (the CLI) must
+                # not undo a cluster's replication.
+                info = await self._js.stream_info(self.stream)
+                kept = max(self.replicas, info.config.num_replicas or 1)
+                await self._js.update_stream(dataclasses.replace(config, num_replicas=kept))
             await self.sources.declare()
             await self.logs.declare()
             await self.campaigns.declare()

@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any
 
+from services.metrics import configure_metrics
 from services.settings import SETTING_FIELDS, Settings, SettingsError, load_settings
 from services.telemetry import configure_logging, configure_tracing
 
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "warning" if args.command in ("up", "bench") else settings.log_level,
     )
     configure_tracing("cli")
+    configure_metrics("cli")
     try:
         return _dispatch(args, settings)
     except KeyboardInterrupt:

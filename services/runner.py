@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from services.bus import Bus
+from services.metrics import configure_metrics
 from services.settings import Settings, SettingsError, load_settings
 from services.telemetry import configure_logging, configure_tracing, get_logger
 
@@ -46,6 +47,7 @@ def run_service(name: str, run: ServiceMain) -> None:
         sys.exit(f"{name}: {exc}")
     configure_logging(name, settings.log_format, settings.log_level)
     configure_tracing(name)
+    configure_metrics(name)
     try:
         asyncio.run(serve(name, run, settings))
     except ConnectionError as exc:

@@ -66,6 +66,14 @@ class Settings(msgspec.Struct, kw_only=True):
     nats_password: Annotated[str, Meta(description="NATS password (never printed)")] = ""
     nats_token: Annotated[str, Meta(description="NATS auth token (never printed)")] = ""
     subject_prefix: Annotated[str, Meta(description="prefix of every NATS subject")] = "ns"
+    replicas: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=5,
+            description="copies a NATS cluster keeps of the stream and buckets (3: survives a node)",
+        ),
+    ] = 1
     home: Annotated[
         str, Meta(description="state directory: nats store, ledger, run directories")
     ] = ".nightshift"
@@ -127,6 +135,10 @@ class Settings(msgspec.Struct, kw_only=True):
             "an evaluation, a ledger update) is delivered again",
         ),
     ] = 30.0
+    gpu_usd_per_hour: Annotated[
+        float,
+        Meta(ge=0, description="price of one slot's accelerator per hour, for the GPU cost metric"),
+    ] = 0.0
     sim_time_scale: Annotated[
         float, Meta(ge=0, description="sim: seconds of wall time per second of budget")
     ] = 0.002

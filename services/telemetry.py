@@ -2,7 +2,11 @@
 
 Logs are JSON lines, or a console renderer on a TTY. Traces go to an OTLP endpoint when
 `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and nowhere otherwise. Trace context crosses NATS
-as W3C `traceparent` headers, so one experiment is one trace across all services.
+as W3C `traceparent` headers, so one experiment is one trace across all services:
+`propose variant` (proposer) -> `handle VariantProposed` (launcher: the run, with backend,
+tier, accelerator and cluster) -> `handle RunFinished` (evaluator: status, value) ->
+`handle ResultEvaluated` -> `record and decide` (ledger: whether the variant was kept).
+Metrics are in services/metrics.py.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+import msgspec
 import stamina.instrumentation
 import structlog
 from opentelemetry import propagate, trace
@@ -117,6 +122,23 @@ def get_logger(**context: Any) -> Any:
 
 def tracer() -> trace.Tracer:
     return trace.get_tracer("nightshift")
+
+
+# Fields of an event that name what a span is about; each becomes a span attribute.
+_SPAN_FIELDS = ("campaign", "variant_id", "run_id", "tier", "replica", "attempt", "status")
+
+
+def event_span_attributes(event: msgspec.Struct) -> dict[str, Any]:
+    """The attributes of a span that handles `event`: which campaign, variant, run, tier."""
+    fields = msgspec.structs.asdict(event)
+    return {name: fields[name] for name in _SPAN_FIELDS if fields.get(name) is not None}
+
+
+def annotate_span(**attributes: str | int | float | bool | None) -> None:
+    """Add attributes to the current span (a handler's); None values are left out."""
+    trace.get_current_span().set_attributes(
+        {name: value for name, value in attributes.items() if value is not None}
+    )
 
 
 def inject_trace(headers: dict[str, str]) -> dict[str, str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -35,6 +37,19 @@ def sim_settings(home: Path, url: str, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def spawn_service(name: str, env: dict[str, str], capture: bool = False) -> subprocess.Popen[str]:
+    """`python -m services.<name>` as its own process with exactly this environment; its
+    output (stdout and stderr together) in `.stdout` when `capture`, else discarded."""
+    return subprocess.Popen(
+        [sys.executable, "-m", f"services.{name}"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def sim_env(home: Path, url: str, **overrides: str) -> dict[str, str]:

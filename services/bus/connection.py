@@ -3,7 +3,9 @@
 It reconnects forever with a short ping interval (a dead broker is noticed in seconds and a
 restarted one picked up by itself), passes the NATS credentials from the settings (a
 credentials file, a user and password, or a token), declares the stream, the object stores
-and the campaigns KV once, and keeps their handles. Nothing outside this package touches
+and the campaigns KV once (with `replicas` copies in a cluster), and keeps their handles. A
+cluster is named by a comma-separated URL list; the client moves to another node when one
+is lost. Nothing outside this package touches
 nats-py's JetStream API: what services need of it (publish, consume, follow, objects,
 campaigns, consumer lag) is a method here.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -83,14 +86,19 @@ def stream_name(prefix: str) -> str:
 
 
 class Bus:
-    def __init__(self, nc: Client, prefix: str = "ns") -> None:
+    def __init__(self, nc: Client, prefix: str = "ns", replicas: int = 1) -> None:
         self.nc = nc
         self._js = nc.jetstream()
         self.prefix = prefix
+        self.replicas = replicas
         self.stream = stream_name(prefix)
-        self.sources = ObjectBucket(self._js, bucket_name(prefix, contracts.SOURCES_BUCKET))
-        self.logs = ObjectBucket(self._js, bucket_name(prefix, contracts.LOGS_BUCKET))
-        self.campaigns = CampaignRegistry(self._js, bucket_name(prefix, contracts.CAMPAIGNS_BUCKET))
+        self.sources = ObjectBucket(
+            self._js, bucket_name(prefix, contracts.SOURCES_BUCKET), replicas
+        )
+        self.logs = ObjectBucket(self._js, bucket_name(prefix, contracts.LOGS_BUCKET), replicas)
+        self.campaigns = CampaignRegistry(
+            self._js, bucket_name(prefix, contracts.CAMPAIGNS_BUCKET), replicas
+        )
 
     # --- connection -----------------------------------------------------------------
 
@@ -108,7 +116,7 @@ class Bus:
             settings.nats_creds, settings.nats_user, settings.nats_password, settings.nats_token
         )
         nc = await _connect(settings.nats_url, f"nightshift-{name}", credentials, connect_timeout_s)
-        bus = cls(nc, settings.subject_prefix)
+        bus = cls(nc, settings.subject_prefix, settings.replicas)
         try:
             await while_broker_away(
                 bus.declare, what=f"{name}: declare the stream", timeout_s=connect_timeout_s
@@ -121,21 +129,42 @@ class Bus:
         return bus
 
     async def declare(self) -> None:
-        """Create (or update) the stream, then declare the object stores and the KV."""
+        """Create (or update) the stream, then declare the object stores and the KV; each
+        kept on `replicas` nodes of a cluster (an existing stream is updated to it, but
+        never to fewer replicas than it has). `from_settings` retries it while JetStream
+        does not answer (a server without JetStream, a cluster still electing its leader)."""
         config = api.StreamConfig(
             name=self.stream,
             subjects=contracts.stream_subjects(self.prefix),
             storage=api.StorageType.FILE,
             retention=api.RetentionPolicy.LIMITS,
             duplicate_window=120.0,
+            num_replicas=self.replicas,
         )
+
+        async def declare_all() -> None:
+            try:
+                await self._js.add_stream(config)
+            except nats.js.errors.BadRequestError:  # exists with another config: update it
+                # ...never to fewer replicas: a client left at the default (the CLI) must
+                # not undo a cluster's replication.
+                info = await self._js.stream_info(self.stream)
+                kept = max(self.replicas, info.config.num_replicas or 1)
+                await self._js.update_stream(dataclasses.replace(config, num_replicas=kept))
+            await self.sources.declare()
+            await self.logs.declare()
+            await self.campaigns.declare()
+
         try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError:  # exists with another config: update it
-            await self._js.update_stream(config)
-        await self.sources.declare()
-        await self.logs.declare()
-        await self.campaigns.declare()
+            await declare_all()
+        except nats.js.errors.ServerError as exc:
+            if self.replicas == 1:
+                raise
+            raise ConnectionError(
+                f"NATS cannot keep {self.replicas} replicas of the stream {self.stream} and "
+                f"its buckets ({exc.description or exc!r}); set NIGHTSHIFT_REPLICAS to at most "
+                "the number of JetStream servers in the cluster (1 for a single server)"
+            ) from exc
 
     async def close(self) -> None:
         """Drain: in-flight publishes go out, subscriptions end; quiet if already gone."""
@@ -269,6 +298,8 @@ async def _connect(
     """Connect, retrying while the server is unreachable for up to `timeout_s`; then
     reconnect forever. A refused login fails at once: retrying would not help."""
     clients: list[Client] = []
+    # A cluster is named as a comma-separated list of its nodes (any one of them answers).
+    servers = [u.strip() for u in url.split(",") if u.strip()]
 
     async def on_disconnected() -> None:
         # A drain or close of our own also disconnects: not worth a warning.
@@ -295,7 +326,7 @@ async def _connect(
             with attempt:
                 # No reconnect loop inside the first connect, so a failure reaches us.
                 nc = await nats.connect(
-                    url,
+                    servers,
                     name=name,
                     allow_reconnect=False,
                     max_reconnect_attempts=0,

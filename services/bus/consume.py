@@ -30,7 +30,7 @@ from opentelemetry import trace
 from services import contracts
 from services.bus.errors import NATS_FAILURES, PoisonError, TransientError, while_broker_away
 from services.contracts import ContractError, DeadLettered, Event
-from services.telemetry import extract_trace, get_logger, tracer
+from services.telemetry import event_span_attributes, extract_trace, get_logger, tracer
 
 log = get_logger(component="bus")
 
@@ -103,7 +103,7 @@ class MessageRunner:
                 f"handle {type(event).__name__}",
                 context=extract_trace(msg.headers),
                 kind=trace.SpanKind.CONSUMER,
-                attributes={"campaign": event.campaign, "consumer": self.consumer},
+                attributes={**event_span_attributes(event), "consumer": self.consumer},
             ):
                 await handler(event, delivery)
         except PoisonError as exc:

@@ -29,6 +29,8 @@ BROKER_AWAY: tuple[type[Exception], ...] = (
     nats.errors.OutboundBufferLimitError,
     nats.errors.StaleConnectionError,
     nats.js.errors.ServiceUnavailableError,
+    # A publish while the stream has no leader (a cluster electing one after losing a node).
+    nats.js.errors.NoStreamResponseError,
     asyncio.TimeoutError,
     OSError,
 )

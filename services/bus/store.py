@@ -35,11 +35,13 @@ H = TypeVar("H", ObjectStore, KeyValue)
 
 class Declared(Generic[H]):
     """A bucket's handle, declared on first use (opened, or created when it does not
-    exist yet) and kept; a subclass says how to open and how to create it."""
+    exist yet) and kept; a subclass says how to open and how to create it. A new bucket is
+    kept on `replicas` nodes of a NATS cluster."""
 
-    def __init__(self, js: JetStreamContext, name: str) -> None:
+    def __init__(self, js: JetStreamContext, name: str, replicas: int = 1) -> None:
         self.js = js
         self.name = name
+        self.replicas = replicas
         self._handle: H | None = None
 
     async def declare(self) -> H:
@@ -68,7 +70,9 @@ class ObjectBucket(Declared[ObjectStore]):
         return await self.js.object_store(self.name)
 
     async def _create(self) -> ObjectStore:
-        config = api.ObjectStoreConfig(bucket=self.name, storage=api.StorageType.FILE)
+        config = api.ObjectStoreConfig(
+            bucket=self.name, storage=api.StorageType.FILE, replicas=self.replicas
+        )
         return await self.js.create_object_store(self.name, config)
 
     async def put(self, key: str, data: bytes) -> None:
@@ -147,7 +151,9 @@ class CampaignRegistry(Declared[KeyValue]):
         return await self.js.key_value(self.name)
 
     async def _create(self) -> KeyValue:
-        config = api.KeyValueConfig(bucket=self.name, storage=api.StorageType.FILE)
+        config = api.KeyValueConfig(
+            bucket=self.name, storage=api.StorageType.FILE, replicas=self.replicas
+        )
         return await self.js.create_key_value(config)
 
     async def save(self, event: CampaignStarted) -> None:

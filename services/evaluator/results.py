@@ -9,7 +9,8 @@ from __future__ import annotations
 from services import contracts as c
 from services.bus import Bus, Delivery, PoisonError
 from services.evaluator.classify import Evaluation, evaluate_run
-from services.telemetry import fields_of, get_logger
+from services.metrics import record_result
+from services.telemetry import annotate_span, fields_of, get_logger
 
 
 async def fetch_log_text(bus: Bus, finished: c.RunFinished, metric: str) -> str:
@@ -56,6 +57,8 @@ class Evaluator:
         evaluation = evaluate_run(event, text, campaign.metric, campaign.run_timeout_s)
         result = result_event(event, evaluation, campaign.metric)
         await self.bus.publish(result)
+        record_result(result)
+        annotate_span(status=result.status, value=result.value, crash_reason=result.crash_reason)
         self.log.info(
             "result_evaluated",
             **fields_of(result, "campaign", "variant_id", "run_id", "attempt", "status", "value"),

@@ -15,6 +15,7 @@ from services import contracts as c
 from services.bus import Bus, Delivery, TransientError
 from services.bus.errors import NATS_FAILURES
 from services.launcher.runs import Launcher
+from services.metrics import record_fleet
 
 FLEET_INTERVAL_S = 1.0
 
@@ -46,13 +47,16 @@ class Fleet:
 
     async def publish_status(self) -> None:
         launcher = self.launcher
+        slots, busy = launcher.backend.slots, len(launcher.running)
+        queued = await self.count_queued()
+        record_fleet(launcher.tier, launcher.launcher_id, slots, busy, queued)
         await self.bus.publish(
             c.FleetStatus(
                 campaign="*",
                 launcher_id=launcher.launcher_id,
-                slots={launcher.tier: launcher.backend.slots},
-                busy={launcher.tier: len(launcher.running)},
-                queued=await self.count_queued(),
+                slots={launcher.tier: slots},
+                busy={launcher.tier: busy},
+                queued=queued,
             )
         )
 

@@ -21,7 +21,8 @@ from services import contracts as c
 from services.bus import Bus, Delivery, PoisonError, TransientError
 from services.launcher.backend import Backend, Job, LineCallback, RunOutcome, log_tail
 from services.launcher.harness import HarnessCache, HarnessError
-from services.telemetry import get_logger
+from services.metrics import record_gpu_cost, record_run_started
+from services.telemetry import annotate_span, get_logger
 
 PROGRESS_INTERVAL_S = 1.0
 MAX_LOG_BYTES = 32 * 1024 * 1024
@@ -79,6 +80,7 @@ class Launcher:
         launcher_id: str,
         tier: str,
         log_tail_lines: int,
+        gpu_usd_per_hour: float = 0.0,
     ) -> None:
         self.bus = bus
         self.backend = backend
@@ -86,6 +88,7 @@ class Launcher:
         self.launcher_id = launcher_id
         self.tier = tier
         self.log_tail_lines = log_tail_lines
+        self.gpu_usd_per_hour = gpu_usd_per_hour
         self.log = get_logger(component="launcher", launcher_id=launcher_id)
         self.running: dict[str, str] = {}  # run_id -> campaign
         self.free_slots = list(range(backend.slots))
@@ -159,12 +162,16 @@ class Launcher:
         outcome = await self.backend.run(job, self.progress_reporter(job))
         if outcome.cancelled and self.stopping:
             raise TransientError(f"run {work.run_id}: launcher stopping; it will run again")
-        await self.report(work, attempt, outcome)
+        finished = await self.report(work, attempt, outcome)
         if not outcome.infra_failure:  # an infrastructure failure runs again, by design
             keys = work.keys("finished", attempt)
             await self.bus.campaigns.mark_finished(keys["campaign"], work.run_id, keys["event_id"])
+        _, accelerator = self.backend.placement(slot)
+        gpu_usd = record_gpu_cost(finished, accelerator, self.gpu_usd_per_hour)
+        annotate_span(exit_code=outcome.exit_code, infra_failure=outcome.infra_failure)
         log.info(
             "run_finished",
+            gpu_usd=round(gpu_usd, 6),
             exit_code=outcome.exit_code,
             timed_out=outcome.timed_out,
             cancelled=outcome.cancelled,
@@ -207,35 +214,42 @@ class Launcher:
     async def publish_started(self, work: Work, attempt: int, slot: int) -> None:
         host, accelerator = self.backend.placement(slot)
         keys = work.keys("started", attempt)
-        await self.bus.publish(
-            c.RunStarted(
-                **keys, backend=self.backend.name, host=host, accelerator=accelerator, slot=slot
-            )
+        started = c.RunStarted(
+            **keys, backend=self.backend.name, host=host, accelerator=accelerator, slot=slot
+        )
+        await self.bus.publish(started)
+        record_run_started(started)
+        annotate_span(
+            run_id=work.run_id,
+            tier=work.tier,
+            backend=started.backend,
+            cluster=host,
+            accelerator=accelerator,
         )
 
-    async def report(self, work: Work, attempt: int, outcome: RunOutcome) -> None:
-        """Put the log in the logs bucket, then publish RunFinished."""
+    async def report(self, work: Work, attempt: int, outcome: RunOutcome) -> c.RunFinished:
+        """Put the log in the logs bucket, then publish RunFinished (returned)."""
         text = outcome.read_log()
         data = text.encode()
         if len(data) > MAX_LOG_BYTES:
             data = f"{c.truncated_line()}\n".encode() + data[-MAX_LOG_BYTES:]
         await self.bus.logs.put(work.run_id, data)
-        await self.bus.publish(
-            c.RunFinished(
-                **work.keys("finished", attempt),
-                exit_code=outcome.exit_code,
-                started_at=outcome.started_at,
-                finished_at=outcome.finished_at,
-                log_key=work.run_id,
-                log_tail=log_tail(text, self.log_tail_lines),
-                timed_out=outcome.timed_out,
-                cancelled=outcome.cancelled,
-                infra_failure=outcome.infra_failure,
-                infra_reason=outcome.infra_reason,
-                clock_scale=outcome.clock_scale,
-                budget_s=outcome.budget_s,
-            )
+        finished = c.RunFinished(
+            **work.keys("finished", attempt),
+            exit_code=outcome.exit_code,
+            started_at=outcome.started_at,
+            finished_at=outcome.finished_at,
+            log_key=work.run_id,
+            log_tail=log_tail(text, self.log_tail_lines),
+            timed_out=outcome.timed_out,
+            cancelled=outcome.cancelled,
+            infra_failure=outcome.infra_failure,
+            infra_reason=outcome.infra_reason,
+            clock_scale=outcome.clock_scale,
+            budget_s=outcome.budget_s,
         )
+        await self.bus.publish(finished)
+        return finished
 
     def progress_reporter(self, job: Job) -> LineCallback:
         """on_line for a run: publish its progress at most once per PROGRESS_INTERVAL_S."""

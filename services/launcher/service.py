@@ -37,6 +37,7 @@ async def run(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
         launcher_id=launcher_id,
         tier=settings.tier,
         log_tail_lines=settings.log_tail_lines,
+        gpu_usd_per_hour=settings.gpu_usd_per_hour,
     )
     durable = f"launcher-{settings.tier}"
     fleet = Fleet(bus, launcher, durable)

@@ -20,14 +20,22 @@ from nats.aio.subscription import Subscription
 from services import contracts
 from services.bus import Bus, Delivery, Handler, PoisonError, TransientError
 from services.bus.errors import NATS_FAILURES, while_broker_away
-from services.contracts import Event, FleetStatus, RunFinished, RunRequested, VariantProposed
+from services.contracts import (
+    BestUpdated,
+    Event,
+    FleetStatus,
+    ResultEvaluated,
+    RunFinished,
+    RunRequested,
+    VariantProposed,
+)
 from services.ledger import queries
 from services.ledger.api import create_app
 from services.ledger.apply import Unreferenced
 from services.ledger.db import open_db
 from services.ledger.projection import apply_event, seen
 from services.settings import Settings
-from services.telemetry import fields_of, get_logger
+from services.telemetry import fields_of, get_logger, tracer
 
 DURABLE = "ledger"
 # How soon an event that names what is not applied yet is delivered again.
@@ -108,9 +116,14 @@ class Projector:
             if prev is not None:
                 await asyncio.shield(prev)
             try:
-                outbox = apply_event(
-                    self.conn, event, source_text=fetched.source_text, log_text=fetched.log_text
-                )
+                with tracer().start_as_current_span(
+                    "record and decide" if isinstance(event, ResultEvaluated) else "record"
+                ) as span:
+                    outbox = apply_event(
+                        self.conn, event, source_text=fetched.source_text, log_text=fetched.log_text
+                    )
+                    kept = any(isinstance(published, BestUpdated) for published in outbox)
+                    span.set_attribute("best_updated", kept)
             except Unreferenced as exc:
                 await self._refuse(exc, delivery)
             for published in outbox:

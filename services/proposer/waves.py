@@ -14,6 +14,7 @@ from opentelemetry import trace
 
 from services.bus import Bus
 from services.contracts import VariantProposed, variant_id_for, variant_keys
+from services.metrics import record_llm_cost
 from services.proposer.factory import build_strategy
 from services.proposer.noise import default_noise_floor
 from services.proposer.program import ARCHIVE_ERRORS, program_from_harness
@@ -263,9 +264,11 @@ class WaveMaker:
                 "campaign": event.campaign,
                 "variant_id": event.variant_id,
                 "proposer": event.proposer,
+                "wave": event.wave,
             },
         ):
             await self.bus.publish(event)
+        record_llm_cost(event.campaign, event.llm_cost)
         self.history.apply_variant_proposed(event)
         rt.log.info(
             "variant_proposed", **fields_of(event, "variant_id", "title", "parent_id", "wave")

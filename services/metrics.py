@@ -1,0 +1,136 @@
+"""OpenTelemetry metrics: what a team watches on a fleet that runs for weeks.
+
+Each service records into the global meter provider. `configure_metrics` installs the SDK's
+MeterProvider, exporting over OTLP/HTTP every `OTEL_METRIC_EXPORT_INTERVAL` ms (60 s by
+default) when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; without an endpoint nothing is
+installed and recording costs next to nothing. The instruments are made from the API's
+proxy meter, so a provider installed later (a test's in-memory reader) receives them.
+
+| instrument | kind | unit | attributes | recorded by |
+|---|---|---|---|---|
+| nightshift.runs.started | counter | {run} | campaign, tier, backend, accelerator | launcher |
+| nightshift.runs.finished | counter | {run} | campaign, tier, status | evaluator |
+| nightshift.run.duration | histogram | s | campaign, tier, status | evaluator |
+| nightshift.queue.depth | gauge | {run} | tier, launcher | launcher |
+| nightshift.slots.utilization | gauge | 1 | tier, launcher | launcher |
+| nightshift.llm.tokens | counter | {token} | campaign, model, kind | proposer |
+| nightshift.llm.cost | counter | USD | campaign, model | proposer |
+| nightshift.gpu.cost | counter | USD | campaign, tier, accelerator | launcher |
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+from opentelemetry import metrics
+from opentelemetry.metrics import Counter, Histogram
+
+from services import contracts as c
+
+_configured = False
+
+
+def configure_metrics(service: str) -> None:
+    """Install a MeterProvider exporting over OTLP/HTTP, only when an endpoint is set."""
+    global _configured
+    if _configured or not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return
+    _configured = True
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+
+    reader = PeriodicExportingMetricReader(OTLPMetricExporter())
+    resource = Resource.create({"service.name": f"nightshift-{service}"})
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader], resource=resource))
+
+
+class Instruments:
+    """The instruments, made once per process from the proxy meter."""
+
+    def __init__(self) -> None:
+        meter = metrics.get_meter("nightshift")
+        self.runs_started: Counter = meter.create_counter(
+            "nightshift.runs.started", unit="{run}", description="runs started on a slot"
+        )
+        self.runs_finished: Counter = meter.create_counter(
+            "nightshift.runs.finished", unit="{run}", description="runs evaluated, by status"
+        )
+        self.run_duration: Histogram = meter.create_histogram(
+            "nightshift.run.duration", unit="s", description="wall seconds a run held its slot"
+        )
+        self.queue_depth = meter.create_gauge(
+            "nightshift.queue.depth", unit="{run}", description="work waiting for a launcher"
+        )
+        self.slot_utilization = meter.create_gauge(
+            "nightshift.slots.utilization", unit="1", description="busy slots / slots"
+        )
+        self.llm_tokens: Counter = meter.create_counter(
+            "nightshift.llm.tokens", unit="{token}", description="LLM tokens, by kind"
+        )
+        self.llm_cost: Counter = meter.create_counter(
+            "nightshift.llm.cost", unit="USD", description="LLM spend"
+        )
+        self.gpu_cost: Counter = meter.create_counter(
+            "nightshift.gpu.cost", unit="USD", description="accelerator time spent on runs"
+        )
+
+
+@cache
+def instruments() -> Instruments:
+    return Instruments()
+
+
+def record_run_started(event: c.RunStarted) -> None:
+    instruments().runs_started.add(
+        1,
+        {
+            "campaign": event.campaign,
+            "tier": event.tier,
+            "backend": event.backend,
+            "accelerator": event.accelerator,
+        },
+    )
+
+
+def record_result(event: c.ResultEvaluated) -> None:
+    """A run's end: counted by status, its slot time in the duration histogram."""
+    attributes = {"campaign": event.campaign, "tier": event.tier, "status": event.status}
+    instruments().runs_finished.add(1, attributes)
+    instruments().run_duration.record(event.training_seconds, attributes)
+
+
+def record_fleet(tier: str, launcher_id: str, slots: int, busy: int, queued: int) -> None:
+    attributes = {"tier": tier, "launcher": launcher_id}
+    instruments().queue_depth.set(queued, attributes)
+    instruments().slot_utilization.set(busy / slots if slots else 0.0, attributes)
+
+
+def record_llm_cost(campaign: str, cost: c.LlmCost | None) -> None:
+    """A variant's share of its LLM request: tokens by kind, and dollars."""
+    if cost is None:
+        return
+    tokens = {
+        "input": cost.input_tokens,
+        "output": cost.output_tokens,
+        "cache_write": cost.cache_creation_input_tokens,
+        "cache_read": cost.cache_read_input_tokens,
+    }
+    for kind, count in tokens.items():
+        if count:
+            instruments().llm_tokens.add(
+                count, {"campaign": campaign, "model": cost.model, "kind": kind}
+            )
+    instruments().llm_cost.add(cost.usd, {"campaign": campaign, "model": cost.model})
+
+
+def record_gpu_cost(finished: c.RunFinished, accelerator: str, usd_per_hour: float) -> float:
+    """Dollars of accelerator time a run held its slot for (`usd_per_hour` per slot)."""
+    usd = max(0.0, finished.finished_at - finished.started_at) / 3600.0 * usd_per_hour
+    if usd_per_hour > 0:
+        instruments().gpu_cost.add(
+            usd, {"campaign": finished.campaign, "tier": finished.tier, "accelerator": accelerator}
+        )
+    return usd

@@ -164,6 +164,10 @@ class RunFinished(Event, tag="run.finished", kw_only=True, frozen=True):
     cancelled: bool = False
     infra_failure: bool = False
     infra_reason: str = ""
+    # GPU time this attempt held (GPUs x seconds) and its price at the tier's $/GPU-hour;
+    # 0 where the backend does not meter (local, sim).
+    gpu_seconds: float = 0.0
+    gpu_usd: float = 0.0
 
     def keys(self, kind: str) -> RunKeys:
         """The keys of an event that follows from this run's attempt (its result)."""

@@ -56,6 +56,8 @@ class RunOutcome:
     cancelled: bool = False
     infra_failure: bool = False
     infra_reason: str = ""
+    gpu_seconds: float = 0.0  # GPUs x seconds the run held (skypilot meters it)
+    gpu_usd: float = 0.0  # gpu_seconds at its tier's price
 
     def read_log(self) -> str:
         if self.log_path is not None and self.log_path.is_file():

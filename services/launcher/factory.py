@@ -5,7 +5,23 @@ from __future__ import annotations
 from services.launcher.backend import Backend
 from services.launcher.local import LocalBackend
 from services.launcher.sim import SimBackend
+from services.launcher.skypilot_adapter import SkyAdapter
 from services.settings import Settings, SettingsError
+
+_sky: list[SkyAdapter] = []  # one SkyPilot client per process, made on first use
+
+
+def sky_adapter() -> SkyAdapter:
+    """The SkyPilot SDK (the tests put their fake here)."""
+    if not _sky:
+        try:
+            from services.launcher.skypilot_adapter import SdkAdapter
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise SettingsError(
+                "backend 'skypilot' needs the SkyPilot SDK: pip install 'nightshift[skypilot]'"
+            ) from exc
+        _sky.append(SdkAdapter())
+    return _sky[0]
 
 
 def make_backend(settings: Settings, launcher_id: str) -> Backend:
@@ -21,7 +37,15 @@ def make_backend(settings: Settings, launcher_id: str) -> Backend:
             seed=settings.sim_seed,
             host=f"sim-{launcher_id}",
         )
-    raise SettingsError(
-        f"backend {settings.backend!r} is not available in this launcher yet; "
-        "set NIGHTSHIFT_BACKEND to local or sim"
-    )
+    if settings.backend == "skypilot":
+        from services.launcher import skypilot_tiers as st
+        from services.launcher.skypilot import SkyPilotBackend
+
+        return SkyPilotBackend(
+            sky_adapter(),
+            st.tier_of(settings),
+            st.load_template(settings.skypilot_template),
+            settings.runs_path,
+            prefix=settings.skypilot_cluster_prefix,
+        )
+    raise SettingsError(f"backend {settings.backend!r} is unknown; set NIGHTSHIFT_BACKEND")

@@ -226,6 +226,8 @@ class Launcher:
                 cancelled=outcome.cancelled,
                 infra_failure=outcome.infra_failure,
                 infra_reason=outcome.infra_reason,
+                gpu_seconds=outcome.gpu_seconds,
+                gpu_usd=outcome.gpu_usd,
             )
         )
 

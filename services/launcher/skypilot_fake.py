@@ -206,7 +206,7 @@ class FakeSky:
     async def _run_job(self, cluster: FakeCluster, job: FakeJob) -> None:
         while cluster.running >= cluster.gpus:  # the cluster's own job queue: one per GPU
             await asyncio.sleep(0.01)
-            if job.status in TERMINAL:
+            if job.status in TERMINAL or self.clusters_by_name.get(cluster.name) is not cluster:
                 return
         cluster.running += 1
         cluster.max_running = max(cluster.max_running, cluster.running)
@@ -243,6 +243,8 @@ class FakeSky:
     async def close(self) -> None:
         for cluster in list(self.clusters_by_name.values()):
             await self._kill_all(cluster)
+        if self._tasks:  # the killed jobs' tasks reap their processes
+            await asyncio.wait(set(self._tasks), timeout=5.0)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

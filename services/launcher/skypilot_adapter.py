@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Literal, Protocol, TypeVar
@@ -120,7 +121,8 @@ class SdkAdapter:
             raise self.translate(exc) from exc
 
     def task(self, config: TaskConfig) -> Any:
-        return self.sky.Task.from_yaml_config(config)
+        # from_yaml_config consumes the mapping: the caller's stays whole for a retry.
+        return self.sky.Task.from_yaml_config(copy.deepcopy(config))
 
     async def launch(self, task: TaskConfig, cluster: str, autostop_minutes: int) -> None:
         sky = self.sky

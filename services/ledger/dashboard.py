@@ -124,7 +124,8 @@ def _campaign_section(conn: sqlite3.Connection, name: str) -> str:
         f"<h2>{escape(name)} <small>({escape(summary['status'])})</small></h2>"
         f"<p>{best}</p><p>proposed {counts['proposed']} ({escape(variants)}); running "
         f"{counts['running']}; evaluated {counts['evaluated']}; dead letters "
-        f"{counts['dead_letters']}; LLM ${summary['llm']['usd']:.2f}</p>{chart}"
+        f"{counts['dead_letters']}; LLM ${summary['llm']['usd']:.2f}; "
+        f"GPU ${summary['gpu']['usd']:.2f}</p>{chart}"
         f"{_results_table(queries.recent_results(conn, name, limit=20))}"
     )
 

@@ -41,10 +41,12 @@ def make_backend(settings: Settings, launcher_id: str) -> Backend:
         from services.launcher import skypilot_tiers as st
         from services.launcher.skypilot import SkyPilotBackend
 
+        tier = st.tier_of(settings)  # settings checked before the SDK is imported
+        template = st.load_template(settings.skypilot_template)
         return SkyPilotBackend(
             sky_adapter(),
-            st.tier_of(settings),
-            st.load_template(settings.skypilot_template),
+            tier,
+            template,
             settings.runs_path,
             prefix=settings.skypilot_cluster_prefix,
         )

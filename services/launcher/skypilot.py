@@ -31,6 +31,7 @@ from services.launcher import skypilot_tiers as st
 from services.launcher.backend import Job, LineCallback, RunOutcome
 from services.launcher.skypilot_adapter import (
     TERMINAL,
+    ApiUnreachable,
     ClusterGone,
     JobStatus,
     SkyAdapter,
@@ -100,6 +101,7 @@ class SkyPilotBackend:
         self.clusters = [Cluster(n, gpus) for n in st.cluster_names(prefix, tier)]
         self.prefix = prefix
         self._active: dict[str, ActiveRun] = {}
+        self._changed = asyncio.Event()  # set when a GPU frees up or a run is cancelled
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -132,13 +134,16 @@ class SkyPilotBackend:
             if active.cluster is not None:
                 active.cluster.busy -= 1
             self._active.pop(job.run_id, None)
+            self._changed.set()  # a GPU is free: a waiting run may take it
         outcome.finished_at = time.time()
         return outcome
 
     async def _run_on_cluster(
         self, job: Job, active: ActiveRun, run_dir: Path, on_line: LineCallback, out: RunOutcome
     ) -> None:
-        cluster = active.cluster = self._allocate(job)
+        cluster = active.cluster = await self._allocate(job, active)
+        if cluster is None:
+            return self._cancelled(out, active.cancel_reason or "")
         await self._ensure_up(cluster, job)
         st.stage_run(run_dir / "stage", job.run_id, job.edit_file, job.source)
         task = st.exec_task(
@@ -168,25 +173,30 @@ class SkyPilotBackend:
             out.gpu_seconds, out.gpu_usd = st.gpu_cost(self.tier, time.time() - submitted)
         self._conclude(job, active, out, status)
 
-    def _allocate(self, job: Job) -> Cluster:
-        """The slot's own cluster when it can take a run, else the least busy that can."""
-        now = time.time()
-        usable = [
-            c
-            for c in self.clusters
-            if c.busy < c.gpus and (c.state != "failed" or now >= c.retry_at)
-        ]
-        if not usable:
-            failing = [c for c in self.clusters if c.state == "failed"]
-            why = "; ".join(f"{c.name}: {c.last_error}" for c in failing)[:500]
-            raise RunFailed(
-                f"no cluster of tier {self.tier.name} can take a run now "
-                f"({len(failing)} of {len(self.clusters)} being replaced{': ' + why if why else ''})"
-            )
-        own = self.clusters[(job.slot // self.clusters[0].gpus) % len(self.clusters)]
-        ranked = sorted(usable, key=lambda c: (c is not own, c.state != "up", c.busy))
-        ranked[0].busy += 1
-        return ranked[0]
+    async def _allocate(self, job: Job, active: ActiveRun) -> Cluster | None:
+        """The slot's own cluster when it can take a run, else the least busy that can.
+
+        While clusters are being replaced the tier has fewer GPUs than the launcher has
+        slots: a run waits here for a GPU (or for a replacement's retry), not failing, so
+        its message is not spent on retries. None: cancelled while waiting.
+        """
+        while active.cancel_reason is None:
+            now = time.time()
+            usable = [
+                c
+                for c in self.clusters
+                if c.busy < c.gpus and (c.state != "failed" or now >= c.retry_at)
+            ]
+            if usable:
+                own = self.clusters[(job.slot // self.clusters[0].gpus) % len(self.clusters)]
+                ranked = sorted(usable, key=lambda c: (c is not own, c.state != "up", c.busy))
+                ranked[0].busy += 1
+                return ranked[0]
+            retry = min((c.retry_at for c in self.clusters if c.state == "failed"), default=now)
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), max(0.05, retry - now))
+        return None
 
     async def _ensure_up(self, cluster: Cluster, job: Job) -> None:
         """Launch the cluster unless it is up with this harness; wait for another's launch."""
@@ -203,6 +213,9 @@ class SkyPilotBackend:
         log.info("cluster_launching", accelerator=self.tier.accelerator, infra=self.tier.infra)
         try:
             await self.adapter.launch(task, cluster.name, self.tier.autostop_minutes)
+        except ApiUnreachable as exc:  # says nothing about the cluster: launch it next time
+            cluster.state, cluster.harness = "absent", None
+            raise RunFailed(f"cluster {cluster.name} was not launched: {exc}") from exc
         except SkyError as exc:
             self._replace(cluster, str(exc))
             raise RunFailed(
@@ -328,6 +341,7 @@ class SkyPilotBackend:
         if active is None:
             return
         active.cancel_reason = reason
+        self._changed.set()
         if active.cluster is not None and active.job_id is not None:
             await self._cancel_job(active.cluster.name, active.job_id)
 

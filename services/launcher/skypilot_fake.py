@@ -95,8 +95,9 @@ class FakeSky:
     async def preempt(self, name: str) -> None:
         """The cluster is taken away: its jobs die with it and it no longer exists."""
         cluster = self.clusters_by_name.pop(name, None)
-        if cluster is not None:
-            await self._kill_all(cluster)
+        if cluster is not None:  # its jobs and its disk go with it, before anything else runs
+            self._kill_all(cluster)
+            shutil.rmtree(cluster.root, ignore_errors=True)
 
     async def _enter(self, call: str) -> None:
         self.calls[call] += 1
@@ -184,7 +185,8 @@ class FakeSky:
         await self._enter("down")
         found = self._cluster(cluster)
         del self.clusters_by_name[cluster]
-        await self._kill_all(found)
+        self._kill_all(found)
+        shutil.rmtree(found.root, ignore_errors=True)
 
     async def clusters(self) -> list[str]:
         await self._enter("clusters")
@@ -228,12 +230,11 @@ class FakeSky:
             cluster.running -= 1
             job.changed.set()
 
-    async def _kill_all(self, cluster: FakeCluster) -> None:
+    def _kill_all(self, cluster: FakeCluster) -> None:
         for job in cluster.jobs.values():
             _kill(job)
             job.changed.set()
         cluster.jobs.clear()
-        await asyncio.sleep(0)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -242,7 +243,7 @@ class FakeSky:
 
     async def close(self) -> None:
         for cluster in list(self.clusters_by_name.values()):
-            await self._kill_all(cluster)
+            self._kill_all(cluster)
         if self._tasks:  # the killed jobs' tasks reap their processes
             await asyncio.wait(set(self._tasks), timeout=5.0)
         for task in list(self._tasks):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,7 +11,10 @@ import pytest
 
 from services.launcher.backend import RunOutcome
 from services.launcher.skypilot_adapter import JobStatus, LaunchFailed
-from services.launcher.skypilot_fake import FakeSky
+from services.launcher.skypilot_bench import format_report, skypilot_bench
+from services.launcher.skypilot_fake import PUBLISHED_LATENCY_S, FakeSky
+from services.launcher.skypilot_teardown import down
+from services.settings import Settings
 from tests.eventually import eventually
 from tests.launcher_helpers import job
 from tests.skypilot_helpers import backend, harness, source, tier
@@ -162,3 +166,39 @@ async def test_down_tears_down_the_tier(fake: FakeSky, tmp_path: Path) -> None:
     )  # type: ignore[arg-type]
     assert sorted(await b.down()) == ["t-screen-0", "t-screen-1"]
     await eventually(lambda: fake.clusters_by_name == {})
+
+
+async def test_nightshift_down_tears_down_only_the_configured_tiers(
+    fake: FakeSky, tmp_path: Path
+) -> None:
+    screen, validate = tier("screen", clusters=2), tier("validate", clusters=1)
+    for t in (screen, validate):
+        await asyncio.gather(
+            *(
+                backend(fake, tmp_path, t).run(
+                    _job(tmp_path, f"d{i}-{t.name}-0", slot=i),  # type: ignore[arg-type]
+                    lambda _l: None,
+                )
+                for i in range(t.clusters)
+            )
+        )
+    other = tier("other", clusters=1)  # another deployment's cluster, not ours to touch
+    await backend(fake, tmp_path, other).run(_job(tmp_path, "o-other-0"), lambda _l: None)  # type: ignore[arg-type]
+    settings = Settings(skypilot_tiers=[screen, validate], skypilot_cluster_prefix="t")
+    out = io.StringIO()
+    assert await down(settings, confirm=False, adapter=fake, out=out, ask=lambda _q: "n") == 0
+    assert len(fake.clusters_by_name) == 4 and "nothing torn down" in out.getvalue()
+    assert await down(settings, confirm=True, adapter=fake, out=out) == 0
+    assert sorted(fake.clusters_by_name) == ["t-other-0"]
+    assert "clusters: t-screen-0, t-screen-1, t-validate-0" in out.getvalue()
+    assert "torn down: 3 of 3" in out.getvalue()
+
+
+async def test_bench_counts_requests_and_added_latency() -> None:
+    report = await skypilot_bench(tiers=(3, 1), runs_per_cluster=2, run_s=60.0, time_scale=0.002)
+    assert report.runs == 8 and report.launches == 4
+    assert report.requests_per_run == 3.0  # exec, tail_logs, job_status
+    published = sum(PUBLISHED_LATENCY_S[c] for c in ("exec", "tail_logs", "job_status"))
+    assert published <= report.added_s_mean < published + 5.0
+    assert report.launch_s_mean >= PUBLISHED_LATENCY_S["launch"]
+    print(format_report(report))

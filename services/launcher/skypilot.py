@@ -38,6 +38,7 @@ from services.launcher.skypilot_adapter import (
     SkyError,
     TaskConfig,
 )
+from services.launcher.skypilot_teardown import down_clusters, pool_clusters
 from services.settings import SkyTier
 from services.telemetry import get_logger
 
@@ -353,7 +354,9 @@ class SkyPilotBackend:
 
     async def down(self) -> list[str]:
         """Tear down every cluster of this tier that exists; the names torn down."""
-        return await down_clusters(self.adapter, f"{self.prefix}-{self.tier.name}-")
+        names = await pool_clusters(self.adapter, (f"{self.prefix}-{self.tier.name}-",))
+        failed = await down_clusters(self.adapter, names)
+        return [n for n in names if n not in failed]
 
     async def _down_quietly(self, cluster: str) -> None:
         with contextlib.suppress(SkyError):
@@ -363,10 +366,3 @@ class SkyPilotBackend:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-async def down_clusters(adapter: SkyAdapter, prefix: str) -> list[str]:
-    """`sky.down` every cluster whose name starts with `prefix`, all at once."""
-    names = [n for n in await adapter.clusters() if n.startswith(prefix)]
-    await asyncio.gather(*(adapter.down(n) for n in names))
-    return names

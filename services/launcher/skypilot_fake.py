@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ class FakeJob:
     lines: list[str] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     proc: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0  # wall time its run command started and ended (0: not yet)
+    ended_at: float = 0.0
 
 
 @dataclass
@@ -212,6 +215,7 @@ class FakeSky:
                 return
         cluster.running += 1
         cluster.max_running = max(cluster.max_running, cluster.running)
+        job.started_at = time.time()
         try:
             job.status = "RUNNING"
             job.proc = await asyncio.create_subprocess_exec(
@@ -227,6 +231,7 @@ class FakeSky:
             if job.status == "RUNNING":
                 job.status = "SUCCEEDED" if code == 0 else "FAILED"
         finally:
+            job.ended_at = time.time()
             cluster.running -= 1
             job.changed.set()
 

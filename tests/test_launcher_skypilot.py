@@ -202,3 +202,18 @@ async def test_bench_counts_requests_and_added_latency() -> None:
     assert published <= report.added_s_mean < published + 5.0
     assert report.launch_s_mean >= PUBLISHED_LATENCY_S["launch"]
     print(format_report(report))
+
+
+async def test_a_cancelled_caller_does_not_leave_its_job_running(
+    fake: FakeSky, tmp_path: Path
+) -> None:
+    b = backend(fake, tmp_path, tier(clusters=1))
+    started = asyncio.Event()
+    slow = _job(tmp_path, "q-screen-0", source=source(SLEEP=30.0))
+    run = asyncio.create_task(b.run(slow, lambda _l: started.set()))  # type: ignore[arg-type]
+    await asyncio.wait_for(started.wait(), 10)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    [job] = fake.clusters_by_name["t-screen-0"].jobs.values()
+    await eventually(lambda: job.status == "CANCELLED", 5, "the job cancelled on the cluster")

@@ -131,6 +131,10 @@ class SkyPilotBackend:
             self._infra(outcome, job, active, f"cluster gone during the run: {exc}")
         except (RunFailed, SkyError, OSError) as exc:
             self._infra(outcome, job, active, str(exc))
+        except asyncio.CancelledError:  # our caller stops: the job must not hold its GPU
+            if active.cluster is not None and active.job_id is not None:
+                self._spawn(self._cancel_job(active.cluster.name, active.job_id))
+            raise
         finally:
             if active.cluster is not None:
                 active.cluster.busy -= 1

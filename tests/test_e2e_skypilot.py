@@ -158,7 +158,16 @@ async def test_two_tier_campaign_on_the_fake_pool(
         c.setups == int((c.workdir / "prepared.count").read_text())
         for c in fake.clusters_by_name.values()
     )
-    validate_hosts = {f.run_id for f in finished if f.tier == "validate"}
-    assert validate_hosts and {c for c in fake.clusters_by_name if "validate" in c} <= {
-        "ns-validate-0", "ns-validate-1", "ns-validate-2"
-    }  # fmt: skip
+    # Each tier's runs went to its own clusters: 13 + 3 at most, named by tier.
+    on_cluster = {
+        run_dir.name: run_dir.parents[2].name
+        for run_dir in (tmp_path / "clusters").glob("*/sky_workdir/runs/*")
+    }
+    for f in finished:
+        if f.run_id in on_cluster:
+            assert on_cluster[f.run_id].startswith(f"ns-{f.tier}-"), (
+                f.run_id,
+                on_cluster[f.run_id],
+            )
+    assert {c.rsplit("-", 1)[0] for c in on_cluster.values()} == {"ns-screen", "ns-validate"}
+    assert len(set(on_cluster.values())) <= 16

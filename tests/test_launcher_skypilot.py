@@ -215,5 +215,21 @@ async def test_a_cancelled_caller_does_not_leave_its_job_running(
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
-    [job] = fake.clusters_by_name["t-screen-0"].jobs.values()
+    jobs = fake.clusters_by_name["t-screen-0"].jobs  # the setup job, then the run
+    job = jobs[max(jobs)]
     await eventually(lambda: job.status == "CANCELLED", 5, "the job cancelled on the cluster")
+
+
+async def test_a_failing_setup_job_replaces_the_cluster_with_its_output(
+    fake: FakeSky, tmp_path: Path
+) -> None:
+    # SkyPilot runs setup detached, as a job: launch returns, the job ends FAILED_SETUP.
+    broken = harness(tmp_path / "broken")
+    (broken / "prepare.py").write_text("print('no space left on device')\nraise SystemExit(1)\n")
+    b = backend(fake, tmp_path, tier(clusters=2), replace_delay_s=30.0)
+    out = await b.run(_job(tmp_path, "s-screen-0", harness_dir=broken), lambda _l: None)  # type: ignore[arg-type]
+    assert out.infra_failure and out.exit_code is None
+    assert "ended FAILED_SETUP: no space left on device" in out.infra_reason
+    assert "t-screen-0 could not be launched or set up" in out.infra_reason
+    assert b.slots == 1 and fake.calls["exec"] == 0  # no run went to the broken cluster
+    await eventually(lambda: "t-screen-0" not in fake.clusters_by_name, 5, "its teardown")

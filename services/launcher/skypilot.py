@@ -1,7 +1,8 @@
 """The `skypilot` backend: a tier's pool of SkyPilot clusters, one run per cluster GPU.
 
 A cluster is provisioned lazily, by the first run that needs it (`sky.launch` of the
-template: setup installs the requirements and runs prepare.py, once per cluster). A run is
+template: setup installs the requirements and runs prepare.py, once per cluster; SkyPilot
+runs it detached, as a job, which is followed to its end before any run is submitted). A run is
 a `sky.exec` of its own directory, its log followed with `sky.tail_logs` into `run.log` and
 RunProgress, and its end read with `sky.job_status`:
 
@@ -19,6 +20,7 @@ dollars at the tier's price.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import shutil
 import time
@@ -34,6 +36,7 @@ from services.launcher.skypilot_adapter import (
     ApiUnreachable,
     ClusterGone,
     JobStatus,
+    LaunchFailed,
     SkyAdapter,
     SkyError,
     TaskConfig,
@@ -217,7 +220,9 @@ class SkyPilotBackend:
         log = _log().bind(cluster=cluster.name, tier=self.tier.name)
         log.info("cluster_launching", accelerator=self.tier.accelerator, infra=self.tier.infra)
         try:
-            await self.adapter.launch(task, cluster.name, self.tier.autostop_minutes)
+            setup_job = await self.adapter.launch(task, cluster.name, self.tier.autostop_minutes)
+            if setup_job is not None:
+                await self._await_setup(cluster.name, setup_job)
         except ApiUnreachable as exc:  # says nothing about the cluster: launch it next time
             cluster.state, cluster.harness = "absent", None
             raise RunFailed(f"cluster {cluster.name} was not launched: {exc}") from exc
@@ -231,6 +236,17 @@ class SkyPilotBackend:
             cluster.launched.set()
         cluster.state, cluster.harness, cluster.failures = "up", job.harness_dir, 0
         log.info("cluster_ready")
+
+    async def _await_setup(self, cluster: str, job_id: int) -> None:
+        """Wait for the detached setup job; LaunchFailed with its last lines unless it succeeds."""
+        tail: collections.deque[str] = collections.deque(maxlen=10)
+        async for chunk in self.adapter.tail_logs(cluster, job_id):
+            tail.extend(line for line in split_lines(chunk) if line.strip())
+        while (status := await self.adapter.job_status(cluster, job_id)) not in TERMINAL:
+            await asyncio.sleep(self.poll_s)
+        if status != "SUCCEEDED":
+            lines = " | ".join(st.clean_line(line) for line in tail)
+            raise LaunchFailed(f"setup job {job_id} ended {status}: {lines}")
 
     def _replace(self, cluster: Cluster, reason: str) -> None:
         """Take a cluster whose launch failed out of the pool; tear it down; retry later."""

@@ -56,8 +56,9 @@ class SkyCallFailed(SkyError):
 
 
 class SkyAdapter(Protocol):
-    async def launch(self, task: TaskConfig, cluster: str, autostop_minutes: int) -> None:
-        """Provision `cluster` (or reuse it) and run the task's setup on it."""
+    async def launch(self, task: TaskConfig, cluster: str, autostop_minutes: int) -> int | None:
+        """Provision `cluster` (or reuse it) and submit the task's setup, which runs as a
+        job (SkyPilot's default, detached setup): that job's id, None without one."""
         ...
 
     async def exec(self, task: TaskConfig, cluster: str) -> int:
@@ -124,14 +125,15 @@ class SdkAdapter:
         # from_yaml_config consumes the mapping: the caller's stays whole for a retry.
         return self.sky.Task.from_yaml_config(copy.deepcopy(config))
 
-    async def launch(self, task: TaskConfig, cluster: str, autostop_minutes: int) -> None:
+    async def launch(self, task: TaskConfig, cluster: str, autostop_minutes: int) -> int | None:
         sky = self.sky
         autostop = None if autostop_minutes < 0 else autostop_minutes
-        await self.call(
+        job_id, _handle = await self.call(
             lambda: sky.stream_and_get(
                 sky.launch(self.task(task), cluster_name=cluster, idle_minutes_to_autostop=autostop)
             )
         )
+        return None if job_id is None else int(job_id)
 
     async def exec(self, task: TaskConfig, cluster: str) -> int:
         sky = self.sky

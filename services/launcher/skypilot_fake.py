@@ -1,7 +1,7 @@
 """A fake SkyPilot for tests and the benchmark: the SkyAdapter calls against local folders.
 
 Each "cluster" is a folder holding `sky_workdir/`. `launch` adds the task's workdir to it
-and runs the task's setup with bash, once per launch; `exec` adds the workdir and queues
+and runs the task's setup with bash as a job (detached, as SkyPilot does), once per launch; `exec` adds the workdir and queues
 the run command, which really runs (bash, in `sky_workdir`, with the task's envs) as soon as
 one of the cluster's GPUs is free; `tail_logs` follows its output; `job_status`, `cancel`,
 `down` and `clusters` answer as SkyPilot's would. Every call first waits its latency
@@ -30,7 +30,6 @@ from services.launcher.skypilot_adapter import (
     ApiUnreachable,
     ClusterGone,
     JobStatus,
-    LaunchFailed,
     SkyError,
     TaskConfig,
 )
@@ -119,7 +118,8 @@ class FakeSky:
 
     # --- the SkyAdapter calls -----------------------------------------------------------
 
-    async def launch(self, task: TaskConfig, cluster: str, autostop_minutes: int) -> None:
+    async def launch(self, task: TaskConfig, cluster: str, autostop_minutes: int) -> int | None:
+        """As SkyPilot 0.14 does by default: the setup runs detached, as a job (its id)."""
         await self._enter("launch")
         accelerators = str(task.get("resources", {}).get("accelerators", "x:1"))
         gpus = int(accelerators.partition(":")[2] or 1)
@@ -129,28 +129,22 @@ class FakeSky:
             self.clusters_by_name[cluster] = found
         found.autostop_minutes = autostop_minutes
         self._sync(found, task)
-        setup = task.get("setup")
-        if setup:
-            found.setups += 1
-            proc = await asyncio.create_subprocess_exec(
-                "bash", "-c", setup, cwd=found.workdir, env=self._env(task),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
-            out, _ = await proc.communicate()
-            if proc.returncode != 0:
-                tail = out.decode(errors="replace")[-500:]
-                raise LaunchFailed(
-                    f"CommandError: setup failed with exit {proc.returncode}: {tail}"
-                )
+        if not task.get("setup"):
+            return None
+        found.setups += 1
+        return self._submit(found, {**task, "run": task["setup"]}, setup=True)
 
     async def exec(self, task: TaskConfig, cluster: str) -> int:
         await self._enter("exec")
         found = self._cluster(cluster)
         self._sync(found, task)
+        return self._submit(found, task, setup=False)
+
+    def _submit(self, cluster: FakeCluster, task: TaskConfig, *, setup: bool) -> int:
         self._next_job += 1
         job = FakeJob(self._next_job, task)
-        found.jobs[job.job_id] = job
-        self._spawn(self._run_job(found, job))
+        cluster.jobs[job.job_id] = job
+        self._spawn(self._run_job(cluster, job, setup=setup))
         return job.job_id
 
     async def tail_logs(self, cluster: str, job_id: int) -> AsyncIterator[str]:
@@ -208,16 +202,18 @@ class FakeSky:
         env.update({k: str(v) for k, v in (task.get("envs") or {}).items()})
         return env
 
-    async def _run_job(self, cluster: FakeCluster, job: FakeJob) -> None:
-        while cluster.running >= cluster.gpus:  # the cluster's own job queue: one per GPU
+    async def _run_job(self, cluster: FakeCluster, job: FakeJob, *, setup: bool) -> None:
+        """A setup job asks for no GPU; a run waits in the cluster's queue for one."""
+        gpu = 0 if setup else 1
+        while gpu and cluster.running >= cluster.gpus:
             await asyncio.sleep(0.01)
             if job.status in TERMINAL or self.clusters_by_name.get(cluster.name) is not cluster:
                 return
-        cluster.running += 1
+        cluster.running += gpu
         cluster.max_running = max(cluster.max_running, cluster.running)
         job.started_at = time.time()
         try:
-            job.status = "RUNNING"
+            job.status = "SETTING_UP" if setup else "RUNNING"
             job.proc = await asyncio.create_subprocess_exec(
                 "bash", "-c", str(job.task["run"]), cwd=cluster.workdir, env=self._env(job.task),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -228,11 +224,12 @@ class FakeSky:
                 job.lines.append(raw.decode(errors="replace"))
                 job.changed.set()
             code = await job.proc.wait()
-            if job.status == "RUNNING":
-                job.status = "SUCCEEDED" if code == 0 else "FAILED"
+            if job.status in ("RUNNING", "SETTING_UP"):
+                failed: JobStatus = "FAILED_SETUP" if setup else "FAILED"
+                job.status = "SUCCEEDED" if code == 0 else failed
         finally:
             job.ended_at = time.time()
-            cluster.running -= 1
+            cluster.running -= gpu
             job.changed.set()
 
     def _kill_all(self, cluster: FakeCluster) -> None:

@@ -93,6 +93,9 @@ class Settings(msgspec.Struct, kw_only=True):
     slots: Annotated[int, Meta(ge=1, description="concurrent runs (one per GPU)")] = 1
     tier: Annotated[str, Meta(description="the hardware tier this launcher serves")] = "default"
     launcher_id: Annotated[str, Meta(description="launcher name; empty: hostname-pid")] = ""
+    launcher_tiers: Annotated[
+        str, Meta(description="comma-separated tiers one launcher process serves (empty: `tier`)")
+    ] = ""
     run_dir: Annotated[str, Meta(description="run directories; empty: <home>/runs")] = ""
     gpus: Annotated[
         str, Meta(description="comma-separated CUDA device ids, one slot each (empty: CPU slots)")

@@ -23,6 +23,11 @@ SOURCES_BUCKET = "sources"
 LOGS_BUCKET = "logs"
 CAMPAIGNS_BUCKET = "campaigns"  # KV: campaign name -> encoded CampaignStarted
 
+# Deliveries of one run's work before it is given up (dead-lettered): the launchers'
+# max_deliver. A run whose attempt failed on the infrastructure is tried again until then,
+# so its variant is still in flight.
+MAX_RUN_ATTEMPTS = 5
+
 # Statuses of a result. `ok` is the only one with a trustworthy metric.
 Status = Literal["ok", "crash", "timeout", "diverged", "oom", "infra"]
 Direction = Literal["minimize", "maximize"]

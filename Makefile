@@ -6,9 +6,10 @@ PIP_FIND_LINKS ?= $(wildcard /opt/wheels)
 export PIP_FIND_LINKS
 
 # Lock files, both made by pip-tools from pyproject.toml (`make lock` regenerates them):
-#   requirements.lock      the services' runtime dependencies only; deploy/Dockerfile installs it.
-#   requirements-dev.lock  runtime + the trainer and dev extras; `make venv` installs it. torch is
-#                          pinned to the local CPU build (constraints.txt, found in /opt/wheels), and
+#   requirements.lock      the services' runtime dependencies and the skypilot extra (its caps on
+#                          click and uvicorn hold for both files); deploy/Dockerfile installs it.
+#   requirements-dev.lock  runtime + the trainer, skypilot and dev extras; `make venv` installs it.
+#                          torch is pinned to the local CPU build (constraints.txt, found in /opt/wheels), and
 #                          every package shared with requirements.lock keeps the same version there.
 # `make lock` keeps the versions already pinned where they still fit; to move everything to the
 # newest releases: make lock LOCK_ARGS=--upgrade (one package: LOCK_ARGS='-P stamina').
@@ -28,14 +29,14 @@ $(STAMP): pyproject.toml requirements-dev.lock constraints.txt
 
 # Regenerate both lock files:
 #   pip-compile --strip-extras --no-emit-index-url --no-emit-find-links \
-#       -o requirements.lock pyproject.toml
+#       --extra skypilot -o requirements.lock pyproject.toml
 #   pip-compile --strip-extras --no-emit-index-url --no-emit-find-links \
-#       --extra trainer --extra dev -c constraints.txt -c requirements.lock \
+#       --extra trainer --extra skypilot --extra dev -c constraints.txt -c requirements.lock \
 #       --find-links /opt/wheels -o requirements-dev.lock pyproject.toml
 # Then `make venv` installs the new requirements-dev.lock.
 lock: venv
-	$(PIP_COMPILE) $(LOCK_ARGS) -o requirements.lock pyproject.toml
-	$(PIP_COMPILE) $(LOCK_ARGS) --extra trainer --extra dev -c constraints.txt -c requirements.lock \
+	$(PIP_COMPILE) $(LOCK_ARGS) --extra skypilot -o requirements.lock pyproject.toml
+	$(PIP_COMPILE) $(LOCK_ARGS) --extra trainer --extra skypilot --extra dev -c constraints.txt -c requirements.lock \
 		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -o requirements-dev.lock pyproject.toml
 
 run: venv

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     stop = camp_sub.add_parser("stop", help="stop a campaign: no new proposals, runs cancelled")
     stop.add_argument("name")
 
+    down = sub.add_parser("down", help="skypilot: tear down every cluster of the configured tiers")
+    down.add_argument("--yes", action="store_true", help="do not ask")
+
     _bench_parser(sub)
     return parser
 
@@ -141,6 +144,11 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     chaos.add_argument("--experiments", type=int, default=150, help="experiments (default 150)")
     chaos.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
     chaos.add_argument("--json", action="store_true", help="print one JSON object")
+    sky = bench_sub.add_parser(
+        "skypilot", help="the skypilot backend's per-run overhead, on the fake pool"
+    )
+    sky.add_argument("--runs-per-cluster", type=int, default=3)
+    sky.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def command_key(args: argparse.Namespace) -> str:
@@ -198,6 +206,16 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         chaos = asyncio.run(chaos_bench(args.experiments, args.seed))
         print_chaos(chaos, as_json=args.json)
         return 0 if chaos.completed and not (chaos.lost or chaos.forged_counted) else 1
+    if args.command == "down":
+        from services.launcher.skypilot_teardown import down
+
+        return asyncio.run(down(settings, confirm=args.yes))
+    if args.command == "bench" and args.bench == "skypilot":
+        from services.launcher.skypilot_bench import format_report, skypilot_bench
+
+        sky_report = asyncio.run(skypilot_bench(runs_per_cluster=args.runs_per_cluster))
+        print(json.dumps(vars(sky_report)) if args.json else format_report(sky_report))
+        return 0
     if args.command == "bench":
         from services.bench import fleet_bench, print_report
 

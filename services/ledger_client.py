@@ -212,6 +212,12 @@ def format_status(summary: dict[str, Any]) -> str:
         lines.append(f"  best {best.get('value')} ({best.get('variant_id')}: {best.get('title')})")
     if llm.get("usd"):
         lines.append(f"  LLM cost ${llm['usd']:.4f}")
+    gpu = summary.get("gpu", {})
+    if gpu.get("usd"):
+        lines.append(
+            f"  GPU cost ${gpu['usd']:.2f} ({gpu['gpu_seconds'] / 3600:.2f} GPU-hours; "
+            f"${gpu['infra_usd']:.2f} of it lost to infrastructure failures)"
+        )
     return "\n".join(lines)
 
 

@@ -127,9 +127,12 @@ def record_llm_cost(campaign: str, cost: c.LlmCost | None) -> None:
 
 
 def record_gpu_cost(finished: c.RunFinished, accelerator: str, usd_per_hour: float) -> float:
-    """Dollars of accelerator time a run held its slot for (`usd_per_hour` per slot)."""
-    usd = max(0.0, finished.finished_at - finished.started_at) / 3600.0 * usd_per_hour
-    if usd_per_hour > 0:
+    """Dollars of accelerator time a run held: the backend's own metering where it has one
+    (skypilot: the tier's price), else the slot's time at `usd_per_hour`."""
+    usd = finished.gpu_usd
+    if usd <= 0:
+        usd = max(0.0, finished.finished_at - finished.started_at) / 3600.0 * usd_per_hour
+    if usd > 0:
         instruments().gpu_cost.add(
             usd, {"campaign": finished.campaign, "tier": finished.tier, "accelerator": accelerator}
         )

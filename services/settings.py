@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 import msgspec
 from msgspec import Meta
 
-Backend = Literal["local", "sim"]
+Backend = Literal["local", "sim", "skypilot"]
 Direction = Literal["minimize", "maximize"]
 StrategyName = Literal["auto", "grid", "claude"]
 KeepRuleName = Literal["strict"]  # the names in services.ledger.keep.RULES
@@ -46,6 +46,18 @@ REDACTED = "[redacted]"
 
 class SettingsError(ValueError):
     """A setting with a bad value; the message names the setting and where it came from."""
+
+
+class SkyTier(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """One hardware tier of the skypilot backend: `clusters` clusters of `accelerator`."""
+
+    name: Annotated[str, Meta(min_length=1, pattern=r"^[a-z0-9][a-z0-9-]*$")]
+    accelerator: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(:[1-9][0-9]*)?$")] = "H100:1"
+    clusters: Annotated[int, Meta(ge=1)] = 1
+    infra: str = ""  # "k8s/<context>", "aws", "gcp/us-central1", ...; empty: any enabled
+    spot: bool = False
+    autostop_minutes: Annotated[int, Meta(ge=-1)] = 10  # -1: never
+    usd_per_gpu_hour: Annotated[float, Meta(ge=0)] = 0.0
 
 
 class Settings(msgspec.Struct, kw_only=True):
@@ -100,6 +112,9 @@ class Settings(msgspec.Struct, kw_only=True):
     slots: Annotated[int, Meta(ge=1, description="concurrent runs (one per GPU)")] = 1
     tier: Annotated[str, Meta(description="the hardware tier this launcher serves")] = "default"
     launcher_id: Annotated[str, Meta(description="launcher name; empty: hostname-pid")] = ""
+    launcher_tiers: Annotated[
+        str, Meta(description="comma-separated tiers one launcher process serves (empty: `tier`)")
+    ] = ""
     run_dir: Annotated[str, Meta(description="run directories; empty: <home>/runs")] = ""
     gpus: Annotated[
         str, Meta(description="comma-separated CUDA device ids, one slot each (empty: CPU slots)")
@@ -152,6 +167,23 @@ class Settings(msgspec.Struct, kw_only=True):
         float, Meta(ge=0, le=1, description="sim: failure chance for a value far from its optimum")
     ] = 0.5
     sim_seed: Annotated[int, Meta(description="sim: random seed")] = 0
+    skypilot_tiers: Annotated[
+        list[SkyTier],
+        Meta(
+            description="skypilot: the tiers (toml [[skypilot_tiers]], env a JSON list): "
+            "name, accelerator, clusters, infra, spot, autostop_minutes, usd_per_gpu_hour"
+        ),
+    ] = msgspec.field(default_factory=list)
+    skypilot_cluster_prefix: Annotated[
+        str,
+        Meta(
+            pattern=r"^[a-z][a-z0-9-]*$",
+            description="skypilot: cluster names are <prefix>-<tier>-<k>",
+        ),
+    ] = "ns"
+    skypilot_template: Annotated[
+        str, Meta(description="skypilot: task template (image, setup, env)")
+    ] = "deploy/skypilot/task.yaml"
 
     # --- proposer -------------------------------------------------------------------
     strategy: Annotated[
@@ -290,8 +322,10 @@ def convert_setting(name: str, raw: Any, origin: str, *, strict: bool = False) -
     if name in CASE_FREE_SETTINGS and isinstance(raw, str):
         raw = raw.lower()
     try:
+        if isinstance(raw, str) and typing.get_origin(field.base) is list:
+            return msgspec.json.decode(raw, type=field.type)  # a list from the env is JSON
         return msgspec.convert(raw, type=field.type, strict=strict)
-    except msgspec.ValidationError as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         why = str(exc).replace("`", "")
         if field.choices:
             why += f" (allowed: {', '.join(repr(c) for c in field.choices)})"

@@ -235,8 +235,8 @@ async def test_stopping_the_launcher_mid_run_hands_the_run_back(
     assert finished.attempt >= 2 and finished.exit_code == 0
 
 
-def test_unknown_backends_are_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="skypilot"):
+def test_skypilot_without_the_tier_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tier 'default', which is not in 'skypilot_tiers'"):
         make_backend(settings(tmp_path, backend="skypilot"), "x")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from services.contracts import (
+    MAX_RUN_ATTEMPTS,
     BestUpdated,
     CampaignStarted,
     CampaignStopped,
@@ -73,8 +74,10 @@ def test_in_flight_is_proposed_minus_finished() -> None:
     for vid in ("v0", "v1", "v2", "v3"):
         h.apply_variant_proposed(proposed(vid))
     h.apply_result_evaluated(result("v1"))
-    h.apply_result_evaluated(result("v2", status="infra"))  # any result frees the slot
+    h.apply_result_evaluated(result("v2", status="infra"))  # tried again: still in flight
     state = h.campaigns["c"]
+    assert state.in_flight == ["v0", "v2", "v3"]
+    h.apply_result_evaluated(result("v2", status="infra", attempt=MAX_RUN_ATTEMPTS))  # given up
     assert state.in_flight == ["v0", "v3"]
     # Applying everything again (fast path + replay) changes nothing.
     h.apply_variant_proposed(proposed("v1"))

@@ -112,12 +112,12 @@ def test_unknown_toml_key_names_key_and_file(tmp_path: Path) -> None:
 
 def test_backend_that_does_not_exist_is_refused_at_load(tmp_path: Path) -> None:
     config = tmp_path / "nightshift.toml"
-    config.write_text('backend = "skypilot"\n')
+    config.write_text('backend = "cloud"\n')
     with pytest.raises(SettingsError) as err:
         load_settings(env={}, config_file=config)
     message = str(err.value)
     assert "'backend'" in message and str(config) in message
-    assert "'local', 'sim'" in message and "skypilot" in message
+    assert "'local', 'sim', 'skypilot'" in message and "cloud" in message
 
 
 @pytest.mark.parametrize(
@@ -189,13 +189,42 @@ def test_flag_choices_are_the_literal_choices() -> None:
     by_dest = {a.dest: a for a in up._actions}
     for name in ("backend", "direction", "strategy"):
         assert tuple(by_dest[name].choices or ()) == SETTING_FIELDS[name].choices
-    assert tuple(by_dest["backend"].choices or ()) == ("local", "sim")
+    assert tuple(by_dest["backend"].choices or ()) == ("local", "sim", "skypilot")
 
 
-def test_backend_skypilot_flag_exits_2() -> None:
+def test_unknown_backend_flag_exits_2() -> None:
     with pytest.raises(SystemExit) as exit_:
-        build_parser().parse_args(["up", "--backend", "skypilot"])
+        build_parser().parse_args(["up", "--backend", "cloud"])
     assert exit_.value.code == 2
+
+
+def test_skypilot_tiers_from_toml_and_from_env_json(tmp_path: Path) -> None:
+    config = tmp_path / "nightshift.toml"
+    config.write_text(
+        'backend = "skypilot"\ntier = "screen"\n'
+        '[[skypilot_tiers]]\nname = "screen"\naccelerator = "H100:1"\nclusters = 13\n'
+        'infra = "k8s/lab"\nusd_per_gpu_hour = 2.5\n'
+        '[[skypilot_tiers]]\nname = "validate"\naccelerator = "H200:1"\nclusters = 3\n'
+    )
+    s = load_settings(env={}, config_file=config)
+    assert [(t.name, t.accelerator, t.clusters) for t in s.skypilot_tiers] == [
+        ("screen", "H100:1", 13),
+        ("validate", "H200:1", 3),
+    ]
+    assert s.skypilot_tiers[0].infra == "k8s/lab" and s.skypilot_tiers[1].autostop_minutes == 10
+    validate_settings(s)
+    # The environment replaces the file's list with its JSON one.
+    env = {"NIGHTSHIFT_SKYPILOT_TIERS": '[{"name": "big", "accelerator": "H200:8", "spot": true}]'}
+    s = load_settings(env=env, config_file=config)
+    assert [(t.name, t.accelerator, t.spot) for t in s.skypilot_tiers] == [("big", "H200:8", True)]
+    for bad, why in (
+        ('[{"name": "Big"}]', "at \\$\\[0\\].name"),
+        ('[{"name": "b", "clusters": 0}]', "at \\$\\[0\\].clusters"),
+        ('[{"name": "b", "gpus": 1}]', "unknown field"),
+        ("[{", "NIGHTSHIFT_SKYPILOT_TIERS"),
+    ):
+        with pytest.raises(SettingsError, match=why):
+            load_settings(env={"NIGHTSHIFT_SKYPILOT_TIERS": bad}, config_file=config)
 
 
 def test_old_flag_spellings_still_parse(no_file: Path) -> None:

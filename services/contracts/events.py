@@ -23,6 +23,11 @@ SOURCES_BUCKET = "sources"
 LOGS_BUCKET = "logs"
 CAMPAIGNS_BUCKET = "campaigns"  # KV: campaign name -> encoded CampaignStarted
 
+# Deliveries of one run's work before it is given up (dead-lettered): the launchers'
+# max_deliver. A run whose attempt failed on the infrastructure is tried again until then,
+# so its variant is still in flight.
+MAX_RUN_ATTEMPTS = 5
+
 # Statuses of a result. `ok` is the only one with a trustworthy metric. `implausible`: the
 # run printed a summary block its own measurements contradict (a training time longer than
 # the launcher's wall clock, or far below the budget; no steps or tokens): a failure of the
@@ -175,6 +180,10 @@ class RunFinished(Event, tag="run.finished", kw_only=True, frozen=True):
     # training budget the run was given in the trainer's seconds (0: not known here).
     clock_scale: float = 1.0
     budget_s: float = 0.0
+    # GPU time this attempt held (GPUs x seconds) and its price at the tier's $/GPU-hour;
+    # 0 where the backend does not meter (local, sim).
+    gpu_seconds: float = 0.0
+    gpu_usd: float = 0.0
 
     def keys(self, kind: str) -> RunKeys:
         """The keys of an event that follows from this run's attempt (its result)."""

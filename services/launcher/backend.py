@@ -58,6 +58,8 @@ class RunOutcome:
     infra_reason: str = ""
     clock_scale: float = 1.0  # wall seconds per trainer second (the sim's time scale)
     budget_s: float = 0.0  # training seconds the run was given (0: not known)
+    gpu_seconds: float = 0.0  # GPUs x seconds the run held (skypilot meters it)
+    gpu_usd: float = 0.0  # gpu_seconds at its tier's price
 
     def read_log(self) -> str:
         if self.log_path is not None and self.log_path.is_file():

@@ -14,11 +14,27 @@ from services.launcher.local import LocalBackend
 from services.launcher.output import OutputLimits
 from services.launcher.sandbox import resolve_sandbox
 from services.launcher.sim import SimBackend, SimParams
+from services.launcher.skypilot_adapter import SkyAdapter
 from services.proposer.apikey import KEY_FILE, load_api_key
 from services.settings import Settings, SettingsError
 from services.telemetry import get_logger
 
 ENV_SECRET_MIN_CHARS = 8  # an environment value this short is no credential worth a redaction
+
+_sky: list[SkyAdapter] = []  # one SkyPilot client per process, made on first use
+
+
+def sky_adapter() -> SkyAdapter:
+    """The SkyPilot SDK (the tests put their fake here)."""
+    if not _sky:
+        try:
+            from services.launcher.skypilot_adapter import SdkAdapter
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise SettingsError(
+                "backend 'skypilot' needs the SkyPilot SDK: pip install 'nightshift[skypilot]'"
+            ) from exc
+        _sky.append(SdkAdapter())
+    return _sky[0]
 
 
 def make_backend(settings: Settings, launcher_id: str) -> Backend:
@@ -27,10 +43,20 @@ def make_backend(settings: Settings, launcher_id: str) -> Backend:
     if settings.backend == "sim":
         params = msgspec.convert(settings, SimParams, from_attributes=True)
         return SimBackend(params, slots=settings.slots, host=f"sim-{launcher_id}")
-    raise SettingsError(
-        f"backend {settings.backend!r} is not available in this launcher yet; "
-        "set NIGHTSHIFT_BACKEND to local or sim"
-    )
+    if settings.backend == "skypilot":
+        from services.launcher import skypilot_tiers as st
+        from services.launcher.skypilot import SkyPilotBackend
+
+        tier = st.tier_of(settings)  # settings checked before the SDK is imported
+        template = st.load_template(settings.skypilot_template)
+        return SkyPilotBackend(
+            sky_adapter(),
+            tier,
+            template,
+            settings.runs_path,
+            prefix=settings.skypilot_cluster_prefix,
+        )
+    raise SettingsError(f"backend {settings.backend!r} is unknown; set NIGHTSHIFT_BACKEND")
 
 
 def make_local_backend(settings: Settings, env: dict[str, str] | None = None) -> LocalBackend:

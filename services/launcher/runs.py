@@ -247,6 +247,8 @@ class Launcher:
             infra_reason=outcome.infra_reason,
             clock_scale=outcome.clock_scale,
             budget_s=outcome.budget_s,
+            gpu_seconds=outcome.gpu_seconds,
+            gpu_usd=outcome.gpu_usd,
         )
         await self.bus.publish(finished)
         return finished

@@ -14,6 +14,8 @@ import contextlib
 import os
 import socket
 
+import msgspec
+
 from services import contracts as c
 from services.bus import Bus
 from services.bus.errors import NATS_FAILURES
@@ -23,11 +25,24 @@ from services.launcher.harness import HarnessCache
 from services.launcher.runs import Launcher
 from services.settings import Settings
 
-MAX_DELIVER = 5
+MAX_DELIVER = c.MAX_RUN_ATTEMPTS
 
 
 async def run(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
+    """Serve `tier`, or each of `launcher_tiers` (one launcher per tier in this process)."""
     launcher_id = settings.launcher_id or f"{socket.gethostname()}-{os.getpid()}"
+    tiers = [t.strip() for t in settings.launcher_tiers.split(",") if t.strip()]
+    if not tiers:
+        return await serve_tier(settings, bus, stop, launcher_id)
+    await asyncio.gather(
+        *(
+            serve_tier(msgspec.structs.replace(settings, tier=t), bus, stop, f"{launcher_id}-{t}")
+            for t in tiers
+        )
+    )
+
+
+async def serve_tier(settings: Settings, bus: Bus, stop: asyncio.Event, launcher_id: str) -> None:
     backend = make_backend(settings, launcher_id)
     harness = HarnessCache(settings.runs_path / "harness", bus.sources.get)
     launcher = Launcher(

@@ -303,6 +303,7 @@ def run_finished(ev: RunFinished, ctx: Ctx) -> list[Published]:
     if not ev.infra_failure:
         _require_run(conn, ev, finished=False)
     current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
+    _record_gpu_cost(conn, ev)  # a late attempt's GPU time was spent all the same
     if ev.attempt < current:
         return []
     conn.execute(
@@ -336,6 +337,18 @@ def run_finished(ev: RunFinished, ctx: Ctx) -> list[Published]:
     elif ev.attempt > current:
         conn.execute("DELETE FROM run_logs WHERE run_id = ?", (ev.run_id,))
     return []
+
+
+def _record_gpu_cost(conn: sqlite3.Connection, ev: RunFinished) -> None:
+    """Every metered attempt's GPU cost, infrastructure failures included (as such)."""
+    if ev.gpu_seconds <= 0 and ev.gpu_usd <= 0:
+        return
+    conn.execute(
+        "INSERT OR REPLACE INTO run_costs(run_id, attempt, campaign, variant_id, tier, "
+        "gpu_seconds, gpu_usd, infra_failure) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (ev.run_id, ev.attempt, ev.campaign, ev.variant_id, ev.tier, ev.gpu_seconds,
+         ev.gpu_usd, ev.infra_failure),
+    )  # fmt: skip
 
 
 def result_evaluated(ev: ResultEvaluated, ctx: Ctx) -> list[Published]:

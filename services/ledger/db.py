@@ -118,6 +118,22 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_variant ON runs(variant_id);
 CREATE INDEX IF NOT EXISTS runs_campaign_state ON runs(campaign, state);
 
+-- GPU time and dollars of every attempt of a run (skypilot meters them). An attempt that
+-- ended in an infrastructure failure is the campaign's cost, not its variant's.
+CREATE TABLE IF NOT EXISTS run_costs (
+    run_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    campaign TEXT NOT NULL,
+    variant_id TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    gpu_seconds REAL NOT NULL,
+    gpu_usd REAL NOT NULL,
+    infra_failure INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, attempt)
+);
+CREATE INDEX IF NOT EXISTS run_costs_variant ON run_costs(variant_id);
+CREATE INDEX IF NOT EXISTS run_costs_campaign ON run_costs(campaign);
+
 CREATE TABLE IF NOT EXISTS run_logs (
     run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
     text TEXT NOT NULL

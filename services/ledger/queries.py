@@ -18,7 +18,9 @@ SortOrder = Literal["asc", "desc"]
 _LIST_COLUMNS = (
     "variant_id, campaign, parent_id, source_digest, title, rationale, proposer, wave, "
     "proposed_at, status, value, ok_runs, decided_at, llm_model, llm_input_tokens, "
-    "llm_cache_creation_input_tokens, llm_cache_read_input_tokens, llm_output_tokens, llm_usd"
+    "llm_cache_creation_input_tokens, llm_cache_read_input_tokens, llm_output_tokens, llm_usd, "
+    "(SELECT COALESCE(SUM(gpu_usd), 0) FROM run_costs c WHERE c.variant_id = variants.variant_id "
+    "AND NOT c.infra_failure) AS gpu_usd"
 )
 
 
@@ -32,6 +34,7 @@ def _variant_dict(row: sqlite3.Row) -> dict[str, Any]:
         "output_tokens": out.pop("llm_output_tokens"),
         "usd": out.pop("llm_usd"),
     }
+    out["gpu"] = {"usd": out.pop("gpu_usd")}  # its runs' GPU time (infra failures excluded)
     return out
 
 
@@ -103,8 +106,20 @@ def campaign_summary(conn: sqlite3.Connection, name: str) -> dict[str, Any] | No
         "cache_read_input_tokens": llm["cache_read"],
         "output_tokens": llm["output"],
     }
+    out["gpu"] = gpu_cost(conn, name)
     out["best"] = best(conn, name, with_source=False)
     return out
+
+
+def gpu_cost(conn: sqlite3.Connection, name: str) -> dict[str, float]:
+    """A campaign's metered GPU time: all of it, and the part lost to infrastructure failures."""
+    row = conn.execute(
+        "SELECT COALESCE(SUM(gpu_usd), 0), COALESCE(SUM(gpu_seconds), 0), "
+        "COALESCE(SUM(CASE WHEN infra_failure THEN gpu_usd ELSE 0 END), 0) "
+        "FROM run_costs WHERE campaign = ?",
+        (name,),
+    ).fetchone()
+    return {"usd": row[0], "gpu_seconds": row[1], "infra_usd": row[2]}
 
 
 def best(conn: sqlite3.Connection, name: str, *, with_source: bool = True) -> dict[str, Any] | None:

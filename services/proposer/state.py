@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.contracts import (
+    MAX_RUN_ATTEMPTS,
     BestUpdated,
     CampaignStarted,
     CampaignStopped,
@@ -69,8 +70,14 @@ class CampaignState:
 
     @property
     def in_flight(self) -> list[str]:
-        """Proposed variants without any result yet (any result frees its slot)."""
-        return [vid for vid in self.variants if vid not in self.results]
+        """Proposed variants without a result yet. An infrastructure failure is not one
+        while its run is being tried again (up to MAX_RUN_ATTEMPTS): the launcher re-queues
+        it, so counting it as done would end a campaign with that run still to come."""
+        return [vid for vid in self.variants if not self._settled(vid)]
+
+    def _settled(self, variant_id: str) -> bool:
+        results = self.results.get(variant_id, {}).values()
+        return any(r.status != "infra" or r.attempt >= MAX_RUN_ATTEMPTS for r in results)
 
     @property
     def next_wave(self) -> int:

@@ -1,0 +1,388 @@
+"""The `skypilot` backend: a tier's pool of SkyPilot clusters, one run per cluster GPU.
+
+A cluster is provisioned lazily, by the first run that needs it (`sky.launch` of the
+template: setup installs the requirements and runs prepare.py, once per cluster; SkyPilot
+runs it detached, as a job, which is followed to its end before any run is submitted). A run is
+a `sky.exec` of its own directory, its log followed with `sky.tail_logs` into `run.log` and
+RunProgress, and its end read with `sky.job_status`:
+
+- SUCCEEDED / FAILED: train.py's own exit code (the run script prints it), to the evaluator;
+- FAILED_SETUP, FAILED_DRIVER, CANCELLED by someone else, a job or cluster that vanished
+  (preempted, torn down), an unreachable API server, a failed launch: an infrastructure
+  failure; the launcher re-queues the run with a delay and it is never charged to the variant.
+
+A cluster whose launch fails is torn down and replaced after a delay (`cluster_replacing`);
+until it is back, the tier's slots shrink by its GPUs. A stopped (autostopped) cluster is
+relaunched by the next run that finds it down. Every run records its GPU-seconds and
+dollars at the tier's price.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from services.contracts import cancelled_line, infra_failure_line, split_lines, timed_out_line
+from services.launcher import skypilot_tiers as st
+from services.launcher.backend import Job, LineCallback, RunOutcome
+from services.launcher.skypilot_adapter import (
+    TERMINAL,
+    ApiUnreachable,
+    ClusterGone,
+    JobStatus,
+    LaunchFailed,
+    SkyAdapter,
+    SkyError,
+    TaskConfig,
+)
+from services.launcher.skypilot_teardown import down_clusters, pool_clusters
+from services.settings import SkyTier
+from services.telemetry import get_logger
+
+ClusterState = Literal["absent", "launching", "up", "failed"]
+INFRA_STATUSES = {
+    "FAILED_SETUP": "the job's setup failed",
+    "FAILED_DRIVER": "SkyPilot's job driver died",
+    "CANCELLED": "the job was cancelled outside nightshift",
+}
+
+
+def _log() -> Any:
+    return get_logger(component="launcher.skypilot")
+
+
+@dataclass
+class Cluster:
+    name: str
+    gpus: int
+    state: ClusterState = "absent"
+    busy: int = 0
+    harness: Path | None = None  # the workdir its setup ran with
+    launched: asyncio.Event = field(default_factory=asyncio.Event)
+    failures: int = 0
+    retry_at: float = 0.0
+    last_error: str = ""
+
+
+@dataclass
+class ActiveRun:
+    cluster: Cluster | None = None
+    job_id: int | None = None
+    cancel_reason: str | None = None
+
+
+class RunFailed(Exception):
+    """A run that ends as an infrastructure failure, with the reason the user reads."""
+
+
+class SkyPilotBackend:
+    name = "skypilot"
+
+    def __init__(
+        self,
+        adapter: SkyAdapter,
+        tier: SkyTier,
+        template: TaskConfig,
+        runs_path: Path,
+        *,
+        prefix: str = "ns",
+        replace_delay_s: float = 60.0,
+        poll_s: float = 5.0,
+    ) -> None:
+        self.adapter = adapter
+        self.tier = tier
+        self.template = template
+        self.runs_path = Path(runs_path)
+        self.replace_delay_s = replace_delay_s
+        self.poll_s = poll_s
+        _name, gpus = st.accelerator_parts(tier.accelerator)
+        self.clusters = [Cluster(n, gpus) for n in st.cluster_names(prefix, tier)]
+        self.prefix = prefix
+        self._active: dict[str, ActiveRun] = {}
+        self._changed = asyncio.Event()  # set when a GPU frees up or a run is cancelled
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def slots(self) -> int:
+        """GPUs of the clusters not being replaced: shrinks while one is, grows back after."""
+        return sum(c.gpus for c in self.clusters if c.state != "failed")
+
+    def placement(self, slot: int) -> tuple[str, str]:
+        cluster = self.clusters[(slot // self.clusters[0].gpus) % len(self.clusters)]
+        return cluster.name, f"{st.accelerator_parts(self.tier.accelerator)[0]}:1"
+
+    # --- one run ----------------------------------------------------------------------
+
+    async def run(self, job: Job, on_line: LineCallback) -> RunOutcome:
+        started = time.time()
+        outcome = RunOutcome(None, started, started)
+        active = self._active[job.run_id] = ActiveRun()
+        run_dir = self.runs_path / job.campaign / job.run_id
+        try:
+            log_path = self._make_run_dir(run_dir)
+            outcome.log_path = log_path
+            await self._run_on_cluster(job, active, run_dir, on_line, outcome)
+        except ClusterGone as exc:  # preempted, torn down, stopped: the next run relaunches it
+            if active.cluster is not None and active.cluster.state == "up":
+                active.cluster.state, active.cluster.harness = "absent", None
+            self._infra(outcome, job, active, f"cluster gone during the run: {exc}")
+        except (RunFailed, SkyError, OSError) as exc:
+            self._infra(outcome, job, active, str(exc))
+        except asyncio.CancelledError:  # our caller stops: the job must not hold its GPU
+            if active.cluster is not None and active.job_id is not None:
+                self._spawn(self._cancel_job(active.cluster.name, active.job_id))
+            raise
+        finally:
+            if active.cluster is not None:
+                active.cluster.busy -= 1
+            self._active.pop(job.run_id, None)
+            self._changed.set()  # a GPU is free: a waiting run may take it
+        outcome.finished_at = time.time()
+        return outcome
+
+    async def _run_on_cluster(
+        self, job: Job, active: ActiveRun, run_dir: Path, on_line: LineCallback, out: RunOutcome
+    ) -> None:
+        cluster = active.cluster = await self._allocate(job, active)
+        if cluster is None:
+            return self._cancelled(out, active.cancel_reason or "")
+        await self._ensure_up(cluster, job)
+        st.stage_run(run_dir / "stage", job.run_id, job.edit_file, job.source)
+        task = st.exec_task(
+            self.template,
+            self.tier,
+            run_dir / "stage",
+            run_id=job.run_id,
+            edit_file=job.edit_file,
+            profile=job.profile,
+            replica=job.replica,
+        )
+        if active.cancel_reason is not None:
+            return self._cancelled(out, active.cancel_reason)
+        try:
+            active.job_id = await self.adapter.exec(task, cluster.name)
+        except ClusterGone:  # stopped by autostop, or gone: launch it again, once
+            cluster.state, cluster.harness = "absent", None
+            await self._ensure_up(cluster, job)
+            active.job_id = await self.adapter.exec(task, cluster.name)
+        submitted = time.time()
+        if active.cancel_reason is not None:  # cancelled while the exec was on its way
+            await self._cancel_job(cluster.name, active.job_id)
+        _log().info("run_submitted", run_id=job.run_id, cluster=cluster.name, job_id=active.job_id)
+        try:
+            status = await self._follow(job, active, out, on_line)
+        finally:
+            out.gpu_seconds, out.gpu_usd = st.gpu_cost(self.tier, time.time() - submitted)
+        self._conclude(job, active, out, status)
+
+    async def _allocate(self, job: Job, active: ActiveRun) -> Cluster | None:
+        """The slot's own cluster when it can take a run, else the least busy that can.
+
+        While clusters are being replaced the tier has fewer GPUs than the launcher has
+        slots: a run waits here for a GPU (or for a replacement's retry), not failing, so
+        its message is not spent on retries. None: cancelled while waiting.
+        """
+        while active.cancel_reason is None:
+            now = time.time()
+            usable = [
+                c
+                for c in self.clusters
+                if c.busy < c.gpus and (c.state != "failed" or now >= c.retry_at)
+            ]
+            if usable:
+                own = self.clusters[(job.slot // self.clusters[0].gpus) % len(self.clusters)]
+                ranked = sorted(usable, key=lambda c: (c is not own, c.state != "up", c.busy))
+                ranked[0].busy += 1
+                return ranked[0]
+            retry = min((c.retry_at for c in self.clusters if c.state == "failed"), default=now)
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), max(0.05, retry - now))
+        return None
+
+    async def _ensure_up(self, cluster: Cluster, job: Job) -> None:
+        """Launch the cluster unless it is up with this harness; wait for another's launch."""
+        while cluster.state == "launching":
+            await cluster.launched.wait()
+        if cluster.state == "failed" and time.time() < cluster.retry_at:
+            raise RunFailed(f"cluster {cluster.name} failed to launch: {cluster.last_error}")
+        if cluster.state == "up" and cluster.harness == job.harness_dir:
+            return
+        cluster.state = "launching"
+        cluster.launched.clear()
+        task = st.launch_task(self.template, self.tier, job.harness_dir, job.profile)
+        log = _log().bind(cluster=cluster.name, tier=self.tier.name)
+        log.info("cluster_launching", accelerator=self.tier.accelerator, infra=self.tier.infra)
+        try:
+            setup_job = await self.adapter.launch(task, cluster.name, self.tier.autostop_minutes)
+            if setup_job is not None:
+                await self._await_setup(cluster.name, setup_job)
+        except ApiUnreachable as exc:  # says nothing about the cluster: launch it next time
+            cluster.state, cluster.harness = "absent", None
+            raise RunFailed(f"cluster {cluster.name} was not launched: {exc}") from exc
+        except SkyError as exc:
+            self._replace(cluster, str(exc))
+            raise RunFailed(
+                f"cluster {cluster.name} could not be launched or set up ({exc}); it is being "
+                f"replaced and the run will be retried"
+            ) from exc
+        finally:
+            cluster.launched.set()
+        cluster.state, cluster.harness, cluster.failures = "up", job.harness_dir, 0
+        log.info("cluster_ready")
+
+    async def _await_setup(self, cluster: str, job_id: int) -> None:
+        """Wait for the detached setup job; LaunchFailed with its last lines unless it succeeds."""
+        tail: collections.deque[str] = collections.deque(maxlen=10)
+        async for chunk in self.adapter.tail_logs(cluster, job_id):
+            tail.extend(line for line in split_lines(chunk) if line.strip())
+        while (status := await self.adapter.job_status(cluster, job_id)) not in TERMINAL:
+            await asyncio.sleep(self.poll_s)
+        if status != "SUCCEEDED":
+            lines = " | ".join(st.clean_line(line) for line in tail)
+            raise LaunchFailed(f"setup job {job_id} ended {status}: {lines}")
+
+    def _replace(self, cluster: Cluster, reason: str) -> None:
+        """Take a cluster whose launch failed out of the pool; tear it down; retry later."""
+        cluster.failures += 1
+        delay = min(self.replace_delay_s * 2 ** (cluster.failures - 1), 16 * self.replace_delay_s)
+        cluster.state, cluster.harness = "failed", None
+        cluster.retry_at = time.time() + delay
+        cluster.last_error = reason
+        _log().warning(
+            "cluster_replacing",
+            cluster=cluster.name,
+            tier=self.tier.name,
+            reason=reason,
+            retry_in_s=delay,
+            slots_now=self.slots,
+        )
+        self._spawn(self._down_quietly(cluster.name))
+
+    async def _follow(
+        self, job: Job, active: ActiveRun, out: RunOutcome, on_line: LineCallback
+    ) -> JobStatus:
+        """Stream the log into run.log and on_line until the job ends; its final status."""
+        assert active.cluster is not None and active.job_id is not None
+        cluster, job_id = active.cluster.name, active.job_id
+        try:
+            await asyncio.wait_for(self._stream(cluster, job_id, out, on_line), job.timeout_s)
+        except TimeoutError:
+            out.timed_out = True
+            await self._cancel_job(cluster, job_id)
+            return "CANCELLED"
+        while True:  # the stream ended: the job did, or the connection dropped
+            status = await self.adapter.job_status(cluster, job_id)
+            if status is None:
+                raise ClusterGone(f"job {job_id} vanished from cluster {cluster} (restarted?)")
+            if status in TERMINAL:
+                return status
+            await asyncio.sleep(self.poll_s)
+
+    async def _stream(self, cluster: str, job_id: int, out: RunOutcome, on_line: Any) -> None:
+        assert out.log_path is not None
+        pending = ""
+        with out.log_path.open("a") as sink:
+            async for chunk in self.adapter.tail_logs(cluster, job_id):
+                *lines, pending = split_lines(pending + chunk)
+                for raw in lines:
+                    self._emit(st.clean_line(raw), sink, on_line)
+            if pending:
+                self._emit(st.clean_line(pending), sink, on_line)
+
+    @staticmethod
+    def _emit(line: str, sink: Any, on_line: LineCallback) -> None:
+        sink.write(line + "\n")
+        sink.flush()
+        if line.strip():
+            with contextlib.suppress(Exception):  # a broken observer must not end the run
+                on_line(line)
+
+    def _conclude(self, job: Job, active: ActiveRun, out: RunOutcome, status: JobStatus) -> None:
+        """The outcome from the final status: train.py's exit code, or why it is infra."""
+        assert out.log_path is not None and active.cluster is not None
+        if out.timed_out:
+            self._append(out, timed_out_line(job.timeout_s))
+            return
+        if active.cancel_reason is not None:
+            return self._cancelled(out, active.cancel_reason)
+        code = st.exit_code_of(out.read_log())
+        if status in ("SUCCEEDED", "FAILED") and code is not None:
+            out.exit_code = code
+            return
+        if status == "SUCCEEDED":  # a template whose run script prints no code
+            out.exit_code = 0
+            return
+        why = INFRA_STATUSES.get(status, "train.py never finished (killed with its machine?)")
+        raise RunFailed(
+            f"job {active.job_id} on {active.cluster.name} ended {status}: {why}; not the "
+            f"variant's fault, it will run again"
+        )
+
+    def _infra(self, out: RunOutcome, job: Job, active: ActiveRun, reason: str) -> None:
+        if active.cancel_reason is not None:  # stopped on purpose: a cancel, not a failure
+            self._cancelled(out, active.cancel_reason)
+            return
+        _log().warning("run_infra_failure", run_id=job.run_id, reason=reason)
+        out.infra_failure = True
+        out.infra_reason = reason
+        self._append(out, infra_failure_line(reason))
+
+    def _cancelled(self, out: RunOutcome, reason: str) -> None:
+        out.cancelled = True
+        self._append(out, cancelled_line(reason))
+
+    @staticmethod
+    def _append(out: RunOutcome, line: str) -> None:
+        if out.log_path is None:
+            out.log_text += line + "\n"
+            return
+        with out.log_path.open("a") as fh:
+            fh.write(f"\n{line}\n")
+
+    @staticmethod
+    def _make_run_dir(run_dir: Path) -> Path:
+        if run_dir.exists():  # a redelivered run starts over
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        log_path = run_dir / "run.log"
+        log_path.write_bytes(b"")
+        return log_path
+
+    # --- cancel and teardown ------------------------------------------------------------
+
+    async def cancel(self, run_id: str, reason: str = "") -> None:
+        active = self._active.get(run_id)
+        if active is None:
+            return
+        active.cancel_reason = reason
+        self._changed.set()
+        if active.cluster is not None and active.job_id is not None:
+            await self._cancel_job(active.cluster.name, active.job_id)
+
+    async def _cancel_job(self, cluster: str, job_id: int) -> None:
+        try:
+            await self.adapter.cancel(cluster, job_id)
+        except SkyError as exc:
+            _log().warning("job_cancel_failed", cluster=cluster, job_id=job_id, error=str(exc))
+
+    async def down(self) -> list[str]:
+        """Tear down every cluster of this tier that exists; the names torn down."""
+        names = await pool_clusters(self.adapter, (f"{self.prefix}-{self.tier.name}-",))
+        failed = await down_clusters(self.adapter, names)
+        return [n for n in names if n not in failed]
+
+    async def _down_quietly(self, cluster: str) -> None:
+        with contextlib.suppress(SkyError):
+            await self.adapter.down(cluster)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

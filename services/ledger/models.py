@@ -54,6 +54,12 @@ class LlmCost(BaseModel):
     usd: float
 
 
+class VariantGpuCost(BaseModel):
+    usd: float = Field(
+        description="its runs' metered GPU dollars (infrastructure failures excluded)"
+    )
+
+
 class VariantSummary(BaseModel):
     variant_id: str
     campaign: str
@@ -69,6 +75,7 @@ class VariantSummary(BaseModel):
     ok_runs: int
     decided_at: float | None
     llm: LlmCost
+    gpu: VariantGpuCost
 
 
 class Run(BaseModel):
@@ -143,6 +150,12 @@ class CampaignLlmCost(BaseModel):
     output_tokens: float
 
 
+class CampaignGpuCost(BaseModel):
+    usd: float = Field(description="metered GPU dollars of every attempt (0: not metered)")
+    gpu_seconds: float = Field(description="GPUs x seconds the campaign's runs held")
+    infra_usd: float = Field(description="the part of `usd` lost to infrastructure failures")
+
+
 class CampaignSummary(BaseModel):
     name: str
     config: dict[str, Any] | None = Field(description="the CampaignStarted event (null: unseen)")
@@ -162,6 +175,7 @@ class CampaignSummary(BaseModel):
     halted_detail: str | None
     counts: CampaignCounts
     llm: CampaignLlmCost
+    gpu: CampaignGpuCost
     best: BestVariant | None
 
 

@@ -227,7 +227,7 @@ def overview(
         experiments_per_hour=evaluated / hours if hours > 0 else 0.0,
         experiments_last_hour=int(last_hour or 0),
         llm_usd=float(summary["llm"]["usd"] or 0.0),
-        gpu_usd=None,
+        gpu_usd=summary["gpu"]["usd"] if summary["gpu"]["gpu_seconds"] > 0 else None,
         fleet=_fleet(conn, name, watch, now),
         position=position(conn, name),
     )

@@ -120,7 +120,7 @@ def test_first_wave_is_one_factor_coarse_then_fine() -> None:
         "MATRIX_LR 0.04 -> 0.08",
         "TOTAL_BATCH_SIZE 2**19 -> 2**18",
         "TOTAL_BATCH_SIZE 2**19 -> 2**20",
-        "WARMUP_RATIO 0.0 -> 0.1",
+        "WARMUP_RATIO 0.0 -> 0.2",
         "ADAM_BETA2 0.95 -> 0.975",
         "ADAM_BETA2 0.95 -> 0.9",
         "BIAS -1.0 -> -1.5",
@@ -133,7 +133,7 @@ def test_first_wave_is_one_factor_coarse_then_fine() -> None:
         "DEPTH 8 -> 11",
         "MATRIX_LR 0.04 -> 0.028",
         "MATRIX_LR 0.04 -> 0.056",
-        "WARMUP_RATIO 0.0 -> 0.05",
+        "WARMUP_RATIO 0.0 -> 0.1",
     } <= fine
     assert not any(
         "SEED" in t or "USE_FLAG" in t or "AFTER_DEF" in t or "LATE" in t for t in titles
@@ -260,6 +260,8 @@ def test_never_repeats_and_exhausts_when_nothing_is_in_flight() -> None:
             "X_LR 0.1 -> 0.14",
             "X_LR 0.1 -> 0.085",
             "X_LR 0.1 -> 0.118",
+            "X_LR 0.1 -> 0.092",  # the refinement's smallest steps
+            "X_LR 0.1 -> 0.109",
             "N_LAYER 1 -> 2",
             "N_LAYER 1 -> 2 + X_LR 0.1 -> 0.05",
             "N_LAYER 1 -> 2 + X_LR 0.1 -> 0.2",

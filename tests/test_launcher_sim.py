@@ -71,7 +71,7 @@ async def test_a_sim_run_prints_progress_and_a_summary_block() -> None:
 async def test_failures_look_like_real_ones() -> None:
     sim = backend(failure_rate=1.0)
     cases = {
-        "oom": ls.set_constants(SEED, {"DEVICE_BATCH_SIZE": 100_000}),
+        "oom": ls.set_constants(SEED, {"DEVICE_BATCH_SIZE": 2**17}),
         "diverged": ls.set_constants(SEED, {"MATRIX_LR": 40.0}),
         "crash": SEED + "def broken(:\n",
     }

@@ -76,6 +76,7 @@ class Campaign:
     rows: list[ResultRow] = field(default_factory=list)
     queued: list[str] = field(default_factory=list)
     running: list[tuple[float, int, str]] = field(default_factory=list)
+    observed: dict[str, ls.SimObservation] = field(default_factory=dict)
     best: tuple[str, float] | None = None
     trajectory: list[float] = field(default_factory=list)
     now: float = 0.0
@@ -111,7 +112,7 @@ class Campaign:
     def start_runs(self) -> None:
         while self.queued and len(self.running) < self.slots:
             variant_id = self.queued.pop(0)
-            obs = self.observe(variant_id)
+            obs = self.observed[variant_id] = self.observe(variant_id)
             seconds = simulated_seconds(obs, BUDGET_S, f"{self.sim_seed}:{variant_id}")
             heapq.heappush(self.running, (self.now + seconds, len(self.sources), variant_id))
 
@@ -122,7 +123,7 @@ class Campaign:
     def finish_one(self, searcher: Searcher) -> None:
         """The next run to end: its result, the strict rule's decision, the trajectory."""
         self.now, _, variant_id = heapq.heappop(self.running)
-        obs = self.observe(variant_id)
+        obs = self.observed.pop(variant_id)
         value = obs.val_bpb
         status = obs.failure or "ok"
         self.rows.append(
@@ -210,6 +211,20 @@ def searcher_factories(profile: str) -> dict[str, SearcherFactory]:
     }
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`1-5` or `1,4,7` (or both: `1-3,9`); ValueError naming the flag when malformed."""
+    seeds: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            low, _, high = part.partition("-")
+            seeds += list(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise ValueError(f"--seeds takes e.g. 1-10 or 1,4,7, not {text!r}") from None
+    if not seeds:
+        raise ValueError(f"--seeds names no seed: {text!r}")
+    return seeds
+
+
 def search_bench(
     seeds: Sequence[int] = (1, 2, 3, 4, 5),
     strategies: Sequence[str] = STRATEGIES,
@@ -220,6 +235,8 @@ def search_bench(
     failure_rate: float = 0.5,
     reference: str | None = None,
 ) -> SearchReport:
+    if experiments < 1 or slots < 1 or not seeds:
+        raise ValueError("bench search needs experiments >= 1, slots >= 1 and a seed")
     seed_source = knob_head(reference if reference is not None else ls.default_reference())
     factories = searcher_factories(profile)
     lookahead = max(2, -(-slots // 4))  # the proposer's automatic look-ahead

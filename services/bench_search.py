@@ -190,6 +190,7 @@ class SearchReport:
     reachable_per_seed: list[float]
     curves: dict[str, list[Checkpoint]]
     grid_gap_closed: list[float]  # per seed, at the last checkpoint
+    grid_ahead: dict[str, list[int]]  # other strategy -> per checkpoint, seeds the grid led
     wall_s: dict[str, float]
 
     @property
@@ -269,6 +270,15 @@ def search_bench(
         (seed_value - run[-1]) / (seed_value - reach) if seed_value > reach else 1.0
         for run, reach in zip(finals.get("grid", []), reachable, strict=False)
     ]
+    grid_runs = finals.get("grid", [])
+    ahead = {
+        name: [
+            sum(g[i] < o[i] for g, o in zip(grid_runs, runs, strict=True))
+            for i in range(len(marks))
+        ]
+        for name, runs in finals.items()
+        if name != "grid" and grid_runs
+    }
     return SearchReport(
         profile,
         slots,
@@ -279,6 +289,7 @@ def search_bench(
         reachable,
         curves,
         closed,
+        ahead,
         wall,
     )
 
@@ -294,6 +305,7 @@ def report_json(report: SearchReport) -> dict[str, object]:
         reachable_per_seed=report.reachable_per_seed,
         grid_gap_closed=report.grid_gap_closed,
         grid_gap_closed_min=report.grid_gap_closed_min,
+        grid_ahead=report.grid_ahead,
         seeds=report.seeds,
         slots=report.slots,
         profile=report.profile,
@@ -322,5 +334,10 @@ def print_search_report(report: SearchReport, as_json: bool = False) -> None:
         print(
             f"  grid: share of the seed-to-reachable gap closed at {report.experiments}: "
             f"{shares} (min {report.grid_gap_closed_min * 100:.0f}%)"
+        )
+    for name, counts in report.grid_ahead.items():
+        print(
+            f"  grid ahead of {name} (seeds of {len(report.seeds)}, per checkpoint): "
+            + ", ".join(str(c) for c in counts)
         )
     print("  wall seconds: " + ", ".join(f"{n} {s:.1f}" for n, s in report.wall_s.items()))

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from services.bench_search import knob_head
 from services.contracts import variant_id_for
 from services.proposer.constants import find_constants, format_value, rewrite
 from services.proposer.grid import GridStrategy, parse_title, tunable
@@ -287,7 +288,7 @@ def test_grid_beats_the_seed_on_the_sim_landscape() -> None:
         def truth(source: str, landscape: Any = landscape) -> float:
             # The landscape reads only module-level constants and the grid edits only those
             # before the first def: scoring the head alone is exact and 10x faster.
-            return float(landscape.true_val_bpb(head(source)))
+            return float(landscape.true_val_bpb(knob_head(source)))
 
         assert truth(seed) == landscape.true_val_bpb(seed)
         best, _ = drive(
@@ -295,12 +296,3 @@ def test_grid_beats_the_seed_on_the_sim_landscape() -> None:
         )
         gained = truth(seed) - truth(best)
         assert gained > noise, f"sim seed {sim_seed}: gained only {gained:.5f}"
-
-
-def head(source: str) -> str:
-    """The lines before the first top-level def or class."""
-    lines = source.splitlines(keepends=True)
-    end = next(
-        (i for i, line in enumerate(lines) if line.startswith(("def ", "class ", "@"))), len(lines)
-    )
-    return "".join(lines[:end])

@@ -259,26 +259,7 @@ def search_bench(
             wall[name] += time.perf_counter() - started
             padded = trajectory + [trajectory[-1]] * (experiments - len(trajectory))
             finals[name].append([padded[m - 1] for m in marks])
-    curves = {
-        name: [
-            Checkpoint(m, statistics.fmean(col), statistics.pstdev(col))
-            for m, col in zip(marks, zip(*runs, strict=True), strict=True)
-        ]
-        for name, runs in finals.items()
-    }
-    closed = [
-        (seed_value - run[-1]) / (seed_value - reach) if seed_value > reach else 1.0
-        for run, reach in zip(finals.get("grid", []), reachable, strict=False)
-    ]
-    grid_runs = finals.get("grid", [])
-    ahead = {
-        name: [
-            sum(g[i] < o[i] for g, o in zip(grid_runs, runs, strict=True))
-            for i in range(len(marks))
-        ]
-        for name, runs in finals.items()
-        if name != "grid" and grid_runs
-    }
+    curves, closed, ahead = _compare(finals, marks, seed_value, reachable)
     return SearchReport(
         profile,
         slots,
@@ -292,6 +273,37 @@ def search_bench(
         ahead,
         wall,
     )
+
+
+def _compare(
+    finals: dict[str, list[list[float]]],
+    marks: list[int],
+    seed_value: float,
+    reachable: list[float],
+) -> tuple[dict[str, list[Checkpoint]], list[float], dict[str, list[int]]]:
+    """Per strategy the checkpoints over the seeds; per seed the share of the gap the grid
+    closed; per other strategy and checkpoint the seeds the grid led."""
+    curves = {
+        name: [
+            Checkpoint(m, statistics.fmean(col), statistics.pstdev(col))
+            for m, col in zip(marks, zip(*runs, strict=True), strict=True)
+        ]
+        for name, runs in finals.items()
+    }
+    grid_runs = finals.get("grid", [])
+    closed = [
+        (seed_value - run[-1]) / (seed_value - reach) if seed_value > reach else 1.0
+        for run, reach in zip(grid_runs, reachable, strict=False)
+    ]
+    ahead = {
+        name: [
+            sum(g[i] < o[i] for g, o in zip(grid_runs, runs, strict=True))
+            for i in range(len(marks))
+        ]
+        for name, runs in finals.items()
+        if name != "grid" and grid_runs
+    }
+    return curves, closed, ahead
 
 
 def report_json(report: SearchReport) -> dict[str, object]:

@@ -368,8 +368,8 @@ def _clamp(axis: _Axis, value: float) -> float:
 
 
 @functools.lru_cache(maxsize=32)
-def _landscape(reference_source: str, seed: int) -> Landscape:
-    return Landscape(reference_source, seed)
+def _landscape(reference_source: str, seed: int, profile: str) -> Landscape:
+    return Landscape(reference_source, seed, profile)
 
 
 def default_reference() -> str:
@@ -380,7 +380,9 @@ def default_reference() -> str:
     return path.read_text()
 
 
-def true_val_bpb(source: str, reference_source: str | None = None, seed: int = 0) -> float:
+def true_val_bpb(
+    source: str, reference_source: str | None = None, seed: int = 0, profile: str = ""
+) -> float:
     """The sim's truth for `source` (reference: the repo's trainer/train.py by default)."""
     reference = default_reference() if reference_source is None else reference_source
-    return _landscape(reference, seed).true_val_bpb(source)
+    return _landscape(reference, seed, profile).true_val_bpb(source)

@@ -1,4 +1,5 @@
-"""The grid strategy: no LLM, perturbs the UPPER_CASE numeric constants of the parent.
+"""The grid strategy: no LLM, perturbs the UPPER_CASE numeric constants of the parent,
+each inside its domain (services.contracts.knobs; the steps are in steps.py).
 
 Every wave is planned from the request alone (deterministic, restart-safe):
 
@@ -7,14 +8,18 @@ Every wave is planned from the request alone (deterministic, restart-safe):
    value the move started from). The top three give a 2x2 or 2x2x2 design; the points not
    yet run (AB, AC, BC, ABC, or a winner transplanted onto a new parent) come first.
 2. One-factor moves around the current parent (the best so far, so the grid re-centres on
-   every new best): coarse steps (x0.5, x2 in log space for positive values; additive for
-   zero and negative ones), then finer ones (x0.7, x1.4, then x0.85, x1.18). Moves never
-   tried from any parent come before moves that were tried and were neutral, and losers
-   come last.
-3. For a fleet larger than that neighbourhood: a 2x2 screen over pairs of constants.
+   every new best), never tried from any parent: coarse steps (x0.5, x2 in the knob's
+   search coordinate), then finer ones (x0.7, x1.4, then x0.85, x1.18).
+3. Refinement (refine.py): each knob's fitted minimum (all at once, each alone, half-way),
+   then steps of x0.92 / x1.09 around the parent.
+4. The top candidates: moves tried before that came out within the noise of their parent,
+   re-run on the current parent (the best first), then the other neutral ones.
+5. Last: a 2x2 screen over pairs of coarse moves that neither failed nor lost, then losers.
 
-A move is written in the title as `NAME old -> new` (joined by ` + ` for combinations),
-which is also how later waves read the results back.
+Every candidate is checked against the knobs' domains and the trainer's batch rule on the
+profile; a move that failed is never combined again. A move is written in the title as
+`NAME old -> new` (joined by ` + ` for combinations), which is also how later waves read
+the results back.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from services.contracts import variant_id_for
 from services.contracts.knobs import Domain, domain_of, invalid_reason
 from services.proposer.constants import Constant, find_constants, format_value, rewrite
 from services.proposer.refine import Minimum, Sample, minimum_of, move_to, offset_of, text_value
-from services.proposer.steps import COARSE, FINEST, LEVELS, RERUN_TOP, step_values, tunable
+from services.proposer.steps import COARSE, FINEST, LEVELS, step_values, tunable
 from services.proposer.strategy import Proposal, ProposalRequest, StrategyExhausted
 
 MAX_FACTORS = 3  # 2x2x2 at most
+RERUN_TOP = 3  # the top candidates (tried, within the noise) re-run on a new best
 
 _MOVE = re.compile(r"([A-Z][A-Z0-9_]*) (\S+) -> (\S+)")
 

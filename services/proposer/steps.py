@@ -14,7 +14,6 @@ FINE = (0.7, 1.4)
 FINER = (0.85, 1.18)  # a large fleet runs out of coarser points around one parent
 LEVELS = (COARSE, FINE, FINER)
 FINEST = (0.92, 1.09)  # the refinement's smallest steps around the best
-RERUN_TOP = 3  # the top candidates (tried, within the noise) re-run on a new best
 # Not hyperparameters: perturbing them only samples noise or breaks the harness.
 _SKIP = re.compile(r"SEED|VERBOSE|DEBUG|PRINT|EVERY|CHECKPOINT|FLOPS")
 # Additive steps of a ratio (in [0, 1]) per level, the counterpart of the factors.

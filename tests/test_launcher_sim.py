@@ -85,6 +85,13 @@ async def test_failures_look_like_real_ones() -> None:
             assert outcome.log_text.splitlines()[-1] == "FAIL"
         if expected == "crash":
             assert reason.startswith("SyntaxError")
+    # A knob outside its domain fails as the trainer's assertion does, whatever the rate.
+    outcome = await backend(failure_rate=0.0).run(
+        job(ls.set_constants(SEED, {"DEVICE_BATCH_SIZE": 100})), lambda _: None
+    )
+    status, value, reason = evaluate(outcome)
+    assert (status, value, outcome.exit_code) == ("crash", None, 1), outcome.log_text
+    assert "AssertionError: DEVICE_BATCH_SIZE = 100 is outside its domain" in outcome.log_text
 
 
 async def test_a_run_past_its_timeout_times_out() -> None:

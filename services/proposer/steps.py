@@ -17,7 +17,7 @@ FINEST = (0.92, 1.09)  # the refinement's smallest steps around the best
 # Not hyperparameters: perturbing them only samples noise or breaks the harness.
 _SKIP = re.compile(r"SEED|VERBOSE|DEBUG|PRINT|EVERY|CHECKPOINT|FLOPS")
 # Additive steps of a ratio (in [0, 1]) per level, the counterpart of the factors.
-RATIO_STEPS = (0.2, 0.1, 0.05)
+RATIO_STEPS = (0.2, 0.1, 0.05, 0.025)
 _WIDTH_SUFFIXES = ("_DIM", "EMBD", "WIDTH")
 
 

@@ -149,6 +149,24 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     sky.add_argument("--runs-per-cluster", type=int, default=3)
     sky.add_argument("--json", action="store_true", help="print one JSON object")
+    _bench_search_parser(bench_sub)
+
+
+def _bench_search_parser(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`bench search`: strategies side by side on the sim landscape, in this process."""
+    search = bench_sub.add_parser(
+        "search", help="grid vs random, Optuna TPE and CMA-ES on the sim landscape"
+    )
+    search.add_argument("--seeds", default="1-5", help="landscape seeds, e.g. 1-10 or 1,4,7")
+    search.add_argument("--experiments", type=int, default=400)
+    search.add_argument("--slots", type=int, default=16)
+    search.add_argument("--profile", default="cpu", help="the campaign's profile (default: cpu)")
+    search.add_argument(
+        "--strategies",
+        default="grid,random,tpe,cmaes",
+        help="comma-separated, of grid, random, tpe, cmaes (tpe and cmaes need Optuna)",
+    )
+    search.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def command_key(args: argparse.Namespace) -> str:
@@ -216,6 +234,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         sky_report = asyncio.run(skypilot_bench(runs_per_cluster=args.runs_per_cluster))
         print(json.dumps(vars(sky_report)) if args.json else format_report(sky_report))
         return 0
+    if args.command == "bench" and args.bench == "search":
+        return _bench_search(args)
     if args.command == "bench":
         from services.bench import fleet_bench, print_report
 
@@ -227,6 +247,28 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print_report(report, as_json=args.json)
         return 0
     return 2
+
+
+def _bench_search(args: argparse.Namespace) -> int:
+    from services.bench_search import STRATEGIES, parse_seeds, print_search_report, search_bench
+
+    strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown or not strategies:
+        print(
+            f"nightshift: --strategies takes {', '.join(STRATEGIES)}, not {unknown}",
+            file=sys.stderr,
+        )
+        return 2
+    report = search_bench(
+        seeds=parse_seeds(args.seeds),
+        strategies=strategies,
+        experiments=args.experiments,
+        slots=args.slots,
+        profile=args.profile,
+    )
+    print_search_report(report, as_json=args.json)
+    return 0
 
 
 async def _campaign(args: argparse.Namespace, settings: Settings) -> int:

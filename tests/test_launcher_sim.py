@@ -62,7 +62,7 @@ async def test_a_sim_run_prints_progress_and_a_summary_block() -> None:
 async def test_failures_look_like_real_ones() -> None:
     sim = backend(failure_rate=1.0)
     cases = {
-        "oom": ls.set_constants(SEED, {"DEVICE_BATCH_SIZE": 100_000}),
+        "oom": ls.set_constants(SEED, {"DEVICE_BATCH_SIZE": 2**17}),
         "diverged": ls.set_constants(SEED, {"MATRIX_LR": 40.0}),
         "crash": SEED + "def broken(:\n",
     }
@@ -76,6 +76,13 @@ async def test_failures_look_like_real_ones() -> None:
             assert outcome.log_text.splitlines()[-1] == "FAIL"
         if expected == "crash":
             assert reason.startswith("SyntaxError")
+    # A knob outside its domain fails as the trainer's assertion does, whatever the rate.
+    outcome = await backend(failure_rate=0.0).run(
+        job(ls.set_constants(SEED, {"DEVICE_BATCH_SIZE": 100})), lambda _: None
+    )
+    status, value, reason = evaluate(outcome)
+    assert (status, value, outcome.exit_code) == ("crash", None, 1), outcome.log_text
+    assert "AssertionError: DEVICE_BATCH_SIZE = 100 is outside its domain" in outcome.log_text
 
 
 async def test_a_run_past_its_timeout_times_out() -> None:

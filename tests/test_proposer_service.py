@@ -254,15 +254,15 @@ async def test_a_restarted_proposer_does_not_repropose(bus: Bus) -> None:
 async def test_exhausted_grid_halts_then_completes(bus: Bus) -> None:
     await start_campaign(bus, source="X_LR = 0.1\n", lookahead=10)
     async with watching(bus) as watch, proposer(bus):
-        # No fleet heard from: the look-ahead alone; the grid has 6 points around 0.1.
-        await eventually(lambda: len(watch.proposed) == 7, what="baseline + 6 grid points")
+        # No fleet heard from: the look-ahead alone; the grid has 8 points around 0.1.
+        await eventually(lambda: len(watch.proposed) == 9, what="baseline + 8 grid points")
         for variant in list(watch.proposed):
             await finish(bus, variant, value=1.0)
         await eventually(lambda: len(watch.stopped) == 1, what="stopped after halt")
         assert len(watch.halted) == 1 and watch.halted[0].reason == "exhausted"
         assert "every grid point" in watch.halted[0].detail
         assert watch.stopped[0].reason == "completed"
-        assert len(watch.proposed) == 7
+        assert len(watch.proposed) == 9
 
 
 @pytest.mark.parametrize("strategy", ["auto", "claude", "nonsense"])

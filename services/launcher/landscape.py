@@ -1,14 +1,18 @@
 """The sim landscape: a synthetic val_bpb over the UPPER_CASE constants of a train.py.
 
 A pure function of a source, so tests and benchmarks know the truth of every variant.
-Each numeric module-level constant of the reference (the campaign's seed) gets an optimum
-drawn from a fixed seed and the constant's name: in log space for positive values
-(optimum = reference x exp(N(0, 0.4))), additively otherwise. The bowl is a positive
+Each numeric module-level constant of the reference (the campaign's seed) that takes effect
+on the campaign's profile (a `CPU_DEPTH` on cpu, its `DEPTH` elsewhere) gets an optimum
+drawn from a fixed seed and the constant's name, inside the knob's domain
+(services.contracts.knobs): in its search coordinate (log space for sizes and rates,
+log(1 - v) for betas) optimum = reference + N(0, 0.4); a ratio's lies within 0.15-ish of
+the reference and inside [0, 1]; other values move additively. The bowl is a positive
 definite quadratic in the normalized displacements, with per-constant curvatures and a
 few pairwise interactions (so factorial waves pay off), calibrated so the reference scores
 REFERENCE_BPB and the optimum OPTIMUM_BPB (the published run went 1.003 -> 0.974).
 
-A run observes true + seeded Gaussian noise; a value far from its optimum fails the way
+A value outside its domain, or a batch that is not a whole number of forward passes, crashes
+the run as the trainer's assertion does. A run observes true + seeded Gaussian noise; a value far from its optimum fails the way
 real runs do at a configurable rate: out of memory when a size-like constant (DEPTH,
 batch, width) is far too big, divergence when a learning rate is far too big or another
 constant is far off either way; far too small a model or learning rate just trains worse.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import itertools
 import math
 import random
 import re
@@ -27,10 +32,19 @@ from pathlib import Path
 from typing import Literal
 
 from services.contracts import knob_assignments, knob_value
+from services.contracts.knobs import (
+    Domain,
+    batch_pairs,
+    domains_of,
+    invalid_reason,
+    is_seed,
+    live_knobs,
+)
 
 REFERENCE_BPB = 1.000
 OPTIMUM_BPB = 0.970
-LOG_SPREAD = 0.4  # std of log(optimum / reference) for positive constants
+LOG_SPREAD = 0.4  # std of the optimum's log-space coordinate around the reference
+RATIO_SPREAD = 0.15  # std of a ratio's optimum around the reference (then kept in [0, 1])
 FAR_LOG = 1.5  # |log(value / optimum)| beyond which a run may fail (~4.5x)
 FAR_Z = FAR_LOG / LOG_SPREAD  # the same distance in normalized units
 CEILING = 8.0  # a soft cap on the excess over the optimum, so values stay plausible
@@ -83,11 +97,6 @@ def _parse_constants(source: str) -> dict[str, float | int]:
     return constants
 
 
-def is_seed(name: str) -> bool:
-    """A random seed changes the noise of a run, not where the optimum lies."""
-    return bool(re.search(r"(^|_)SEED(_|$)", name))
-
-
 def set_constants(source: str, values: dict[str, float | int]) -> str:
     """The source with the named knobs (as parse_constants reads them) rewritten as literals."""
     lines = source.splitlines(keepends=True)
@@ -122,18 +131,20 @@ def is_size_like(name: str) -> bool:
 class _Axis:
     name: str
     reference: float
-    optimum: float
-    log_space: bool
-    unit: float  # normalized displacement = (x - optimum) / unit, x in log space if log_space
+    optimum: float  # a value (a real number even for an integer knob)
+    domain: Domain
+    unit: float  # normalized displacement = (warp(x) - warp(optimum)) / unit
     weight: float
 
+    @property
+    def log_space(self) -> bool:
+        return self.domain.log_space
+
     def coordinate(self, value: float) -> float | None:
-        """Normalized displacement from the optimum; None when log space cannot hold it."""
-        if self.log_space:
-            if value <= 0:
-                return None
-            return (math.log(value) - math.log(self.optimum)) / self.unit
-        return (value - self.optimum) / self.unit
+        """Normalized displacement from the optimum; None when the domain cannot hold it."""
+        if value >= 1 if self.domain.kind == "beta" else self.log_space and value <= 0:
+            return None
+        return (self.domain.warp(value) - self.domain.warp(self.optimum)) / self.unit
 
 
 @dataclass(frozen=True)
@@ -146,13 +157,15 @@ class SimObservation:
 
 
 class Landscape:
-    """A seeded bowl over the reference source's numeric UPPER_CASE constants."""
+    """A seeded bowl over the reference source's numeric UPPER_CASE constants that take
+    effect on `profile` (all of them when the profile is not named)."""
 
-    def __init__(self, reference_source: str, seed: int = 0) -> None:
+    def __init__(self, reference_source: str, seed: int = 0, profile: str = "") -> None:
         self.seed = seed
-        self.reference = {
-            k: v for k, v in parse_constants(reference_source).items() if not is_seed(k)
-        }
+        self.profile = profile
+        found = {k: v for k, v in parse_constants(reference_source).items() if not is_seed(k)}
+        self.reference = {name: found[name] for name in live_knobs(found, profile)}
+        self.domains = domains_of(self.reference)
         self.axes = [self._axis(name, value) for name, value in sorted(self.reference.items())]
         self.pairs = self._interactions()
         ref = self._excess({a.name: a.coordinate(a.reference) or 0.0 for a in self.axes})
@@ -163,11 +176,19 @@ class Landscape:
     def _axis(self, name: str, value: float) -> _Axis:
         rng = _rng("landscape", self.seed, name)
         weight = math.exp(rng.gauss(0.0, 0.6))
-        if value > 0:
-            optimum = value * math.exp(rng.gauss(0.0, LOG_SPREAD))
-            return _Axis(name, value, optimum, True, LOG_SPREAD, weight)
+        domain = self.domains[name]
+        draw = rng.gauss(0.0, 1.0)
+        if domain.log_space:
+            optimum = domain.unwarp(domain.warp(value) + draw * LOG_SPREAD)
+            return _Axis(name, value, optimum, domain, LOG_SPREAD, weight)
+        if domain.kind == "ratio":
+            optimum = min(max(value + draw * RATIO_SPREAD, 0.0), 1.0)
+            return _Axis(name, value, optimum, domain, RATIO_SPREAD, weight)
         scale = max(abs(value), 0.1)
-        return _Axis(name, value, value + rng.gauss(0.0, 1.0) * scale, False, scale, weight)
+        optimum = value + draw * scale
+        if domain.nonnegative:
+            optimum = abs(optimum)
+        return _Axis(name, value, optimum, domain, scale, weight)
 
     def _interactions(self) -> list[tuple[int, int, float]]:
         """A few pairwise terms, shrunk so the quadratic stays positive definite."""
@@ -208,8 +229,78 @@ class Landscape:
         excess = self._scale * self._excess(self.coordinates(source))
         return OPTIMUM_BPB + CEILING * math.tanh(excess / CEILING)
 
+    def invalid_reason(self, source: str) -> str | None:
+        """Why the trainer would reject the source's knob values (None: it accepts them)."""
+        values = parse_constants(source)
+        live = {name: values[name] for name in self.reference if name in values}
+        return invalid_reason(live, self.domains, self.profile)
+
     def optimum_values(self) -> dict[str, float]:
         return {a.name: a.optimum for a in self.axes}
+
+    def reachable_values(self) -> dict[str, int | float]:
+        """Valid knob values (in the domains, batch rule kept, floats to 3 digits as a
+        proposal writes them) that score best: the best a search can reach.
+
+        Integer knobs try the valid values around their optimum (the product of those
+        choices that keeps the batch rule); for each of the most promising choices the
+        other knobs follow by coordinate descent on the bowl, clamped to their domains.
+        """
+        discrete = [a for a in self.axes if a.domain.is_int]
+        tied = {name for pair in batch_pairs(self.reference) for name in pair}
+        few = len(discrete) <= 5  # 4**5 combinations at most: every knob tries two a side
+        options = [_int_options(a, few or a.name in tied) for a in discrete]
+        free = {a.name: a.optimum for a in self.axes if not a.domain.is_int}
+        scored = []
+        for choice in itertools.product(*options):
+            values: dict[str, int | float] = {
+                **free,
+                **dict(zip(_names(discrete), choice, strict=True)),
+            }
+            if invalid_reason(values, self.domains, self.profile) is None:
+                scored.append((self._excess(self._coords(values)), values))
+        scored.sort(key=lambda sv: sv[0])
+        candidates = [self._descend(values) for _, values in scored[:16]]
+        return min(candidates, key=lambda v: self._excess(self._coords(v)), default={})
+
+    def _coords(self, values: dict[str, int | float]) -> dict[str, float]:
+        coords = {a.name: a.coordinate(values[a.name]) for a in self.axes}
+        return {name: FAR_Z * 4 if c is None else c for name, c in coords.items()}
+
+    def _descend(self, values: dict[str, int | float]) -> dict[str, int | float]:
+        """Coordinate descent over the continuous knobs (integers fixed), then rounding."""
+        z = self._coords(values)
+        index = {a.name: k for k, a in enumerate(self.axes)}
+        for _ in range(60):
+            for axis in self.axes:
+                if axis.domain.is_int:
+                    continue
+                k = index[axis.name]
+                pull = sum(
+                    c * z[self.axes[j if i == k else i].name]
+                    for i, j, c in self.pairs
+                    if k in (i, j)
+                )
+                value = _clamp(
+                    axis,
+                    axis.domain.unwarp(
+                        axis.domain.warp(axis.optimum) - pull / (2 * axis.weight) * axis.unit
+                    ),
+                )
+                z[axis.name] = axis.coordinate(value) or 0.0
+        out = dict(values)
+        for axis in self.axes:
+            if not axis.domain.is_int:
+                delta = z[axis.name] * axis.unit
+                out[axis.name] = axis.domain.nearest(
+                    axis.domain.unwarp(axis.domain.warp(axis.optimum) + delta)
+                )
+        return out
+
+    def reachable_val_bpb(self) -> float:
+        """The true val_bpb at reachable_values()."""
+        excess = self._scale * self._excess(self._coords(self.reachable_values()))
+        return OPTIMUM_BPB + CEILING * math.tanh(excess / CEILING)
 
     def optimum_source(self, source: str) -> str:
         """`source` with every constant at its optimum (exact floats: scores OPTIMUM_BPB)."""
@@ -234,6 +325,9 @@ class Landscape:
             truth = self.true_val_bpb(source)
         except SyntaxError as exc:
             return SimObservation(None, "crash", None, f"SyntaxError: {exc.msg}")
+        invalid = self.invalid_reason(source)
+        if invalid is not None:
+            return SimObservation(None, "crash", truth, f"AssertionError: {invalid}")
         rng = _rng("observe", key)
         far = self.far_constant(source)
         if far is not None and rng.random() < failure_rate:
@@ -244,9 +338,38 @@ class Landscape:
         return SimObservation(truth + rng.gauss(0.0, noise), "", truth)
 
 
+def _names(axes: list[_Axis]) -> list[str]:
+    return [a.name for a in axes]
+
+
+def _int_options(axis: _Axis, wide: bool) -> list[int]:
+    """Valid integer values around an integer knob's optimum: the one on each side, or two
+    on each side (`wide`, for the knobs a cross-knob rule ties together)."""
+    reach = 2 if wide else 1
+    if axis.domain.kind == "pow2":
+        low = math.floor(math.log2(axis.optimum))
+        exponents = range(low - reach + 1, low + reach + 1)
+        return sorted({int(axis.domain.nearest(2.0**e)) for e in exponents})
+    low = math.floor(axis.optimum)
+    return [v for v in range(low - reach + 1, low + reach + 1) if v >= 1]
+
+
+def _clamp(axis: _Axis, value: float) -> float:
+    """A continuous value kept inside its domain."""
+    match axis.domain.kind:
+        case "beta":
+            return min(max(value, 0.001), 0.999)
+        case "ratio":
+            return min(max(value, 0.0), 1.0)
+        case "positive":
+            return max(value, 1e-12)
+        case _:
+            return max(value, 0.0) if axis.domain.nonnegative else value
+
+
 @functools.lru_cache(maxsize=32)
-def _landscape(reference_source: str, seed: int) -> Landscape:
-    return Landscape(reference_source, seed)
+def _landscape(reference_source: str, seed: int, profile: str) -> Landscape:
+    return Landscape(reference_source, seed, profile)
 
 
 def default_reference() -> str:
@@ -257,7 +380,9 @@ def default_reference() -> str:
     return path.read_text()
 
 
-def true_val_bpb(source: str, reference_source: str | None = None, seed: int = 0) -> float:
+def true_val_bpb(
+    source: str, reference_source: str | None = None, seed: int = 0, profile: str = ""
+) -> float:
     """The sim's truth for `source` (reference: the repo's trainer/train.py by default)."""
     reference = default_reference() if reference_source is None else reference_source
-    return _landscape(reference, seed).true_val_bpb(source)
+    return _landscape(reference, seed, profile).true_val_bpb(source)

@@ -44,7 +44,7 @@ class SimBackend:
         self.host = host
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancelled: dict[str, str] = {}
-        self._landscapes: dict[str, ls.Landscape] = {}
+        self._landscapes: dict[tuple[str, str], ls.Landscape] = {}
 
     @property
     def slots(self) -> int:
@@ -53,12 +53,14 @@ class SimBackend:
     def placement(self, _slot: int) -> tuple[str, str]:
         return self.host, "sim"  # every slot is on the one simulated host
 
-    def landscape(self, reference: str) -> ls.Landscape:
-        found = self._landscapes.get(reference)
+    def landscape(self, reference: str, profile: str = "") -> ls.Landscape:
+        """The landscape over the knobs of `reference` that take effect on `profile`."""
+        found = self._landscapes.get((reference, profile))
         if found is None:
             if len(self._landscapes) > 64:
                 self._landscapes.clear()
-            found = self._landscapes[reference] = ls.Landscape(reference, seed=self.params.sim_seed)
+            found = ls.Landscape(reference, seed=self.params.sim_seed, profile=profile)
+            self._landscapes[reference, profile] = found
         return found
 
     def observe(self, job: Job) -> ls.SimObservation:
@@ -71,9 +73,9 @@ class SimBackend:
             except (SyntaxError, ValueError) as exc:
                 return ls.SimObservation(None, "crash", None, f"{type(exc).__name__}: {exc}")
         try:
-            scape = self.landscape(reference)
+            scape = self.landscape(reference, job.profile)
         except SyntaxError:
-            scape = ls.Landscape("", seed=self.params.sim_seed)
+            scape = ls.Landscape("", seed=self.params.sim_seed, profile=job.profile)
         p = self.params
         return scape.observe(
             job.source, f"{p.sim_seed}:{job.run_id}", p.sim_noise, p.sim_failure_rate
@@ -86,7 +88,7 @@ class SimBackend:
         outcome = RunOutcome(
             None, started, started, clock_scale=self.params.sim_time_scale, budget_s=budget_s
         )
-        sim_seconds = _simulated_seconds(obs, budget_s, f"{self.params.sim_seed}:{job.run_id}")
+        sim_seconds = simulated_seconds(obs, budget_s, f"{self.params.sim_seed}:{job.run_id}")
         limit = job.timeout_s
         lines: list[str] = [f"sim: {job.run_id} on {self.host} (profile {job.profile})"]
 
@@ -152,7 +154,7 @@ class SimBackend:
             await asyncio.shield(task)
 
 
-def _simulated_seconds(obs: ls.SimObservation, budget_s: float, key: str) -> float:
+def simulated_seconds(obs: ls.SimObservation, budget_s: float, key: str) -> float:
     """How long the simulated run lasts: an OOM dies at start, a divergence mid-way.
 
     Start-up and evaluation vary from run to run (compilation, data loading), as on real
@@ -171,7 +173,7 @@ def _simulated_seconds(obs: ls.SimObservation, budget_s: float, key: str) -> flo
 def _finish(job: Job, obs: ls.SimObservation, budget_s: float, lines: list[str]) -> int:
     """Append the end of the log; return the exit code."""
     if obs.failure == "crash":
-        lines.extend(_syntax_traceback(job))
+        lines.extend(_crash_traceback(job, obs.detail))
         return 1
     if obs.failure == "oom":
         lines.extend(_OOM_TRACEBACK)
@@ -207,15 +209,16 @@ def summary_block(source: str, val_bpb: float, budget_s: float) -> list[str]:
     )
 
 
-def _syntax_traceback(job: Job) -> list[str]:
+def _crash_traceback(job: Job, detail: str) -> list[str]:
+    """A SyntaxError's lines, or the assertion a knob outside its domain trips."""
     try:
         compile(job.source, job.edit_file, "exec")
     except (SyntaxError, ValueError) as exc:
         return "".join(traceback.format_exception_only(exc)).rstrip("\n").split("\n")
     return [
         "Traceback (most recent call last):",
-        f'  File "{job.edit_file}", line 1',
-        "RuntimeError: simulated crash",
+        f'  File "{job.edit_file}", line 565, in <module>',
+        detail or "RuntimeError: simulated crash",
     ]
 
 

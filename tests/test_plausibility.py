@@ -14,7 +14,7 @@ import pytest
 from services.contracts import RunFinished
 from services.evaluator.classify import evaluate_run
 from services.launcher.local import LocalBackend
-from services.launcher.sim import SimBackend
+from services.launcher.sim import SimBackend, SimParams
 from tests.launcher_helpers import finished_from, job
 
 FORGED_TRAIN = """
@@ -46,7 +46,8 @@ async def test_a_forged_block_from_a_real_run_is_implausible(tmp_path: Path) -> 
 
 
 async def test_the_sim_backend_is_plausible_on_its_own_clock() -> None:
-    backend = SimBackend(budget_s=300.0, time_scale=0.5 / 300.0, failure_rate=0.0)
+    params = SimParams(sim_budget_s=300.0, sim_time_scale=0.5 / 300.0, sim_failure_rate=0.0)
+    backend = SimBackend(params)
     outcome = await backend.run(job("DEPTH = 8\n", "v-default-0"), lambda _: None)
     log = outcome.read_log()
     evaluation = evaluate_run(finished_from(outcome, "v-default-0", log), log, "val_bpb")

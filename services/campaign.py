@@ -40,6 +40,9 @@ def campaign_event(settings: Settings, seed_digest: str, harness_key: str) -> Ca
         max_experiments=settings.max_experiments,
         run_timeout_s=settings.run_timeout_s,
         keep_rule=settings.keep_rule,
+        keep_confidence=settings.keep_confidence,
+        keep_max_runs=settings.keep_max_runs,
+        noise_runs=settings.noise_runs,
     )
 
 

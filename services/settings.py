@@ -32,7 +32,7 @@ from msgspec import Meta
 Backend = Literal["local", "sim"]
 Direction = Literal["minimize", "maximize"]
 StrategyName = Literal["auto", "grid", "claude"]
-KeepRuleName = Literal["strict"]  # the names in services.ledger.keep.RULES
+KeepRuleName = Literal["noise-aware", "strict"]  # the names in services.ledger.keep.RULES
 LogFormat = Literal["", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 # Level names are written either way (logging prints INFO): accepted in any case.
@@ -155,9 +155,21 @@ class Settings(msgspec.Struct, kw_only=True):
     run_timeout_s: Annotated[
         float, Meta(gt=0, description="seconds before a run is killed and recorded as timeout")
     ] = 600.0
-    keep_rule: Annotated[KeepRuleName, Meta(description="when a variant replaces the best")] = (
-        "strict"
-    )
+    keep_rule: Annotated[
+        KeepRuleName,
+        Meta(
+            description="when a variant replaces the best (strict: any lower mean, as autoresearch)"
+        ),
+    ] = "noise-aware"
+    keep_confidence: Annotated[
+        float, Meta(gt=0.5, lt=1, description="noise-aware: one-sided confidence a keep must reach")
+    ] = 0.99
+    keep_max_runs: Annotated[
+        int, Meta(ge=1, description="noise-aware: replicate cap, ok runs of a close candidate")
+    ] = 5
+    noise_runs: Annotated[
+        int, Meta(ge=1, description="runs of the seed at campaign start that measure the noise")
+    ] = 3
 
     # --- telemetry ------------------------------------------------------------------
     log_format: Annotated[

@@ -2,8 +2,8 @@
 
 Shaped like optuna's journal storage replay (`_apply_create_study`, `_apply_create_trial`,
 ...): each function takes its concrete event type and the `Ctx` of the transaction
-`projection.apply_event` opened, and returns the events to publish (a BestUpdated when a
-result makes a new best). `projection` registers each on its dispatcher by the type in
+`projection.apply_event` opened, and returns the events to publish (the keep decisions, replicate
+requests and noise measurements a result leads to). `projection` registers each on its dispatcher by the type in
 its signature.
 
 Events may arrive out of order after a redelivery: run and result functions create
@@ -20,7 +20,6 @@ import msgspec
 
 from services import contracts
 from services.contracts import (
-    BestUpdated,
     CampaignStarted,
     CampaignStopped,
     DeadLettered,
@@ -33,7 +32,7 @@ from services.contracts import (
     VariantProposed,
 )
 from services.ledger import keep
-from services.ledger.verdict import decide, event_key
+from services.ledger.verdict import Outbox, decide, event_key, seed_replicates
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class Ctx:
     log_text: str | None = None  # the full log of a RunFinished
 
 
-def record_only(_ev: Event, _ctx: Ctx) -> list[BestUpdated]:
+def record_only(_ev: Event, _ctx: Ctx) -> Outbox:
     """An event with nothing to project: `events_seen` records it, and that is all.
 
     The BestUpdated the ledger itself publishes comes back this way.
@@ -85,7 +84,7 @@ def _ensure_run(
 # --- campaign events --------------------------------------------------------------------
 
 
-def campaign_started(ev: CampaignStarted, ctx: Ctx) -> list[BestUpdated]:
+def campaign_started(ev: CampaignStarted, ctx: Ctx) -> Outbox:
     conn = ctx.conn
     conn.execute(
         """
@@ -111,7 +110,7 @@ def campaign_started(ev: CampaignStarted, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> list[BestUpdated]:
+def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> Outbox:
     conn = ctx.conn
     _ensure_campaign(conn, ev.campaign)
     status = "completed" if ev.reason == "completed" else "stopped"
@@ -123,7 +122,7 @@ def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> list[BestUpdated]:
+def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> Outbox:
     conn = ctx.conn
     _ensure_campaign(conn, ev.campaign)
     conn.execute(
@@ -138,7 +137,7 @@ def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def dead_lettered(ev: DeadLettered, ctx: Ctx) -> list[BestUpdated]:
+def dead_lettered(ev: DeadLettered, ctx: Ctx) -> Outbox:
     conn = ctx.conn
     conn.execute(
         "INSERT OR IGNORE INTO dead_letters(event_id, campaign, subject, stream_seq, consumer, "
@@ -152,7 +151,7 @@ def dead_lettered(ev: DeadLettered, ctx: Ctx) -> list[BestUpdated]:
 # --- variants and runs ------------------------------------------------------------------
 
 
-def variant_proposed(ev: VariantProposed, ctx: Ctx) -> list[BestUpdated]:
+def variant_proposed(ev: VariantProposed, ctx: Ctx) -> Outbox:
     """Record a proposal; a placeholder is filled in, a duplicate proposal adds its LLM cost."""
     conn = ctx.conn
     _ensure_campaign(conn, ev.campaign)
@@ -206,10 +205,10 @@ def variant_proposed(ev: VariantProposed, ctx: Ctx) -> list[BestUpdated]:
             cost.usd if cost else 0.0,
         ),
     )
-    return []
+    return seed_replicates(conn, ev)
 
 
-def run_requested(ev: RunRequested, ctx: Ctx) -> list[BestUpdated]:
+def run_requested(ev: RunRequested, ctx: Ctx) -> Outbox:
     conn = ctx.conn
     _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
     conn.execute(
@@ -226,7 +225,7 @@ _RESET_FINISH = (
 )
 
 
-def run_started(ev: RunStarted, ctx: Ctx) -> list[BestUpdated]:
+def run_started(ev: RunStarted, ctx: Ctx) -> Outbox:
     conn = ctx.conn
     current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
     if ev.attempt < current:
@@ -244,7 +243,7 @@ def run_started(ev: RunStarted, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def run_finished(ev: RunFinished, ctx: Ctx) -> list[BestUpdated]:
+def run_finished(ev: RunFinished, ctx: Ctx) -> Outbox:
     conn = ctx.conn
     current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
     if ev.attempt < current:
@@ -282,7 +281,7 @@ def run_finished(ev: RunFinished, ctx: Ctx) -> list[BestUpdated]:
     return []
 
 
-def result_evaluated(ev: ResultEvaluated, ctx: Ctx) -> list[BestUpdated]:
+def result_evaluated(ev: ResultEvaluated, ctx: Ctx) -> Outbox:
     """Record the result (a later attempt of a run replaces an earlier one), then decide."""
     conn = ctx.conn
     _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)

@@ -1,4 +1,4 @@
-"""The ledger service: project every stored event into SQLite, publish BestUpdated, serve HTTP.
+"""The ledger service: project every stored event into SQLite, publish decisions, serve HTTP.
 
 A ledger found empty (a new file, or one on an older schema that `open_db` moved aside)
 resets the durable consumer, so the whole stream is replayed into it.
@@ -18,7 +18,15 @@ import uvicorn
 
 from services import contracts
 from services.bus import Bus, Delivery, Handler
-from services.contracts import Event, RunFinished, VariantProposed
+from services.contracts import (
+    BestUpdated,
+    Event,
+    NoiseMeasured,
+    RunFinished,
+    RunRequested,
+    VariantDecided,
+    VariantProposed,
+)
 from services.ledger import queries
 from services.ledger.api import create_app
 from services.ledger.db import open_db
@@ -102,14 +110,26 @@ class Projector:
             outbox = apply_event(
                 self.conn, event, source_text=fetched.source_text, log_text=fetched.log_text
             )
-            for best in outbox:
-                await self.bus.publish(best)
-                self.log.info(
-                    "best_updated",
-                    **fields_of(best, "campaign", "variant_id", "value", "previous_value"),
-                )
+            for published in outbox:
+                await self.bus.publish(published)
+                self._log_published(published)
         finally:
             _release_after(done, prev)
+
+    def _log_published(self, event: Event) -> None:
+        if isinstance(event, BestUpdated):
+            fields = fields_of(event, "campaign", "variant_id", "value", "previous_value", "margin")
+            self.log.info("best_updated", **fields)
+        elif isinstance(event, VariantDecided):
+            fields = fields_of(
+                event, "campaign", "variant_id", "decision", "n_candidate", "n_best", "margin"
+            )
+            self.log.info("variant_decided", **fields, replicates=event.replicates_requested)
+        elif isinstance(event, RunRequested):
+            fields = fields_of(event, "campaign", "run_id", "reason")
+            self.log.info("replicate_requested", **fields)
+        elif isinstance(event, NoiseMeasured):
+            self.log.info("noise_measured", **fields_of(event, "campaign", "tier", "noise", "dof"))
 
     async def _source(self, event: VariantProposed) -> Objects:
         row = self.conn.execute(

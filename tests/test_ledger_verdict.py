@@ -1,0 +1,226 @@
+"""The noise-aware rule in the ledger: seed replicates measure the noise, a close call gets
+replicates (RunRequested), every decision is a VariantDecided, a restart loses nothing."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.contracts import (
+    BestUpdated,
+    CampaignStarted,
+    Event,
+    NoiseMeasured,
+    ResultEvaluated,
+    RunRequested,
+    VariantDecided,
+    VariantProposed,
+    run_id_for,
+    source_digest,
+    variant_id_for,
+)
+from services.ledger import queries
+from services.ledger.api import create_app
+from services.ledger.db import open_db
+from services.ledger.projection import apply_event
+from tests.synthetic import SEED_SOURCE
+
+CAMPAIGN = "na"
+
+
+def started(**overrides: object) -> CampaignStarted:
+    fields: dict[str, object] = {
+        "campaign": CAMPAIGN,
+        "event_id": "cs",
+        "ts": 1.0,
+        "seed_digest": source_digest(SEED_SOURCE),
+        "harness_key": "h",
+        "keep_rule": "noise-aware",
+        "keep_confidence": 0.99,
+        "keep_max_runs": 5,
+        "noise_runs": 3,
+    }
+    fields.update(overrides)
+    return CampaignStarted(**fields)  # type: ignore[arg-type]
+
+
+def proposal(i: int) -> tuple[VariantProposed, str]:
+    source = SEED_SOURCE if i == 0 else SEED_SOURCE + f"X = {i}\n"
+    vid = variant_id_for(CAMPAIGN, source)
+    event = VariantProposed(
+        campaign=CAMPAIGN,
+        event_id=f"vp-{vid}",
+        ts=2.0 + i,
+        variant_id=vid,
+        parent_id=None,
+        source_digest=source_digest(source),
+        diff="",
+        title="baseline" if i == 0 else f"v{i}",
+        proposer="seed" if i == 0 else "grid",
+    )
+    return event, source
+
+
+def result(vid: str, value: float, replica: int = 0, ts: float = 10.0) -> ResultEvaluated:
+    run_id = run_id_for(vid, "default", replica)
+    return ResultEvaluated(
+        campaign=CAMPAIGN,
+        event_id=f"r-{run_id}",
+        ts=ts,
+        run_id=run_id,
+        variant_id=vid,
+        tier="default",
+        replica=replica,
+        status="ok",
+        value=value,
+    )
+
+
+def of(kind: type[Event], out: list[Event]) -> list[Event]:
+    return [e for e in out if isinstance(e, kind)]
+
+
+def seeded(conn: sqlite3.Connection) -> tuple[str, list[Event]]:
+    """A noise-aware campaign whose seed ran 3 times: 1.00, 1.01, 0.99 (std 0.01)."""
+    out: list[Event] = list(apply_event(conn, started()))
+    seed, source = proposal(0)
+    out += apply_event(conn, seed, source_text=source)
+    for k, value in enumerate([1.0, 1.01, 0.99]):
+        out += apply_event(conn, result(seed.variant_id, value, replica=k, ts=10.0 + k))
+    return seed.variant_id, out
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> sqlite3.Connection:
+    return open_db(tmp_path / "ledger.db")
+
+
+def test_the_seed_runs_noise_runs_times_and_measures_the_noise(conn: sqlite3.Connection) -> None:
+    seed, out = seeded(conn)
+    requested = of(RunRequested, out)
+    assert [(r.run_id, r.replica) for r in requested] == [  # type: ignore[attr-defined]
+        (run_id_for(seed, "default", 1), 1),
+        (run_id_for(seed, "default", 2), 2),
+    ]
+    noise = of(NoiseMeasured, out)
+    assert len(noise) == 1
+    assert noise[0].noise == pytest.approx(0.01)  # type: ignore[attr-defined]
+    assert noise[0].dof == 2  # type: ignore[attr-defined]
+    best = queries.best(conn, CAMPAIGN)
+    assert best is not None and best["runs"] == 3 and best["value"] == pytest.approx(1.0)
+
+
+def test_a_close_call_is_replicated_then_kept(conn: sqlite3.Connection) -> None:
+    seed, _ = seeded(conn)
+    cand, source = proposal(1)
+    apply_event(conn, cand, source_text=source)
+    vid = cand.variant_id
+    # 0.98 vs 1.00 +- 0.01 (3 runs): margin 2.33 * 0.01 * sqrt(1 + 1/3) = 0.027 > 0.02
+    out = apply_event(conn, result(vid, 0.98, ts=20.0))
+    [decided] = of(VariantDecided, out)
+    assert decided.decision == "undecided"  # type: ignore[attr-defined]
+    assert decided.n_candidate == 1 and decided.n_best == 3  # type: ignore[attr-defined]
+    assert decided.margin == pytest.approx(0.0269, abs=1e-4)  # type: ignore[attr-defined]
+    requested = of(RunRequested, out)
+    assert [r.run_id for r in requested] == [  # type: ignore[attr-defined]
+        run_id_for(vid, "default", 1),
+        run_id_for(vid, "default", 2),
+    ]
+    assert not of(BestUpdated, out)
+    assert queries.variant(conn, vid)["status"] == "pending"  # type: ignore[index]
+    # one replicate back: a keep waits for the other one the rule asked for
+    assert not of(BestUpdated, apply_event(conn, result(vid, 0.979, replica=1, ts=21.0)))
+    out = apply_event(conn, result(vid, 0.981, replica=2, ts=22.0))
+    [best] = of(BestUpdated, out)
+    assert best.variant_id == vid and best.runs == 3  # type: ignore[attr-defined]
+    assert best.previous_variant_id == seed and best.previous_runs == 3  # type: ignore[attr-defined]
+    assert best.margin is not None and best.noise is not None  # type: ignore[attr-defined]
+    assert queries.variant(conn, vid)["status"] == "keep"  # type: ignore[index]
+
+
+def test_a_clear_loss_is_discarded_without_replicates(conn: sqlite3.Connection) -> None:
+    seeded(conn)
+    cand, source = proposal(1)
+    apply_event(conn, cand, source_text=source)
+    out = apply_event(conn, result(cand.variant_id, 1.03, ts=20.0))
+    assert not of(RunRequested, out)
+    [decided] = of(VariantDecided, out)
+    assert decided.decision == "discard"  # type: ignore[attr-defined]
+    assert queries.variant(conn, cand.variant_id)["status"] == "discard"  # type: ignore[index]
+
+
+def test_a_lucky_first_run_that_regresses_is_never_kept(conn: sqlite3.Connection) -> None:
+    seeded(conn)
+    cand, source = proposal(1)
+    apply_event(conn, cand, source_text=source)
+    vid = cand.variant_id
+    apply_event(conn, result(vid, 0.985, ts=20.0))  # strict would keep this
+    out: list[Event] = []
+    for k in range(1, 5):
+        out += apply_event(conn, result(vid, 1.0 + (0.003 if k % 2 else -0.002), k, 20.0 + k))
+    assert not of(BestUpdated, out)
+    assert queries.variant(conn, vid)["status"] == "discard"  # type: ignore[index]
+
+
+def test_nothing_is_lost_when_the_ledger_restarts_mid_replicate(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    conn = open_db(path)
+    seeded(conn)
+    cand, source = proposal(1)
+    apply_event(conn, cand, source_text=source)
+    vid = cand.variant_id
+    first = apply_event(conn, result(vid, 0.98, ts=20.0))
+    conn.close()  # the ledger stops between the replicate request and its result
+    conn = open_db(path)
+    # the redelivered result republishes the same requests (same ids: JetStream dedups)
+    assert apply_event(conn, result(vid, 0.98, ts=20.0)) == first
+    apply_event(conn, result(vid, 0.979, replica=1, ts=21.0))
+    out = apply_event(conn, result(vid, 0.981, replica=2, ts=22.0))
+    assert [b.variant_id for b in of(BestUpdated, out)] == [vid]  # type: ignore[attr-defined]
+
+
+def test_strict_keeps_the_same_close_call_at_once(conn: sqlite3.Connection) -> None:
+    apply_event(conn, started(keep_rule="strict"))
+    seed, source = proposal(0)
+    apply_event(conn, seed, source_text=source)
+    for k, value in enumerate([1.0, 1.01, 0.99]):
+        apply_event(conn, result(seed.variant_id, value, replica=k, ts=10.0 + k))
+    cand, source = proposal(1)
+    apply_event(conn, cand, source_text=source)
+    out = apply_event(conn, result(cand.variant_id, 0.995, ts=20.0))
+    assert not of(RunRequested, out)
+    assert [d.rule for d in of(VariantDecided, out)] == ["strict"]  # type: ignore[attr-defined]
+    assert len(of(BestUpdated, out)) == 1
+
+
+def test_the_api_shows_each_decision_and_the_noise(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    conn = open_db(path)
+    seeded(conn)
+    cand, source = proposal(1)
+    apply_event(conn, cand, source_text=source)
+    vid = cand.variant_id
+    for k, value in enumerate([0.98, 0.979, 0.981]):
+        apply_event(conn, result(vid, value, replica=k, ts=20.0 + k))
+    conn.close()
+    with TestClient(create_app(path)) as client:
+        body = client.get(f"/variants/{vid}").json()
+        summary = client.get(f"/campaigns/{CAMPAIGN}").json()
+        tsv = client.get(f"/campaigns/{CAMPAIGN}/results.tsv").text
+    assert body["status"] == "keep" and body["verdict"] == "keep"
+    first, last = body["decisions"][0], body["decisions"][-1]
+    assert first["decision"] == "undecided" and first["replicates_requested"] == 2
+    assert (first["n_candidate"], first["n_best"]) == (1, 3)
+    assert last["decision"] == "keep" and last["rule"] == "noise-aware"
+    assert (last["n_candidate"], last["n_best"]) == (3, 3)
+    assert last["mean_candidate"] == pytest.approx(0.98)
+    assert last["mean_best"] == pytest.approx(1.0)
+    assert last["margin"] < 0.02 < first["margin"]
+    # pooled over the seed (1.00, 1.01, 0.99) and the candidate (0.980, 0.979, 0.981)
+    noise = summary["noise"]["default"]
+    assert noise["dof"] == 4 and noise["variants"] == 2
+    assert noise["noise"] == pytest.approx(((0.0002 + 0.000002) / 4) ** 0.5)
+    assert [line.split("\t")[3] for line in tsv.splitlines()[1:]] == ["keep", "keep"]

@@ -3,9 +3,16 @@ constant, an undecided variant is not built on, holds its slot and keeps the cam
 
 from __future__ import annotations
 
-from services.contracts import NoiseMeasured, ProposerHalted, VariantDecided
+import msgspec
+
+from services.contracts import CampaignStarted, NoiseMeasured, ProposerHalted, VariantDecided
 from services.proposer.state import History, completion, to_propose
-from tests.test_proposer_state import proposed, result, started
+from tests.test_proposer_state import proposed, result
+from tests.test_proposer_state import started as strict_started
+
+
+def started(lookahead: int = 2) -> CampaignStarted:
+    return msgspec.structs.replace(strict_started(lookahead=lookahead), keep_rule="noise-aware")
 
 
 def decided(vid: str, decision: str, ts: float, n: int = 1) -> VariantDecided:
@@ -65,6 +72,7 @@ def test_an_undecided_variant_is_not_built_on_and_holds_its_slot() -> None:
     # the campaign is not complete while v1's replicates run
     h.apply_proposer_halted(ProposerHalted(campaign="c", event_id="halt", reason="exhausted"))
     assert completion(state) is None
+    assert state.awaiting_verdict == ["v1"]
     h.apply_variant_decided(decided("v1", "keep", ts=12.0, n=3))
     assert state.undecided == []
     assert {r.variant_id for r in state.rows()} == {"v1", "v2"}
@@ -75,3 +83,12 @@ def test_a_late_undecided_does_not_reopen_a_decided_variant() -> None:
     h = history_with(started(), proposed("v1"), decided("v1", "keep", ts=12.0, n=3))
     h.apply_variant_decided(decided("v1", "undecided", ts=10.0))  # replayed out of order
     assert h.campaigns["c"].undecided == []
+
+
+def test_completion_waits_for_the_ledger_to_decide_an_ok_result() -> None:
+    h = history_with(started(), proposed("v1"), result("v1", value=0.99))
+    state = h.campaigns["c"]
+    h.apply_proposer_halted(ProposerHalted(campaign="c", event_id="halt", reason="exhausted"))
+    assert state.awaiting_verdict == ["v1"] and completion(state) is None
+    h.apply_variant_decided(decided("v1", "discard", ts=11.0))
+    assert completion(state) is not None

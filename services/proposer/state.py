@@ -82,6 +82,20 @@ class CampaignState:
         return [vid for vid, d in self.decisions.items() if d.decision == "undecided"]
 
     @property
+    def awaiting_verdict(self) -> list[str]:
+        """Variants with an ok result the ledger has not decided yet, or is replicating.
+
+        Empty under `strict`, which decides on every result and never replicates."""
+        if self.config.keep_rule == "strict":
+            return []
+        return [
+            vid
+            for vid, runs in self.results.items()
+            if any(r.status == "ok" for r in runs.values())
+            and (vid not in self.decisions or self.decisions[vid].decision == "undecided")
+        ]
+
+    @property
     def next_wave(self) -> int:
         return max((v.wave for v in self.variants.values()), default=0) + 1
 
@@ -321,8 +335,8 @@ def to_propose(state: CampaignState, slots: int, default_lookahead: int) -> int:
 
 def completion(state: CampaignState) -> str | None:
     """Why the campaign is complete (a detail for CampaignStopped), or None if it is not."""
-    if state.stopped or state.in_flight or state.undecided:
-        return None  # an undecided variant's replicates are still running
+    if state.stopped or state.in_flight or state.awaiting_verdict:
+        return None  # the ledger has yet to decide, or a close call's replicates still run
     limit = state.config.max_experiments
     if limit > 0 and len(state.variants) >= limit:
         return f"all {len(state.variants)} experiments proposed and evaluated (max {limit})"

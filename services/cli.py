@@ -26,6 +26,7 @@ CAMPAIGN_SETTINGS = (
     "strategy",
     "max_experiments",
     "run_timeout_s",
+    "keep_rule",
 )
 
 # Which settings each command takes from its flags. The flags of `up` and `campaign start`

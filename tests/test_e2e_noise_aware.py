@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from services.contracts import (
 )
 from services.launcher.landscape import true_val_bpb
 from services.settings import Settings
-from services.supervisor import run_services, wait_until_consumed
+from services.supervisor import run_services, up, wait_until_consumed
 from tests.e2e_helpers import SEED, history, ledger_rows, sim_settings
 from tests.eventually import eventually
 
@@ -111,3 +112,24 @@ async def test_replicates_are_run_and_no_truly_worse_variant_becomes_the_best(
         if best.previous_variant_id is not None and best.previous_variant_id in truth:
             assert truth[best.variant_id] < truth[best.previous_variant_id], best
     assert all(b.rule == "noise-aware" and b.margin is not None for b in bests[1:])
+
+
+async def test_up_prints_the_close_calls_and_their_replicates(
+    tmp_path: Path, nats_server: EmbeddedNats
+) -> None:
+    settings = sim_settings(
+        tmp_path,
+        nats_server.url,
+        campaign="shown",
+        max_experiments=16,
+        slots=4,
+        sim_noise=SIM_NOISE,
+        sim_failure_rate=0.0,
+        noise_floor=0.0,
+    )
+    out = io.StringIO()
+    assert await asyncio.wait_for(up(settings, out), 120) == 0
+    text = out.getvalue()
+    assert "replicate run(s) requested" in text, text
+    assert "replicate " in text and "-default-1:" in text
+    assert "campaign shown completed" in text

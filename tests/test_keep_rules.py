@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from services.ledger.keep import Evidence, Policy, margin_for, noise_aware, pooled_noise, strict
+from services.ledger.keep import (
+    Evidence,
+    Policy,
+    margin_for,
+    noise_aware,
+    pooled_noise,
+    quantile,
+    strict,
+)
 
 P = Policy(confidence=0.99, max_runs=5)
 SIGMA = 0.01  # the measured run-to-run spread in these cases
@@ -132,3 +140,28 @@ def test_pooled_noise_needs_two_degrees_of_freedom() -> None:
     noise, dof = pooled_noise([[1.0, 1.02], [2.0, 2.02], [3.0]])
     assert dof == 2
     assert noise == pytest.approx((0.0002 * 2 / 2) ** 0.5)
+
+
+def test_student_quantiles() -> None:
+    assert quantile(0.99) == pytest.approx(2.3263, abs=1e-4)
+    assert quantile(0.99, 2) == pytest.approx(6.9646, abs=1e-3)
+    assert quantile(0.99, 1) == pytest.approx(31.821, abs=1e-2)
+    assert quantile(0.99, 10) == pytest.approx(2.7638, abs=1e-3)
+    assert quantile(0.95, 5) == pytest.approx(2.0150, abs=1e-3)
+
+
+def test_a_noise_measured_from_few_runs_needs_a_larger_improvement() -> None:
+    """The same 0.03 gain separates with a known noise, not with one from 3 runs (2 dof)."""
+    known = Evidence([0.97], [1.0] * 3, "minimize", SIGMA, P)
+    assert noise_aware(known).decision == "keep"
+    measured = Evidence([0.97], [1.0] * 3, "minimize", SIGMA, P, noise_dof=2)
+    verdict = noise_aware(measured)
+    assert verdict.decision == "undecided"
+    assert verdict.margin == pytest.approx(6.9646 * SIGMA * (4 / 3) ** 0.5, rel=1e-3)
+
+
+def test_a_keep_and_a_discard_at_the_cap_wait_for_the_runs_requested() -> None:
+    assert noise_aware(Evidence([0.96], [1.0] * 3, "minimize", SIGMA, P)).wait_for_runs
+    assert noise_aware(Evidence([0.99] * 5, [1.0] * 5, "minimize", SIGMA, P)).wait_for_runs
+    assert not noise_aware(Evidence([1.02], [1.0], "minimize", SIGMA, P)).wait_for_runs
+    assert not strict(Evidence([0.9], [1.0], "minimize", SIGMA, P)).wait_for_runs

@@ -118,26 +118,27 @@ def test_a_close_call_is_replicated_then_kept(conn: sqlite3.Connection) -> None:
     cand, source = proposal(1)
     apply_event(conn, cand, source_text=source)
     vid = cand.variant_id
-    # 0.98 vs 1.00 +- 0.01 (3 runs): margin 2.33 * 0.01 * sqrt(1 + 1/3) = 0.027 > 0.02
-    out = apply_event(conn, result(vid, 0.98, ts=20.0))
+    # 0.95 vs 1.00 (3 runs), noise 0.01 from 2 degrees of freedom (t = 6.96 at 0.99):
+    # margin 6.96 * 0.01 * sqrt(1 + 1/3) = 0.080 > 0.05; 4 runs a side would separate 0.05
+    out = apply_event(conn, result(vid, 0.95, ts=20.0))
     [decided] = of(VariantDecided, out)
     assert decided.decision == "undecided"  # type: ignore[attr-defined]
     assert decided.n_candidate == 1 and decided.n_best == 3  # type: ignore[attr-defined]
-    assert decided.margin == pytest.approx(0.0269, abs=1e-4)  # type: ignore[attr-defined]
-    requested = of(RunRequested, out)
-    assert [r.run_id for r in requested] == [  # type: ignore[attr-defined]
-        run_id_for(vid, "default", 1),
-        run_id_for(vid, "default", 2),
+    assert decided.margin == pytest.approx(0.0804, abs=1e-4)  # type: ignore[attr-defined]
+    requested = [r.run_id for r in of(RunRequested, out)]  # type: ignore[attr-defined]
+    assert requested == [run_id_for(vid, "default", k) for k in (1, 2, 3)] + [
+        run_id_for(seed, "default", 3)
     ]
     assert not of(BestUpdated, out)
     assert queries.variant(conn, vid)["status"] == "pending"  # type: ignore[index]
-    # one replicate back: a keep waits for the other one the rule asked for
-    assert not of(BestUpdated, apply_event(conn, result(vid, 0.979, replica=1, ts=21.0)))
-    out = apply_event(conn, result(vid, 0.981, replica=2, ts=22.0))
+    # a keep waits for every run the rule asked for, the best's replicate included
+    for k, value in ((1, 0.949), (2, 0.951), (3, 0.95)):
+        assert not of(BestUpdated, apply_event(conn, result(vid, value, k, 20.0 + k)))
+    out = apply_event(conn, result(seed, 1.0, replica=3, ts=25.0))
     [best] = of(BestUpdated, out)
-    assert best.variant_id == vid and best.runs == 3  # type: ignore[attr-defined]
-    assert best.previous_variant_id == seed and best.previous_runs == 3  # type: ignore[attr-defined]
-    assert best.margin is not None and best.noise is not None  # type: ignore[attr-defined]
+    assert best.variant_id == vid and best.runs == 4  # type: ignore[attr-defined]
+    assert best.previous_variant_id == seed and best.previous_runs == 4  # type: ignore[attr-defined]
+    assert best.margin is not None and best.margin < 0.05  # type: ignore[attr-defined]
     assert queries.variant(conn, vid)["status"] == "keep"  # type: ignore[index]
 
 
@@ -153,32 +154,39 @@ def test_a_clear_loss_is_discarded_without_replicates(conn: sqlite3.Connection) 
 
 
 def test_a_lucky_first_run_that_regresses_is_never_kept(conn: sqlite3.Connection) -> None:
-    seeded(conn)
+    seed, _ = seeded(conn)
     cand, source = proposal(1)
     apply_event(conn, cand, source_text=source)
     vid = cand.variant_id
-    apply_event(conn, result(vid, 0.985, ts=20.0))  # strict would keep this
-    out: list[Event] = []
+    out = apply_event(conn, result(vid, 0.985, ts=20.0))  # strict would keep this
+    requested = [(r.variant_id, r.replica) for r in of(RunRequested, out)]  # type: ignore[attr-defined]
+    assert requested == [(vid, k) for k in (1, 2, 3, 4)] + [(seed, 3), (seed, 4)]  # to the cap
+    out = []
     for k in range(1, 5):
         out += apply_event(conn, result(vid, 1.0 + (0.003 if k % 2 else -0.002), k, 20.0 + k))
+    assert queries.variant(conn, vid)["status"] == "pending"  # the best's replicates are out
+    for k, value in ((3, 1.0), (4, 1.002)):
+        out += apply_event(conn, result(seed, value, k, 30.0 + k))
     assert not of(BestUpdated, out)
     assert queries.variant(conn, vid)["status"] == "discard"  # type: ignore[index]
+    assert of(VariantDecided, out)[-1].reason == "replicate cap reached inside the margin"  # type: ignore[attr-defined]
 
 
 def test_nothing_is_lost_when_the_ledger_restarts_mid_replicate(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     conn = open_db(path)
-    seeded(conn)
+    seed, _ = seeded(conn)
     cand, source = proposal(1)
     apply_event(conn, cand, source_text=source)
     vid = cand.variant_id
-    first = apply_event(conn, result(vid, 0.98, ts=20.0))
+    first = apply_event(conn, result(vid, 0.95, ts=20.0))
     conn.close()  # the ledger stops between the replicate request and its result
     conn = open_db(path)
     # the redelivered result republishes the same requests (same ids: JetStream dedups)
-    assert apply_event(conn, result(vid, 0.98, ts=20.0)) == first
-    apply_event(conn, result(vid, 0.979, replica=1, ts=21.0))
-    out = apply_event(conn, result(vid, 0.981, replica=2, ts=22.0))
+    assert apply_event(conn, result(vid, 0.95, ts=20.0)) == first
+    for k, value in ((1, 0.949), (2, 0.951), (3, 0.95)):
+        apply_event(conn, result(vid, value, k, 20.0 + k))
+    out = apply_event(conn, result(seed, 1.0, replica=3, ts=25.0))
     assert [b.variant_id for b in of(BestUpdated, out)] == [vid]  # type: ignore[attr-defined]
 
 
@@ -199,12 +207,13 @@ def test_strict_keeps_the_same_close_call_at_once(conn: sqlite3.Connection) -> N
 def test_the_api_shows_each_decision_and_the_noise(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     conn = open_db(path)
-    seeded(conn)
+    seed, _ = seeded(conn)
     cand, source = proposal(1)
     apply_event(conn, cand, source_text=source)
     vid = cand.variant_id
-    for k, value in enumerate([0.98, 0.979, 0.981]):
+    for k, value in enumerate([0.95, 0.949, 0.951, 0.95]):
         apply_event(conn, result(vid, value, replica=k, ts=20.0 + k))
+    apply_event(conn, result(seed, 1.0, replica=3, ts=25.0))
     conn.close()
     with TestClient(create_app(path)) as client:
         body = client.get(f"/variants/{vid}").json()
@@ -212,15 +221,16 @@ def test_the_api_shows_each_decision_and_the_noise(tmp_path: Path) -> None:
         tsv = client.get(f"/campaigns/{CAMPAIGN}/results.tsv").text
     assert body["status"] == "keep" and body["verdict"] == "keep"
     first, last = body["decisions"][0], body["decisions"][-1]
-    assert first["decision"] == "undecided" and first["replicates_requested"] == 2
+    assert first["decision"] == "undecided" and first["replicates_requested"] == 4
     assert (first["n_candidate"], first["n_best"]) == (1, 3)
     assert last["decision"] == "keep" and last["rule"] == "noise-aware"
-    assert (last["n_candidate"], last["n_best"]) == (3, 3)
-    assert last["mean_candidate"] == pytest.approx(0.98)
+    assert (last["n_candidate"], last["n_best"]) == (4, 4)
+    assert last["mean_candidate"] == pytest.approx(0.95)
     assert last["mean_best"] == pytest.approx(1.0)
-    assert last["margin"] < 0.02 < first["margin"]
-    # pooled over the seed (1.00, 1.01, 0.99) and the candidate (0.980, 0.979, 0.981)
+    assert last["margin"] < 0.05 < first["margin"]
+    # pooled over the seed (1.00, 1.01, 0.99, 1.00) and the candidate (0.95, 0.949, 0.951,
+    # 0.95): squares 2e-4 + 2e-6 over 3 + 3 degrees of freedom
     noise = summary["noise"]["default"]
-    assert noise["dof"] == 4 and noise["variants"] == 2
-    assert noise["noise"] == pytest.approx(((0.0002 + 0.000002) / 4) ** 0.5)
+    assert noise["dof"] == 6 and noise["variants"] == 2
+    assert noise["noise"] == pytest.approx((2.02e-4 / 6) ** 0.5)
     assert [line.split("\t")[3] for line in tsv.splitlines()[1:]] == ["keep", "keep"]

@@ -11,8 +11,9 @@ returns a `Verdict`:
 
 `strict` is autoresearch's single-run rule: keep when the mean is lower, however little.
 `noise-aware` keeps only when the two means separate at the configured confidence given
-the measured noise: the improvement must exceed `margin = z * noise * sqrt(1/n_c + 1/n_b)`
-(z: the one-sided normal quantile of the confidence). A candidate that is not better at
+the measured noise: the improvement must exceed `margin = t * noise * sqrt(1/n_c + 1/n_b)`
+(t: the one-sided Student quantile of the confidence at the noise's degrees of freedom,
+since the noise is itself measured from a few runs; the normal one when it is known). A candidate that is not better at
 all is discarded at once; one that is better by less than the margin gets replicates
 until it separates or the replicate cap is reached (then it is discarded).
 
@@ -21,6 +22,7 @@ New rules register in `RULES` under the name a campaign gives in `keep_rule`.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -51,6 +53,7 @@ class Evidence:
     direction: str = "minimize"
     noise: float | None = None  # measured std of one run on the tier (None: not measured)
     policy: Policy = Policy()
+    noise_dof: int = 0  # degrees of freedom of that measure (0: the noise is known exactly)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Verdict:
     reason: str
     want_candidate: int = 0  # ok runs wanted before deciding again (undecided only)
     want_best: int = 0
+    wait_for_runs: bool = False  # decide only once every run already requested is back
 
 
 KeepRule = Callable[[Evidence], Verdict]
@@ -115,14 +119,45 @@ def strict(ev: Evidence) -> Verdict:
     return _verdict(ev, "strict", "discard", "not better than the best", margin=0.0)
 
 
-def z_of(confidence: float) -> float:
-    """The one-sided normal quantile of a confidence (0.99 -> 2.33)."""
-    return statistics.NormalDist().inv_cdf(min(max(confidence, 0.5), 1 - 1e-9))
+def _t_cdf(t: float, dof: int) -> float:
+    """P(T <= t) for Student's t with an integer dof >= 1, t >= 0 (Abramowitz-Stegun 26.7.3)."""
+    theta = math.atan(t / math.sqrt(dof))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if dof % 2:
+        series, term = 0.0, math.cos(theta)
+        for k in range(3, dof + 1, 2):
+            series += term
+            term *= c2 * (k - 1) / k
+        a = 2 / math.pi * (theta + s * series) if dof > 1 else 2 / math.pi * theta
+    else:
+        series, term = 0.0, 1.0
+        for k in range(2, dof + 1, 2):
+            series += term
+            term *= c2 * (k - 1) / k
+        a = s * series
+    return (1 + a) / 2
 
 
-def margin_for(noise: float, n_candidate: int, n_best: int, confidence: float) -> float:
+@functools.cache
+def quantile(confidence: float, dof: int = 0) -> float:
+    """The one-sided quantile of a confidence: Student's t with `dof` degrees of freedom
+    (the noise is itself an estimate: 2 dof at 0.99 -> 6.96), the normal one for dof 0 (a
+    known noise) or a large dof (0.99 -> 2.33)."""
+    p = min(max(confidence, 0.5), 1 - 1e-9)
+    if dof <= 0 or dof > 1000:
+        return statistics.NormalDist().inv_cdf(p)
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf(mid, dof) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def margin_for(
+    noise: float, n_candidate: int, n_best: int, confidence: float, dof: int = 0
+) -> float:
     """The improvement that separates two means of n_candidate and n_best runs."""
-    return z_of(confidence) * noise * math.sqrt(1 / n_candidate + 1 / n_best)
+    return quantile(confidence, dof) * noise * math.sqrt(1 / n_candidate + 1 / n_best)
 
 
 def runs_wanted(improvement: float, ev: Evidence) -> tuple[int, int]:
@@ -132,7 +167,7 @@ def runs_wanted(improvement: float, ev: Evidence) -> tuple[int, int]:
     that, both sides go to the same n (the best replicated too when its n is smaller).
     """
     n_c, n_b, cap = len(ev.candidate), len(ev.best or []), ev.policy.max_runs
-    q = (improvement / (z_of(ev.policy.confidence) * (ev.noise or 0.0))) ** 2
+    q = (improvement / (quantile(ev.policy.confidence, ev.noise_dof) * (ev.noise or 0.0))) ** 2
     if q - 1 / n_b > 0:
         needed = math.ceil(1 / (q - 1 / n_b) - 1e-9)
         if needed <= cap:
@@ -158,13 +193,12 @@ def noise_aware(ev: Evidence) -> Verdict:
         return _verdict(
             ev, rule, "undecided", "noise not measured yet", want_candidate=n_c + 1, want_best=n_b
         )
-    margin = margin_for(ev.noise, n_c, n_b, ev.policy.confidence)
+    margin = margin_for(ev.noise, n_c, n_b, ev.policy.confidence, ev.noise_dof)
     if improvement > margin:
-        return _verdict(ev, rule, "keep", "means separated", margin=margin)
+        return _verdict(ev, rule, "keep", "means separated", margin=margin, wait_for_runs=True)
     if n_c >= ev.policy.max_runs:
-        return _verdict(
-            ev, rule, "discard", "replicate cap reached inside the margin", margin=margin
-        )
+        reason = "replicate cap reached inside the margin"
+        return _verdict(ev, rule, "discard", reason, margin=margin, wait_for_runs=True)
     want_c, want_b = runs_wanted(improvement, ev)
     return _verdict(
         ev,

@@ -5,8 +5,8 @@ variant's and the best's ok values on the result's tier, the tier's measured noi
 campaign's policy) and writes the outcome. Every decision is a VariantDecided (with a
 BestUpdated for a keep); an `undecided` one comes with the RunRequested of its replicates,
 deterministic ids (`<variant>-<tier>-<replica>`) so a redelivered decision requests the
-same runs. A keep waits until every run already requested of both sides is back, so the
-means it compares are the ones the rule asked for.
+same runs. A keep (or a discard at the replicate cap) waits until every run already
+requested of both sides is back, so the means it compares are the ones the rule asked for.
 """
 
 from __future__ import annotations
@@ -152,16 +152,18 @@ def _judge(conn: sqlite3.Connection, ev: ResultEvaluated, variant_id: str) -> Ou
     camp = _campaign(conn, ev.campaign)
     _, rule = keep.rule_for(camp["keep_rule"])
     best_id = camp["best_variant_id"]
+    noise, dof = _noise(conn, ev.campaign, ev.tier)
     evidence = keep.Evidence(
         candidate=_ok_values(conn, variant_id, ev.tier),
         best=_ok_values(conn, best_id, ev.tier) if best_id else None,
         direction=camp["direction"],
-        noise=_noise(conn, ev.campaign, ev.tier),
+        noise=noise,
         policy=_policy(camp),
+        noise_dof=dof,
     )
     verdict = rule(evidence)
     sides = [v for v in (variant_id, best_id) if v]
-    if verdict.decision == "keep" and best_id and _outstanding(conn, sides, ev.tier):
+    if verdict.wait_for_runs and _outstanding(conn, sides, ev.tier):
         return []  # requested runs are still out: decide on the means the rule asked for
     requests: list[RunRequested] = []
     if verdict.decision == "undecided":
@@ -363,11 +365,12 @@ def seed_replicates(conn: sqlite3.Connection, ev: VariantProposed) -> Outbox:
 # --- noise ----------------------------------------------------------------------------
 
 
-def _noise(conn: sqlite3.Connection, campaign: str, tier: str) -> float | None:
+def _noise(conn: sqlite3.Connection, campaign: str, tier: str) -> tuple[float | None, int]:
+    """The tier's measured noise and its degrees of freedom ((None, 0): not measured yet)."""
     row = conn.execute(
-        "SELECT noise FROM noise WHERE campaign = ? AND tier = ?", (campaign, tier)
+        "SELECT noise, dof FROM noise WHERE campaign = ? AND tier = ?", (campaign, tier)
     ).fetchone()
-    return float(row["noise"]) if row is not None else None
+    return (float(row["noise"]), int(row["dof"])) if row is not None else (None, 0)
 
 
 def _measure_noise(

@@ -86,7 +86,9 @@ async def test_variants_are_spread_over_the_slots(
         max_experiments=12,
         slots=4,
         sim_time_scale=0.5 / 300.0,
-        noise_runs=1,  # exactly one run per variant: the 12 runs are the 12 variants
+        # exactly one run per variant (no seed or close-call replicates): 12 runs, 12 variants
+        noise_runs=1,
+        keep_rule="strict",
     )
     async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)

@@ -86,13 +86,17 @@ def campaign_summary(conn: sqlite3.Connection, name: str) -> dict[str, Any] | No
         "COALESCE(SUM(llm_output_tokens), 0) AS output FROM variants WHERE campaign = ?",
         (name,),
     ).fetchone()
+    experiments = conn.execute(
+        "SELECT COUNT(DISTINCT variant_id) FROM results WHERE campaign = ?", (name,)
+    ).fetchone()[0]
     dead = conn.execute("SELECT COUNT(*) FROM dead_letters WHERE campaign = ?", (name,))
     out["counts"] = {
         "proposed": sum(variants.values()),
         "variants": variants,
         "running": runs.get("running", 0),
         "runs": runs,
-        "evaluated": sum(results.values()),
+        "experiments": int(experiments),  # variants with a result
+        "evaluated": sum(results.values()),  # results: runs, replicates included
         "results": results,
         "dead_letters": int(dead.fetchone()[0]),
     }

@@ -5,9 +5,7 @@ the best, and a ledger restarted between a replicate request and its result lose
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from services.broker import EmbeddedNats
@@ -21,25 +19,11 @@ from services.contracts import (
     VariantDecided,
 )
 from services.launcher.landscape import true_val_bpb
-from services.settings import Settings
-from services.supervisor import run_services, up, wait_until_consumed
-from tests.e2e_helpers import SEED, history, ledger_rows, sim_settings
+from services.supervisor import up, wait_until_consumed
+from tests.e2e_helpers import SEED, history, ledger_rows, services_running, sim_settings
 from tests.eventually import eventually
 
 SIM_NOISE = 0.004  # large beside the landscape's steps: many close calls
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings, url: str, names: list[str]) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    buses, tasks = await run_services(settings, url, stop, names)
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait(tasks, timeout=30)
-        for b in buses:
-            await b.close()
 
 
 async def test_replicates_are_run_and_no_truly_worse_variant_becomes_the_best(
@@ -66,9 +50,9 @@ async def test_replicates_are_run_and_no_truly_worse_variant_becomes_the_best(
     follow_stop = asyncio.Event()
     follower = asyncio.create_task(bus.follow({RunRequested: on_request}, stop=follow_stop))
     others = ["proposer", "launcher", "evaluator"]
-    async with running(settings, nats_server.url, others):
+    async with services_running(settings, nats_server.url, others):
         await start_campaign(bus, settings)
-        async with running(settings, nats_server.url, ["ledger"]):
+        async with services_running(settings, nats_server.url, ["ledger"]):
             request = await asyncio.wait_for(close_call, 60)
         # The ledger is down; the replicate it asked for runs and is evaluated meanwhile.
 
@@ -77,7 +61,7 @@ async def test_replicates_are_run_and_no_truly_worse_variant_becomes_the_best(
             return any(isinstance(e, ResultEvaluated) and e.run_id == request.run_id for e in found)
 
         await eventually(evaluated, 30, f"the result of {request.run_id} while the ledger is down")
-        async with running(settings, nats_server.url, ["ledger"]):
+        async with services_running(settings, nats_server.url, ["ledger"]):
             db = settings.ledger_path
 
             async def completed() -> bool:

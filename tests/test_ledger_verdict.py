@@ -83,14 +83,30 @@ def of(kind: type[Event], out: list[Event]) -> list[Event]:
     return [e for e in out if isinstance(e, kind)]
 
 
-def seeded(conn: sqlite3.Connection) -> tuple[str, list[Event]]:
+def seeded(conn: sqlite3.Connection, **campaign: object) -> tuple[str, list[Event]]:
     """A noise-aware campaign whose seed ran 3 times: 1.00, 1.01, 0.99 (std 0.01)."""
-    out: list[Event] = list(apply_event(conn, started()))
+    out: list[Event] = list(apply_event(conn, started(**campaign)))
     seed, source = proposal(0)
     out += apply_event(conn, seed, source_text=source)
     for k, value in enumerate([1.0, 1.01, 0.99]):
         out += apply_event(conn, result(seed.variant_id, value, replica=k, ts=10.0 + k))
     return seed.variant_id, out
+
+
+def with_candidate(conn: sqlite3.Connection, **campaign: object) -> tuple[str, str]:
+    """The seeded campaign with candidate 1 proposed: (seed id, candidate id)."""
+    seed, _ = seeded(conn, **campaign)
+    cand, source = proposal(1)
+    apply_event(conn, cand, source_text=source)
+    return seed, cand.variant_id
+
+
+def replicates_back(conn: sqlite3.Connection, vid: str, seed: str) -> list[Event]:
+    """The runs the rule asks for after a first 0.95: the candidate's 1-3, the seed's 3."""
+    out: list[Event] = []
+    for k, value in ((1, 0.949), (2, 0.951), (3, 0.95)):
+        out += apply_event(conn, result(vid, value, k, 20.0 + k))
+    return out + apply_event(conn, result(seed, 1.0, replica=3, ts=25.0))
 
 
 @pytest.fixture
@@ -114,10 +130,7 @@ def test_the_seed_runs_noise_runs_times_and_measures_the_noise(conn: sqlite3.Con
 
 
 def test_a_close_call_is_replicated_then_kept(conn: sqlite3.Connection) -> None:
-    seed, _ = seeded(conn)
-    cand, source = proposal(1)
-    apply_event(conn, cand, source_text=source)
-    vid = cand.variant_id
+    seed, vid = with_candidate(conn)
     # 0.95 vs 1.00 (3 runs), noise 0.01 from 2 degrees of freedom (t = 6.96 at 0.99):
     # margin 6.96 * 0.01 * sqrt(1 + 1/3) = 0.080 > 0.05; 4 runs a side would separate 0.05
     out = apply_event(conn, result(vid, 0.95, ts=20.0))
@@ -131,11 +144,10 @@ def test_a_close_call_is_replicated_then_kept(conn: sqlite3.Connection) -> None:
     ]
     assert not of(BestUpdated, out)
     assert queries.variant(conn, vid)["status"] == "pending"  # type: ignore[index]
-    # a keep waits for every run the rule asked for, the best's replicate included
-    for k, value in ((1, 0.949), (2, 0.951), (3, 0.95)):
-        assert not of(BestUpdated, apply_event(conn, result(vid, value, k, 20.0 + k)))
-    out = apply_event(conn, result(seed, 1.0, replica=3, ts=25.0))
+    # a keep waits for every run the rule asked for, the best's replicate (last) included
+    out = replicates_back(conn, vid, seed)
     [best] = of(BestUpdated, out)
+    assert isinstance(out[-1], BestUpdated)
     assert best.variant_id == vid and best.runs == 4  # type: ignore[attr-defined]
     assert best.previous_variant_id == seed and best.previous_runs == 4  # type: ignore[attr-defined]
     assert best.margin is not None and best.margin < 0.05  # type: ignore[attr-defined]
@@ -143,21 +155,16 @@ def test_a_close_call_is_replicated_then_kept(conn: sqlite3.Connection) -> None:
 
 
 def test_a_clear_loss_is_discarded_without_replicates(conn: sqlite3.Connection) -> None:
-    seeded(conn)
-    cand, source = proposal(1)
-    apply_event(conn, cand, source_text=source)
-    out = apply_event(conn, result(cand.variant_id, 1.03, ts=20.0))
+    _, vid = with_candidate(conn)
+    out = apply_event(conn, result(vid, 1.03, ts=20.0))
     assert not of(RunRequested, out)
     [decided] = of(VariantDecided, out)
     assert decided.decision == "discard"  # type: ignore[attr-defined]
-    assert queries.variant(conn, cand.variant_id)["status"] == "discard"  # type: ignore[index]
+    assert queries.variant(conn, vid)["status"] == "discard"  # type: ignore[index]
 
 
 def test_a_lucky_first_run_that_regresses_is_never_kept(conn: sqlite3.Connection) -> None:
-    seed, _ = seeded(conn)
-    cand, source = proposal(1)
-    apply_event(conn, cand, source_text=source)
-    vid = cand.variant_id
+    seed, vid = with_candidate(conn)
     out = apply_event(conn, result(vid, 0.985, ts=20.0))  # strict would keep this
     requested = [(r.variant_id, r.replica) for r in of(RunRequested, out)]  # type: ignore[attr-defined]
     assert requested == [(vid, k) for k in (1, 2, 3, 4)] + [(seed, 3), (seed, 4)]  # to the cap
@@ -175,30 +182,19 @@ def test_a_lucky_first_run_that_regresses_is_never_kept(conn: sqlite3.Connection
 def test_nothing_is_lost_when_the_ledger_restarts_mid_replicate(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     conn = open_db(path)
-    seed, _ = seeded(conn)
-    cand, source = proposal(1)
-    apply_event(conn, cand, source_text=source)
-    vid = cand.variant_id
+    seed, vid = with_candidate(conn)
     first = apply_event(conn, result(vid, 0.95, ts=20.0))
     conn.close()  # the ledger stops between the replicate request and its result
     conn = open_db(path)
     # the redelivered result republishes the same requests (same ids: JetStream dedups)
     assert apply_event(conn, result(vid, 0.95, ts=20.0)) == first
-    for k, value in ((1, 0.949), (2, 0.951), (3, 0.95)):
-        apply_event(conn, result(vid, value, k, 20.0 + k))
-    out = apply_event(conn, result(seed, 1.0, replica=3, ts=25.0))
+    out = replicates_back(conn, vid, seed)
     assert [b.variant_id for b in of(BestUpdated, out)] == [vid]  # type: ignore[attr-defined]
 
 
 def test_strict_keeps_the_same_close_call_at_once(conn: sqlite3.Connection) -> None:
-    apply_event(conn, started(keep_rule="strict"))
-    seed, source = proposal(0)
-    apply_event(conn, seed, source_text=source)
-    for k, value in enumerate([1.0, 1.01, 0.99]):
-        apply_event(conn, result(seed.variant_id, value, replica=k, ts=10.0 + k))
-    cand, source = proposal(1)
-    apply_event(conn, cand, source_text=source)
-    out = apply_event(conn, result(cand.variant_id, 0.995, ts=20.0))
+    _, vid = with_candidate(conn, keep_rule="strict")
+    out = apply_event(conn, result(vid, 0.995, ts=20.0))
     assert not of(RunRequested, out)
     assert [d.rule for d in of(VariantDecided, out)] == ["strict"]  # type: ignore[attr-defined]
     assert len(of(BestUpdated, out)) == 1
@@ -207,13 +203,9 @@ def test_strict_keeps_the_same_close_call_at_once(conn: sqlite3.Connection) -> N
 def test_the_api_shows_each_decision_and_the_noise(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     conn = open_db(path)
-    seed, _ = seeded(conn)
-    cand, source = proposal(1)
-    apply_event(conn, cand, source_text=source)
-    vid = cand.variant_id
-    for k, value in enumerate([0.95, 0.949, 0.951, 0.95]):
-        apply_event(conn, result(vid, value, replica=k, ts=20.0 + k))
-    apply_event(conn, result(seed, 1.0, replica=3, ts=25.0))
+    seed, vid = with_candidate(conn)
+    apply_event(conn, result(vid, 0.95, ts=20.0))
+    replicates_back(conn, vid, seed)
     conn.close()
     with TestClient(create_app(path)) as client:
         body = client.get(f"/variants/{vid}").json()

@@ -135,6 +135,16 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="run the services in this process (as `up` does), not one each",
     )
     fleet.add_argument("--json", action="store_true", help="print one JSON object")
+    decisions = bench_sub.add_parser(
+        "decisions", help="keep decisions against the sim's known truth, at equal GPU budget"
+    )
+    decisions.add_argument("--seeds", type=int, default=3, help="campaigns per configuration")
+    decisions.add_argument("--budget", type=int, default=96, help="runs per campaign")
+    decisions.add_argument("--noise", type=float, default=0.003, help="the sim's spread")
+    decisions.add_argument(
+        "--run-seconds", type=float, default=0.25, help="wall seconds one simulated run takes"
+    )
+    decisions.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def command_key(args: argparse.Namespace) -> str:
@@ -185,6 +195,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return show(args.command, settings, args)
     if args.command == "campaign":
         return asyncio.run(_campaign(args, settings))
+    if args.command == "bench" and args.bench == "decisions":
+        from services.bench_decisions import decisions_bench, print_decisions
+
+        found = asyncio.run(decisions_bench(args.seeds, args.budget, args.noise, args.run_seconds))
+        print_decisions(found, as_json=args.json)
+        return 0
     if args.command == "bench":
         from services.bench import fleet_bench, print_report
 

@@ -226,3 +226,21 @@ def test_the_api_shows_each_decision_and_the_noise(tmp_path: Path) -> None:
     assert noise["dof"] == 6 and noise["variants"] == 2
     assert noise["noise"] == pytest.approx((2.02e-4 / 6) ** 0.5)
     assert [line.split("\t")[3] for line in tsv.splitlines()[1:]] == ["keep", "keep"]
+
+
+def test_the_first_best_is_the_seed_not_the_first_variant_to_finish(
+    conn: sqlite3.Connection,
+) -> None:
+    apply_event(conn, started())
+    seed, seed_source = proposal(0)
+    cand, source = proposal(1)
+    apply_event(conn, seed, source_text=seed_source)
+    apply_event(conn, cand, source_text=source)
+    out = apply_event(conn, result(cand.variant_id, 1.05, ts=9.0))  # before the seed's
+    assert not of(BestUpdated, out)
+    [waiting] = of(VariantDecided, out)
+    assert waiting.decision == "undecided" and "seed" in waiting.reason  # type: ignore[attr-defined]
+    out = apply_event(conn, result(seed.variant_id, 1.0, ts=10.0))
+    assert [b.variant_id for b in of(BestUpdated, out)] == [seed.variant_id]  # type: ignore[attr-defined]
+    verdicts = {d.variant_id: d.decision for d in of(VariantDecided, out)}  # type: ignore[attr-defined]
+    assert verdicts == {seed.variant_id: "keep", cand.variant_id: "discard"}

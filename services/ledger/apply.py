@@ -32,7 +32,8 @@ from services.contracts import (
     VariantProposed,
 )
 from services.ledger import keep
-from services.ledger.verdict import Outbox, decide, event_key, seed_replicates
+from services.ledger.evidence import seed_replicates
+from services.ledger.verdict import Outbox, decide, event_key
 
 
 @dataclass(frozen=True)

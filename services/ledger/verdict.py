@@ -21,16 +21,22 @@ from services import contracts
 from services.contracts import (
     AnyEvent,
     BestUpdated,
-    CampaignStarted,
-    ContractError,
     Event,
-    NoiseMeasured,
     ResultEvaluated,
     RunRequested,
     VariantDecided,
-    VariantProposed,
 )
 from services.ledger import keep
+from services.ledger.evidence import (
+    campaign_row,
+    config,
+    measure_noise,
+    measured_noise,
+    ok_values,
+    outstanding,
+    policy,
+    replicates,
+)
 
 Outbox = list[AnyEvent]
 
@@ -42,59 +48,24 @@ def event_key(event: Event) -> str:
     return "sha256:" + hashlib.sha256(contracts.encode(event)).hexdigest()
 
 
-def _ok_values(conn: sqlite3.Connection, variant_id: str, tier: str | None = None) -> list[float]:
-    rows = conn.execute(
-        "SELECT value FROM results WHERE variant_id = ? AND status = 'ok' AND value IS NOT NULL "
-        "AND (? IS NULL OR tier = ?) ORDER BY seq",
-        (variant_id, tier, tier),
-    )
-    return [float(r["value"]) for r in rows]
-
-
-def _config(camp: sqlite3.Row) -> CampaignStarted | None:
-    if not camp["config"]:
-        return None
-    try:
-        event = contracts.decode(camp["config"].encode())
-    except ContractError:
-        return None
-    return event if isinstance(event, CampaignStarted) else None
-
-
-def _policy(camp: sqlite3.Row) -> keep.Policy:
-    cfg = _config(camp)
-    if cfg is None:
-        return keep.Policy()
-    return keep.Policy(confidence=cfg.keep_confidence, max_runs=cfg.keep_max_runs)
-
-
-def _campaign(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
-    row: sqlite3.Row = conn.execute(
-        "SELECT name, config, direction, keep_rule, best_variant_id, best_value, best_runs "
-        "FROM campaigns WHERE name = ?",
-        (name,),
-    ).fetchone()
-    return row
-
-
 def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> Outbox:
     """Update the variant after a result; the decisions, bests, noise and replicates to publish."""
-    ok_all = _ok_values(conn, ev.variant_id)
+    ok_all = ok_values(conn, ev.variant_id)
     conn.execute(
         "UPDATE variants SET value = ?, ok_runs = ? WHERE variant_id = ?",
         (keep.mean(ok_all) if ok_all else None, len(ok_all), ev.variant_id),
     )
-    out: Outbox = list(_measure_noise(conn, ev.campaign, ev.tier, ev.ts))
-    camp = _campaign(conn, ev.campaign)
+    out: Outbox = list(measure_noise(conn, ev.campaign, ev.tier, ev.ts))
+    camp = campaign_row(conn, ev.campaign)
     if camp["best_variant_id"] == ev.variant_id:
-        best_ok = _ok_values(conn, ev.variant_id, ev.tier)
+        best_ok = ok_values(conn, ev.variant_id, ev.tier)
         if best_ok:  # a replicate of the best refines its mean
             conn.execute(
                 "UPDATE campaigns SET best_value = ?, best_runs = ? WHERE name = ?",
                 (keep.mean(best_ok), len(best_ok), ev.campaign),
             )
         return out + _judge_waiting(conn, ev)
-    if not _ok_values(conn, ev.variant_id, ev.tier):
+    if not ok_values(conn, ev.variant_id, ev.tier):
         _record_failure(conn, ev, camp)
         return out
     found = _judge(conn, ev, ev.variant_id)
@@ -142,36 +113,38 @@ def _judge_waiting(conn: sqlite3.Connection, ev: ResultEvaluated) -> Outbox:
         (ev.campaign,),
     ).fetchall()
     for row in rows:
-        if row["variant_id"] != _campaign(conn, ev.campaign)["best_variant_id"]:
+        if row["variant_id"] != campaign_row(conn, ev.campaign)["best_variant_id"]:
             out += _judge(conn, ev, row["variant_id"])
     return out
 
 
 def _judge(conn: sqlite3.Connection, ev: ResultEvaluated, variant_id: str) -> Outbox:
     """Apply the campaign's rule to one variant on the result's tier."""
-    camp = _campaign(conn, ev.campaign)
-    _, rule = keep.rule_for(camp["keep_rule"])
+    camp = campaign_row(conn, ev.campaign)
+    rule_name, rule = keep.rule_for(camp["keep_rule"])
     best_id = camp["best_variant_id"]
-    noise, dof = _noise(conn, ev.campaign, ev.tier)
+    if best_id is None and rule_name != "strict" and _seed_pending(conn, camp, variant_id):
+        return _await_seed(conn, ev, variant_id, rule_name)
+    noise, dof = measured_noise(conn, ev.campaign, ev.tier)
     evidence = keep.Evidence(
-        candidate=_ok_values(conn, variant_id, ev.tier),
-        best=_ok_values(conn, best_id, ev.tier) if best_id else None,
+        candidate=ok_values(conn, variant_id, ev.tier),
+        best=ok_values(conn, best_id, ev.tier) if best_id else None,
         direction=camp["direction"],
         noise=noise,
-        policy=_policy(camp),
+        policy=policy(camp),
         noise_dof=dof,
     )
     verdict = rule(evidence)
     sides = [v for v in (variant_id, best_id) if v]
-    if verdict.wait_for_runs and _outstanding(conn, sides, ev.tier):
+    if verdict.wait_for_runs and outstanding(conn, sides, ev.tier):
         return []  # requested runs are still out: decide on the means the rule asked for
     requests: list[RunRequested] = []
     if verdict.decision == "undecided":
-        requests = _replicates(conn, camp, variant_id, ev.tier, verdict.want_candidate, ev.ts)
+        requests = replicates(conn, camp, variant_id, ev.tier, verdict.want_candidate, ev.ts)
         if best_id:
-            requests += _replicates(conn, camp, best_id, ev.tier, verdict.want_best, ev.ts)
+            requests += replicates(conn, camp, best_id, ev.tier, verdict.want_best, ev.ts)
         if not requests and verdict.want_candidate:
-            if _outstanding(conn, sides, ev.tier) or verdict.n_candidate == 0:
+            if outstanding(conn, sides, ev.tier) or verdict.n_candidate == 0:
                 return []  # waiting for the replicates already requested
             verdict = _give_up(verdict)  # replicates that keep failing: no more evidence
     decided = _decided_event(ev, variant_id, best_id, verdict, len(requests))
@@ -180,6 +153,40 @@ def _judge(conn: sqlite3.Connection, ev: ResultEvaluated, variant_id: str) -> Ou
     if verdict.decision == "keep":
         out.append(_keep(conn, ev, variant_id, verdict, camp))
     return out
+
+
+def _seed_pending(conn: sqlite3.Connection, camp: sqlite3.Row, variant_id: str) -> bool:
+    """Is the campaign's seed still to be measured (so the first best must be the seed, not
+    whichever variant finished first)? False for the seed itself and once the seed crashed."""
+    cfg = config(camp)
+    if cfg is None:
+        return False
+    row = conn.execute(
+        "SELECT variant_id, status FROM variants WHERE campaign = ? AND source_digest = ?",
+        (camp["name"], cfg.seed_digest),
+    ).fetchone()
+    return row is None or (row["variant_id"] != variant_id and row["status"] != "crash")
+
+
+def _await_seed(
+    conn: sqlite3.Connection, ev: ResultEvaluated, variant_id: str, rule: str
+) -> Outbox:
+    """Undecided until the seed, the first best, has its result (judged again then)."""
+    ok = ok_values(conn, variant_id, ev.tier)
+    waiting = keep.Verdict(
+        decision="undecided",
+        rule=rule,
+        n_candidate=len(ok),
+        n_best=0,
+        mean_candidate=keep.mean(ok),
+        mean_best=None,
+        noise=None,
+        margin=None,
+        reason="waiting for the seed's first result, the first best",
+    )
+    decided = _decided_event(ev, variant_id, None, waiting, 0)
+    _record(conn, ev, decided)
+    return [decided]
 
 
 def _give_up(verdict: keep.Verdict) -> keep.Verdict:
@@ -273,139 +280,3 @@ def _keep(
         noise=v.noise,
         margin=v.margin,
     )
-
-
-# --- replicates -----------------------------------------------------------------------
-
-
-def _outstanding(conn: sqlite3.Connection, variant_ids: list[str], tier: str) -> int:
-    """Runs of these variants on the tier requested but without a result yet."""
-    marks = ",".join("?" * len(variant_ids))
-    row = conn.execute(
-        f"SELECT COUNT(*) FROM runs r LEFT JOIN results x ON x.run_id = r.run_id "
-        f"WHERE r.variant_id IN ({marks}) AND r.tier = ? AND x.run_id IS NULL",
-        (*variant_ids, tier),
-    ).fetchone()
-    return int(row[0])
-
-
-def _replicates(
-    conn: sqlite3.Connection, camp: sqlite3.Row, variant_id: str, tier: str, want: int, ts: float
-) -> list[RunRequested]:
-    """RunRequested for the runs that bring the variant to `want` ok runs on the tier,
-    counting the ones already out; none beyond twice the cap of runs (failing replicates)."""
-    ok = len(_ok_values(conn, variant_id, tier))
-    out = _outstanding(conn, [variant_id], tier)
-    row = conn.execute(
-        "SELECT COUNT(*) AS n, COALESCE(MAX(replica), -1) AS top FROM runs "
-        "WHERE variant_id = ? AND tier = ?",
-        (variant_id, tier),
-    ).fetchone()
-    room = 2 * _policy(camp).max_runs - int(row["n"])
-    need = min(want - ok - out, room)
-    return request_runs(conn, camp["name"], variant_id, tier, int(row["top"]) + 1, need, ts)
-
-
-def request_runs(
-    conn: sqlite3.Connection,
-    campaign: str,
-    variant_id: str,
-    tier: str,
-    first: int,
-    count: int,
-    ts: float,
-    reason: str = "replicate: a close call",
-) -> list[RunRequested]:
-    """Replicas first..first+count-1 of a variant: their rows (requested) and events."""
-    var = conn.execute(
-        "SELECT source_digest FROM variants WHERE variant_id = ?", (variant_id,)
-    ).fetchone()
-    if var is None or not var["source_digest"] or count <= 0:
-        return []
-    found: list[RunRequested] = []
-    for replica in range(first, first + count):
-        run_id = contracts.run_id_for(variant_id, tier, replica)
-        conn.execute(
-            "INSERT OR IGNORE INTO runs(run_id, campaign, variant_id, tier, replica, "
-            "requested_at, request_reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (run_id, campaign, variant_id, tier, replica, ts, reason),
-        )
-        found.append(
-            RunRequested(
-                campaign=campaign,
-                event_id=contracts.event_id_for("requested", campaign, run_id),
-                ts=ts,
-                run_id=run_id,
-                variant_id=variant_id,
-                source_digest=var["source_digest"],
-                tier=tier,
-                replica=replica,
-                reason=reason,
-            )
-        )
-    return found
-
-
-def seed_replicates(conn: sqlite3.Connection, ev: VariantProposed) -> Outbox:
-    """The seed runs noise_runs times at the start: replicas 1.. next to the launcher's 0."""
-    if ev.proposer != "seed":
-        return []
-    camp = _campaign(conn, ev.campaign)
-    cfg = _config(camp) if camp is not None else None
-    if cfg is None or cfg.noise_runs <= 1:
-        return []
-    tier = (cfg.tiers or ["default"])[0]
-    reason = f"noise: the seed runs {cfg.noise_runs} times to measure the run-to-run spread"
-    found = request_runs(
-        conn, ev.campaign, ev.variant_id, tier, 1, cfg.noise_runs - 1, ev.ts, reason
-    )
-    return list(found)
-
-
-# --- noise ----------------------------------------------------------------------------
-
-
-def _noise(conn: sqlite3.Connection, campaign: str, tier: str) -> tuple[float | None, int]:
-    """The tier's measured noise and its degrees of freedom ((None, 0): not measured yet)."""
-    row = conn.execute(
-        "SELECT noise, dof FROM noise WHERE campaign = ? AND tier = ?", (campaign, tier)
-    ).fetchone()
-    return (float(row["noise"]), int(row["dof"])) if row is not None else (None, 0)
-
-
-def _measure_noise(
-    conn: sqlite3.Connection, campaign: str, tier: str, ts: float
-) -> list[NoiseMeasured]:
-    """Pool the spread of every variant run more than once on the tier; an event when it moved."""
-    rows = conn.execute(
-        "SELECT variant_id, value FROM results WHERE campaign = ? AND tier = ? AND status = 'ok' "
-        "AND value IS NOT NULL AND variant_id IN (SELECT variant_id FROM results "
-        "WHERE campaign = ? AND tier = ? AND status = 'ok' AND value IS NOT NULL "
-        "GROUP BY variant_id HAVING COUNT(*) >= 2)",
-        (campaign, tier, campaign, tier),
-    ).fetchall()
-    groups: dict[str, list[float]] = {}
-    for r in rows:
-        groups.setdefault(r["variant_id"], []).append(float(r["value"]))
-    noise, dof = keep.pooled_noise(list(groups.values()))
-    previous = conn.execute(
-        "SELECT dof FROM noise WHERE campaign = ? AND tier = ?", (campaign, tier)
-    ).fetchone()
-    if noise is None or (previous is not None and int(previous["dof"]) == dof):
-        return []
-    conn.execute(
-        "INSERT OR REPLACE INTO noise(campaign, tier, noise, dof, variants, measured_at) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (campaign, tier, noise, dof, len(groups), ts),
-    )
-    return [
-        NoiseMeasured(
-            campaign=campaign,
-            event_id=contracts.event_id_for("noise", campaign, tier, dof),
-            ts=ts,
-            tier=tier,
-            noise=noise,
-            dof=dof,
-            variants=len(groups),
-        )
-    ]

@@ -104,6 +104,14 @@ class Settings(msgspec.Struct, kw_only=True):
         float, Meta(ge=0, le=1, description="sim: failure chance for a value far from its optimum")
     ] = 0.5
     sim_seed: Annotated[int, Meta(description="sim: random seed")] = 0
+    sim_speed: Annotated[
+        float,
+        Meta(gt=0, description="sim: this tier's training speed (1.09: 9% more steps, lower)"),
+    ] = 1.0
+    sim_memory_gb: Annotated[
+        float,
+        Meta(ge=0, description="sim: this tier's GPU memory; a larger variant is OOM (0: none)"),
+    ] = 141.0
 
     # --- proposer -------------------------------------------------------------------
     strategy: Annotated[

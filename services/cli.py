@@ -27,6 +27,7 @@ CAMPAIGN_SETTINGS = (
     "max_experiments",
     "run_timeout_s",
     "keep_rule",
+    "tiers",
 )
 
 # Which settings each command takes from its flags. The flags of `up` and `campaign start`

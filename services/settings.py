@@ -175,6 +175,13 @@ class Settings(msgspec.Struct, kw_only=True):
     keep_max_runs: Annotated[
         int, Meta(ge=1, description="noise-aware: replicate cap, ok runs of a close candidate")
     ] = 5
+    tiers: Annotated[
+        str,
+        Meta(
+            description="a campaign's tiers in promotion order, comma-separated (e.g. "
+            "screen,validate; empty: the launcher's tier); a keep is decided on the last"
+        ),
+    ] = ""
     noise_runs: Annotated[
         int, Meta(ge=1, description="runs of the seed at campaign start that measure the noise")
     ] = 3

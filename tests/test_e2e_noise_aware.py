@@ -8,6 +8,8 @@ import asyncio
 import io
 from pathlib import Path
 
+import msgspec
+
 from services.broker import EmbeddedNats
 from services.bus import Bus, Delivery
 from services.campaign import start_campaign
@@ -117,3 +119,54 @@ async def test_up_prints_the_close_calls_and_their_replicates(
     assert "replicate run(s) requested" in text, text
     assert "replicate " in text and "-default-1:" in text
     assert "campaign shown completed" in text
+
+
+async def test_two_tiers_promote_on_the_validate_tiers_launcher(
+    tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    screen = sim_settings(
+        tmp_path,
+        nats_server.url,
+        campaign="tiered",
+        max_experiments=16,
+        slots=4,
+        sim_noise=SIM_NOISE,
+        sim_failure_rate=0.0,
+        noise_floor=0.0,
+        tiers="screen,validate",
+        tier="screen",
+        launcher_id="screen-1",
+    )
+    validate = msgspec.structs.replace(
+        screen, tier="validate", launcher_id="validate-1", slots=2, sim_speed=1.09
+    )
+
+    async def completed() -> bool:
+        rows = ledger_rows(screen.ledger_path, "SELECT status FROM campaigns WHERE name = 'tiered'")
+        return rows == [("completed",)]
+
+    async with (
+        services_running(screen, nats_server.url),
+        services_running(validate, nats_server.url, ["launcher"]),
+    ):
+        await start_campaign(bus, screen)
+        await eventually(completed, 120, "the two-tier campaign to complete", interval=0.3)
+        await wait_until_consumed(bus, "ledger")
+
+    requested = [e for e in await history(bus, [RunRequested]) if isinstance(e, RunRequested)]
+    started = [e for e in await history(bus, [RunStarted]) if isinstance(e, RunStarted)]
+    bests = [e for e in await history(bus, [BestUpdated]) if isinstance(e, BestUpdated)]
+    on_tier = {s.run_id: (s.tier, s.host) for s in started}
+    to_validate = [r for r in requested if r.tier == "validate"]
+    assert len(to_validate) >= 3  # the seed's runs there at least
+    for r in to_validate:
+        assert on_tier[r.run_id] == ("validate", "sim-validate-1"), r.run_id
+    assert {s.tier for s in started if s.replica == 0 and s.run_id.endswith("-screen-0")} == {
+        "screen"
+    }
+    assert bests and all(b.tier == "validate" for b in bests)
+    seed = SEED.read_text()
+    sources = {b.variant_id: (await bus.get_source(b.source_digest)) for b in bests}
+    truth = {vid: true_val_bpb(src, seed, screen.sim_seed) for vid, src in sources.items()}
+    for best in bests[1:]:
+        assert truth[best.variant_id] < truth[best.previous_variant_id or ""], best

@@ -64,15 +64,17 @@ def proposal(i: int) -> tuple[VariantProposed, str]:
     return event, source
 
 
-def result(vid: str, value: float, replica: int = 0, ts: float = 10.0) -> ResultEvaluated:
-    run_id = run_id_for(vid, "default", replica)
+def result(
+    vid: str, value: float, replica: int = 0, ts: float = 10.0, tier: str = "default"
+) -> ResultEvaluated:
+    run_id = run_id_for(vid, tier, replica)
     return ResultEvaluated(
         campaign=CAMPAIGN,
         event_id=f"r-{run_id}",
         ts=ts,
         run_id=run_id,
         variant_id=vid,
-        tier="default",
+        tier=tier,
         replica=replica,
         status="ok",
         value=value,
@@ -244,3 +246,65 @@ def test_the_first_best_is_the_seed_not_the_first_variant_to_finish(
     assert [b.variant_id for b in of(BestUpdated, out)] == [seed.variant_id]  # type: ignore[attr-defined]
     verdicts = {d.variant_id: d.decision for d in of(VariantDecided, out)}  # type: ignore[attr-defined]
     assert verdicts == {seed.variant_id: "keep", cand.variant_id: "discard"}
+
+
+def feed(conn: sqlite3.Connection, runs: list[tuple[str, str, int, float]]) -> list[Event]:
+    """Results (variant, tier, replica, value) in this order; the outbox of them all."""
+    out: list[Event] = []
+    for i, (vid, tier, replica, value) in enumerate(runs):
+        out += apply_event(conn, result(vid, value, replica, 100.0 + i, tier))
+    return out
+
+
+def test_a_win_on_the_screen_tier_is_promoted_and_decided_on_validate(
+    conn: sqlite3.Connection,
+) -> None:
+    apply_event(conn, started(tiers=["screen", "validate"]))
+    seed, seed_source = proposal(0)
+    out = apply_event(conn, seed, source_text=seed_source)
+    s = seed.variant_id
+    assert [(r.tier, r.replica) for r in of(RunRequested, out)] == [  # type: ignore[attr-defined]
+        ("screen", 1),
+        ("screen", 2),
+        ("validate", 0),
+        ("validate", 1),
+        ("validate", 2),
+    ]
+    out = feed(conn, [(s, "screen", k, v) for k, v in enumerate([1.0, 1.01, 0.99])])
+    assert not of(BestUpdated, out)  # the first best is decided on the last tier too
+    out = feed(conn, [(s, "validate", k, v) for k, v in enumerate([0.99, 1.0, 0.98])])
+    [first] = of(BestUpdated, out)
+    assert first.tier == "validate" and first.value == pytest.approx(0.99)  # type: ignore[attr-defined]
+
+    win, win_source = proposal(1)
+    apply_event(conn, win, source_text=win_source)
+    w = win.variant_id
+    out = feed(conn, [(w, "screen", 0, 0.95)])  # inside the screen margin: replicates
+    out = feed(conn, [(w, "screen", 1, 0.949), (w, "screen", 2, 0.951), (w, "screen", 3, 0.95)])
+    out += feed(conn, [(s, "screen", 3, 1.0)])
+    assert not of(BestUpdated, out)
+    promoted = [d for d in of(VariantDecided, out) if "promoted" in d.reason]  # type: ignore[attr-defined]
+    assert promoted and promoted[-1].tier == "screen"  # type: ignore[attr-defined]
+    assert [(r.variant_id, r.tier) for r in of(RunRequested, out)] == [(w, "validate")]  # type: ignore[attr-defined]
+    out = feed(conn, [(w, "validate", 0, 0.94)])
+    out += feed(conn, [(w, "validate", k, v) for k, v in ((1, 0.941), (2, 0.939), (3, 0.94))])
+    out += feed(conn, [(s, "validate", 3, 0.99)])
+    [best] = of(BestUpdated, out)
+    assert best.variant_id == w and best.tier == "validate"  # type: ignore[attr-defined]
+    assert best.value == pytest.approx(0.94)  # type: ignore[attr-defined]
+    assert queries.best(conn, CAMPAIGN)["value"] == pytest.approx(0.94)  # type: ignore[index]
+
+
+def test_a_screen_winner_that_loses_on_validate_is_discarded(conn: sqlite3.Connection) -> None:
+    apply_event(conn, started(tiers=["screen", "validate"], keep_rule="strict", noise_runs=1))
+    seed, seed_source = proposal(0)
+    apply_event(conn, seed, source_text=seed_source)
+    s = seed.variant_id
+    feed(conn, [(s, "screen", 0, 1.0), (s, "validate", 0, 0.99)])
+    lucky, source = proposal(1)
+    apply_event(conn, lucky, source_text=source)
+    out = feed(conn, [(lucky.variant_id, "screen", 0, 0.98)])  # strict: a win on screen
+    assert [r.tier for r in of(RunRequested, out)] == ["validate"]  # type: ignore[attr-defined]
+    out = feed(conn, [(lucky.variant_id, "validate", 0, 0.995)])  # not better there
+    assert not of(BestUpdated, out)
+    assert queries.variant(conn, lucky.variant_id)["status"] == "discard"  # type: ignore[index]

@@ -126,19 +126,41 @@ def request_runs(
 
 
 def seed_replicates(conn: sqlite3.Connection, ev: VariantProposed) -> list[AnyEvent]:
-    """The seed runs noise_runs times at the start: replicas 1.. next to the launcher's 0."""
+    """The seed runs noise_runs times on every tier at the start (on the first, replicas
+    1.. next to the launcher's 0): the noise of each tier, and the best's values there."""
     if ev.proposer != "seed":
         return []
     camp = campaign_row(conn, ev.campaign)
     cfg = config(camp) if camp is not None else None
-    if cfg is None or cfg.noise_runs <= 1:
+    if cfg is None:
         return []
-    tier = (cfg.tiers or ["default"])[0]
     reason = f"noise: the seed runs {cfg.noise_runs} times to measure the run-to-run spread"
-    found = request_runs(
-        conn, ev.campaign, ev.variant_id, tier, 1, cfg.noise_runs - 1, ev.ts, reason
-    )
-    return list(found)
+    found: list[AnyEvent] = []
+    for k, tier in enumerate(cfg.tiers or ["default"]):
+        first = 1 if k == 0 else 0
+        count = cfg.noise_runs - first
+        found += request_runs(conn, ev.campaign, ev.variant_id, tier, first, count, ev.ts, reason)
+    return found
+
+
+def tier_order(camp: sqlite3.Row, fallback: str) -> list[str]:
+    """The campaign's tiers in promotion order (its config's; `[fallback]` without one)."""
+    cfg = config(camp)
+    return list(cfg.tiers) if cfg is not None and cfg.tiers else [fallback]
+
+
+def top_tier(conn: sqlite3.Connection, variant_id: str, tiers: list[str]) -> str | None:
+    """The highest tier (in promotion order) on which the variant has an ok value."""
+    found = {
+        r["tier"]
+        for r in conn.execute(
+            "SELECT DISTINCT tier FROM results WHERE variant_id = ? AND status = 'ok' "
+            "AND value IS NOT NULL",
+            (variant_id,),
+        )
+    }
+    ranked = [t for t in tiers if t in found]
+    return ranked[-1] if ranked else (next(iter(sorted(found))) if found else None)
 
 
 # --- noise ----------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from services.ledger.evidence import (
     outstanding,
     policy,
     replicates,
+    tier_order,
+    top_tier,
 )
 
 Outbox = list[AnyEvent]
@@ -50,16 +52,18 @@ def event_key(event: Event) -> str:
 
 def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> Outbox:
     """Update the variant after a result; the decisions, bests, noise and replicates to publish."""
-    ok_all = ok_values(conn, ev.variant_id)
-    conn.execute(
+    camp = campaign_row(conn, ev.campaign)
+    tiers = tier_order(camp, ev.tier)
+    top = top_tier(conn, ev.variant_id, tiers)
+    ok_top = ok_values(conn, ev.variant_id, top) if top else []
+    conn.execute(  # the value shown is the mean on the highest tier it ran on
         "UPDATE variants SET value = ?, ok_runs = ? WHERE variant_id = ?",
-        (keep.mean(ok_all) if ok_all else None, len(ok_all), ev.variant_id),
+        (keep.mean(ok_top) if ok_top else None, len(ok_top), ev.variant_id),
     )
     out: Outbox = list(measure_noise(conn, ev.campaign, ev.tier, ev.ts))
-    camp = campaign_row(conn, ev.campaign)
     if camp["best_variant_id"] == ev.variant_id:
-        best_ok = ok_values(conn, ev.variant_id, ev.tier)
-        if best_ok:  # a replicate of the best refines its mean
+        best_ok = ok_values(conn, ev.variant_id, ev.tier) if ev.tier == tiers[-1] else []
+        if best_ok:  # a replicate of the best on the deciding tier refines its mean
             conn.execute(
                 "UPDATE campaigns SET best_value = ?, best_runs = ? WHERE name = ?",
                 (keep.mean(best_ok), len(best_ok), ev.campaign),
@@ -119,12 +123,16 @@ def _judge_waiting(conn: sqlite3.Connection, ev: ResultEvaluated) -> Outbox:
 
 
 def _judge(conn: sqlite3.Connection, ev: ResultEvaluated, variant_id: str) -> Outbox:
-    """Apply the campaign's rule to one variant on the result's tier."""
+    """Apply the campaign's rule to one variant on the highest tier it has values on."""
     camp = campaign_row(conn, ev.campaign)
+    tiers = tier_order(camp, ev.tier)
+    ev = msgspec.structs.replace(ev, tier=top_tier(conn, variant_id, tiers) or ev.tier)
     rule_name, rule = keep.rule_for(camp["keep_rule"])
     best_id = camp["best_variant_id"]
     if best_id is None and rule_name != "strict" and _seed_pending(conn, camp, variant_id):
         return _await_seed(conn, ev, variant_id, rule_name)
+    if best_id and not ok_values(conn, best_id, ev.tier):
+        return _await_best(conn, ev, camp, variant_id, best_id)
     noise, dof = measured_noise(conn, ev.campaign, ev.tier)
     evidence = keep.Evidence(
         candidate=ok_values(conn, variant_id, ev.tier),
@@ -138,6 +146,8 @@ def _judge(conn: sqlite3.Connection, ev: ResultEvaluated, variant_id: str) -> Ou
     sides = [v for v in (variant_id, best_id) if v]
     if verdict.wait_for_runs and outstanding(conn, sides, ev.tier):
         return []  # requested runs are still out: decide on the means the rule asked for
+    if verdict.decision == "keep" and ev.tier != tiers[-1]:
+        return _promote(conn, ev, camp, (variant_id, best_id), verdict, tiers)
     requests: list[RunRequested] = []
     if verdict.decision == "undecided":
         requests = replicates(conn, camp, variant_id, ev.tier, verdict.want_candidate, ev.ts)
@@ -187,6 +197,54 @@ def _await_seed(
     decided = _decided_event(ev, variant_id, None, waiting, 0)
     _record(conn, ev, decided)
     return [decided]
+
+
+def _promote(
+    conn: sqlite3.Connection,
+    ev: ResultEvaluated,
+    camp: sqlite3.Row,
+    sides: tuple[str, str | None],
+    verdict: keep.Verdict,
+    tiers: list[str],
+) -> Outbox:
+    """A win on a tier before the last: run the candidate on the next tier, and the best
+    there when it has no run there yet; the keep is decided on the next tier's values."""
+    variant_id, best_id = sides
+    after = tiers[tiers.index(ev.tier) + 1]
+    requests = replicates(conn, camp, variant_id, after, 1, ev.ts)
+    if best_id:
+        requests += replicates(conn, camp, best_id, after, 1, ev.ts)
+    if not requests:
+        return []  # promoted already: its runs there decide
+    reason = f"better on {ev.tier}: promoted to {after}"
+    promoted = dataclasses.replace(verdict, decision="undecided", reason=reason)
+    decided = _decided_event(ev, variant_id, best_id, promoted, len(requests))
+    _record(conn, ev, decided)
+    return [decided, *requests]
+
+
+def _await_best(
+    conn: sqlite3.Connection, ev: ResultEvaluated, camp: sqlite3.Row, variant_id: str, best_id: str
+) -> Outbox:
+    """The best has no value on this tier yet (a promotion): run it there and wait."""
+    requests = replicates(conn, camp, best_id, ev.tier, 1, ev.ts)
+    if not requests:
+        return []  # its run there is still out
+    ok = ok_values(conn, variant_id, ev.tier)
+    waiting = keep.Verdict(
+        decision="undecided",
+        rule=keep.rule_for(camp["keep_rule"])[0],
+        n_candidate=len(ok),
+        n_best=0,
+        mean_candidate=keep.mean(ok),
+        mean_best=None,
+        noise=None,
+        margin=None,
+        reason=f"waiting for the best's run on {ev.tier}",
+    )
+    decided = _decided_event(ev, variant_id, best_id, waiting, len(requests))
+    _record(conn, ev, decided)
+    return [decided, *requests]
 
 
 def _give_up(verdict: keep.Verdict) -> keep.Verdict:

@@ -2,9 +2,9 @@
 
 Shaped like optuna's journal storage replay (`_apply_create_study`, `_apply_create_trial`,
 ...): each function takes its concrete event type and the `Ctx` of the transaction
-`projection.apply_event` opened, and returns the events to publish (the keep decisions, replicate
-requests and noise measurements a result leads to). `projection` registers each on its dispatcher by the type in
-its signature.
+`projection.apply_event` opened, and returns the events to publish (the keep decisions,
+replicate requests and noise measurements a result leads to). `projection` registers each
+on its dispatcher by the type in its signature.
 
 Events may arrive out of order after a redelivery: run and result functions create
 placeholder rows for what they reference, later attempts of a run replace earlier ones, and
@@ -49,7 +49,8 @@ class Ctx:
 def record_only(_ev: Event, _ctx: Ctx) -> Outbox:
     """An event with nothing to project: `events_seen` records it, and that is all.
 
-    The BestUpdated the ledger itself publishes comes back this way.
+    The events the ledger itself publishes (BestUpdated, VariantDecided, NoiseMeasured)
+    come back this way.
     """
     return []
 

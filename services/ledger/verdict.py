@@ -178,27 +178,6 @@ def _seed_pending(conn: sqlite3.Connection, camp: sqlite3.Row, variant_id: str) 
     return row is None or (row["variant_id"] != variant_id and row["status"] != "crash")
 
 
-def _await_seed(
-    conn: sqlite3.Connection, ev: ResultEvaluated, variant_id: str, rule: str
-) -> Outbox:
-    """Undecided until the seed, the first best, has its result (judged again then)."""
-    ok = ok_values(conn, variant_id, ev.tier)
-    waiting = keep.Verdict(
-        decision="undecided",
-        rule=rule,
-        n_candidate=len(ok),
-        n_best=0,
-        mean_candidate=keep.mean(ok),
-        mean_best=None,
-        noise=None,
-        margin=None,
-        reason="waiting for the seed's first result, the first best",
-    )
-    decided = _decided_event(ev, variant_id, None, waiting, 0)
-    _record(conn, ev, decided)
-    return [decided]
-
-
 def _promote(
     conn: sqlite3.Connection,
     ev: ResultEvaluated,
@@ -223,6 +202,14 @@ def _promote(
     return [decided, *requests]
 
 
+def _await_seed(
+    conn: sqlite3.Connection, ev: ResultEvaluated, variant_id: str, rule: str
+) -> Outbox:
+    """Undecided until the seed, the first best, has its result (judged again then)."""
+    reason = "waiting for the seed's first result, the first best"
+    return _waiting(conn, ev, (variant_id, None), rule, reason, [])
+
+
 def _await_best(
     conn: sqlite3.Connection, ev: ResultEvaluated, camp: sqlite3.Row, variant_id: str, best_id: str
 ) -> Outbox:
@@ -230,17 +217,32 @@ def _await_best(
     requests = replicates(conn, camp, best_id, ev.tier, 1, ev.ts)
     if not requests:
         return []  # its run there is still out
+    rule = keep.rule_for(camp["keep_rule"])[0]
+    reason = f"waiting for the best's run on {ev.tier}"
+    return _waiting(conn, ev, (variant_id, best_id), rule, reason, requests)
+
+
+def _waiting(
+    conn: sqlite3.Connection,
+    ev: ResultEvaluated,
+    sides: tuple[str, str | None],
+    rule: str,
+    reason: str,
+    requests: list[RunRequested],
+) -> Outbox:
+    """An `undecided` before the rule can compare (no best value yet), recorded."""
+    variant_id, best_id = sides
     ok = ok_values(conn, variant_id, ev.tier)
     waiting = keep.Verdict(
         decision="undecided",
-        rule=keep.rule_for(camp["keep_rule"])[0],
+        rule=rule,
         n_candidate=len(ok),
         n_best=0,
         mean_candidate=keep.mean(ok),
         mean_best=None,
         noise=None,
         margin=None,
-        reason=f"waiting for the best's run on {ev.tier}",
+        reason=reason,
     )
     decided = _decided_event(ev, variant_id, best_id, waiting, len(requests))
     _record(conn, ev, decided)

@@ -127,7 +127,11 @@ class Settings(msgspec.Struct, kw_only=True):
     wave_size: Annotated[int, Meta(ge=0, description="variants per wave (0: free capacity)")] = 0
     noise_floor: Annotated[
         float,
-        Meta(ge=0, description="run-to-run spread of the metric (0: 0.017 on cpu, 7e-4 on gpu)"),
+        Meta(
+            ge=0,
+            description="run-to-run spread the proposer assumes until the ledger measures it "
+            "(0: 0.017 on cpu, 7e-4 on gpu)",
+        ),
     ] = 0.0
     model: Annotated[str, Meta(description="claude: model name; empty: the default")] = ""
     budget_usd: Annotated[float, Meta(ge=0, description="claude: spend cap (0: none)")] = 0.0

@@ -30,7 +30,7 @@ def campaign_event(settings: Settings, seed_digest: str, harness_key: str) -> Ca
         event_id=event_id_for("started", settings.campaign, seed_digest, settings.max_experiments),
         seed_digest=seed_digest,
         harness_key=harness_key,
-        tiers=[settings.tier],
+        tiers=[t.strip() for t in settings.tiers.split(",") if t.strip()] or [settings.tier],
         # ProposerConfig's fields are all settings of the same name.
         proposer=msgspec.convert(settings, ProposerConfig, from_attributes=True),
         trainer_dir=settings.trainer_dir,
@@ -42,6 +42,9 @@ def campaign_event(settings: Settings, seed_digest: str, harness_key: str) -> Ca
         run_timeout_s=settings.run_timeout_s,
         keep_rule=settings.keep_rule,
         confirm_jump=settings.confirm_jump,
+        keep_confidence=settings.keep_confidence,
+        keep_max_runs=settings.keep_max_runs,
+        noise_runs=settings.noise_runs,
     )
 
 

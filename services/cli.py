@@ -27,6 +27,8 @@ CAMPAIGN_SETTINGS = (
     "strategy",
     "max_experiments",
     "run_timeout_s",
+    "keep_rule",
+    "tiers",
 )
 
 # Which settings each command takes from its flags. The flags of `up` and `campaign start`
@@ -149,6 +151,16 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     sky.add_argument("--runs-per-cluster", type=int, default=3)
     sky.add_argument("--json", action="store_true", help="print one JSON object")
+    decisions = bench_sub.add_parser(
+        "decisions", help="keep decisions against the sim's known truth, at equal GPU budget"
+    )
+    decisions.add_argument("--seeds", type=int, default=3, help="campaigns per configuration")
+    decisions.add_argument("--budget", type=int, default=96, help="runs per campaign")
+    decisions.add_argument("--noise", type=float, default=0.003, help="the sim's spread")
+    decisions.add_argument(
+        "--run-seconds", type=float, default=0.25, help="wall seconds one simulated run takes"
+    )
+    decisions.add_argument("--json", action="store_true", help="print one JSON object")
     _bench_search_parser(bench_sub)
 
 
@@ -236,6 +248,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.command == "bench" and args.bench == "search":
         return _bench_search(args)
+    if args.command == "bench" and args.bench == "decisions":
+        from services.bench_decisions import decisions_bench, print_decisions
+
+        found = asyncio.run(decisions_bench(args.seeds, args.budget, args.noise, args.run_seconds))
+        print_decisions(found, as_json=args.json)
+        return 0
     if args.command == "bench":
         from services.bench import fleet_bench, print_report
 

@@ -206,7 +206,8 @@ def format_status(summary: dict[str, Any]) -> str:
     lines = [
         f"campaign {summary.get('name')}: {summary.get('status')}",
         f"  proposed {counts.get('proposed', 0)}, running {counts.get('running', 0)}, "
-        f"evaluated {counts.get('evaluated', 0)} {json.dumps(counts.get('results', {}))}",
+        f"evaluated {counts.get('experiments', 0)} ({counts.get('evaluated', 0)} runs, "
+        f"replicates included: {json.dumps(counts.get('results', {}))})",
     ]
     if best:
         lines.append(f"  best {best.get('value')} ({best.get('variant_id')}: {best.get('title')})")

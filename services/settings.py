@@ -32,7 +32,7 @@ from msgspec import Meta
 Backend = Literal["local", "sim", "skypilot"]
 Direction = Literal["minimize", "maximize"]
 StrategyName = Literal["auto", "grid", "claude"]
-KeepRuleName = Literal["strict"]  # the names in services.ledger.keep.RULES
+KeepRuleName = Literal["noise-aware", "strict"]  # the names in services.ledger.keep.RULES
 LogFormat = Literal["", "json", "console"]
 SandboxMode = Literal["auto", "bwrap", "none"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -184,6 +184,14 @@ class Settings(msgspec.Struct, kw_only=True):
     skypilot_template: Annotated[
         str, Meta(description="skypilot: task template (image, setup, env)")
     ] = "deploy/skypilot/task.yaml"
+    sim_speed: Annotated[
+        float,
+        Meta(gt=0, description="sim: this tier's training speed (1.09: 9% more steps, lower)"),
+    ] = 1.0
+    sim_memory_gb: Annotated[
+        float,
+        Meta(ge=0, description="sim: this tier's GPU memory; a larger variant is OOM (0: none)"),
+    ] = 141.0
 
     # --- proposer -------------------------------------------------------------------
     strategy: Annotated[
@@ -199,7 +207,11 @@ class Settings(msgspec.Struct, kw_only=True):
     wave_size: Annotated[int, Meta(ge=0, description="variants per wave (0: free capacity)")] = 0
     noise_floor: Annotated[
         float,
-        Meta(ge=0, description="run-to-run spread of the metric (0: 0.017 on cpu, 7e-4 on gpu)"),
+        Meta(
+            ge=0,
+            description="run-to-run spread the proposer assumes until the ledger measures it "
+            "(0: 0.017 on cpu, 7e-4 on gpu)",
+        ),
     ] = 0.0
     model: Annotated[str, Meta(description="claude: model name; empty: the default")] = ""
     budget_usd: Annotated[float, Meta(ge=0, description="claude: spend cap (0: none)")] = 0.0
@@ -235,9 +247,28 @@ class Settings(msgspec.Struct, kw_only=True):
     run_timeout_s: Annotated[
         float, Meta(gt=0, description="seconds before a run is killed and recorded as timeout")
     ] = 600.0
-    keep_rule: Annotated[KeepRuleName, Meta(description="when a variant replaces the best")] = (
-        "strict"
-    )
+    keep_rule: Annotated[
+        KeepRuleName,
+        Meta(
+            description="when a variant replaces the best (strict: any lower mean, as autoresearch)"
+        ),
+    ] = "noise-aware"
+    keep_confidence: Annotated[
+        float, Meta(gt=0.5, lt=1, description="noise-aware: one-sided confidence a keep must reach")
+    ] = 0.99
+    keep_max_runs: Annotated[
+        int, Meta(ge=1, description="noise-aware: replicate cap, ok runs of a close candidate")
+    ] = 5
+    tiers: Annotated[
+        str,
+        Meta(
+            description="a campaign's tiers in promotion order, comma-separated (e.g. "
+            "screen,validate; empty: the launcher's tier); a keep is decided on the last"
+        ),
+    ] = ""
+    noise_runs: Annotated[
+        int, Meta(ge=1, description="runs of the seed at campaign start that measure the noise")
+    ] = 3
     confirm_jump: Annotated[
         float,
         Meta(

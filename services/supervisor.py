@@ -27,6 +27,7 @@ from services.contracts import (
     CampaignStopped,
     ProposerHalted,
     ResultEvaluated,
+    VariantDecided,
     VariantProposed,
 )
 from services.runner import ServiceMain
@@ -66,12 +67,14 @@ class LiveView:
     live: bool = False
     completed: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: str = ""
+    verdicts: dict[str, str] = field(default_factory=dict)  # variant -> latest decision
 
     def handlers(self) -> Handlers:
         return {
             CampaignStarted: self.on_campaign_started,
             VariantProposed: self.on_variant_proposed,
             BestUpdated: self.on_best_updated,
+            VariantDecided: self.on_variant_decided,
             ResultEvaluated: self.on_result_evaluated,
             ProposerHalted: self.on_proposer_halted,
             CampaignStopped: self.on_campaign_stopped,
@@ -88,8 +91,27 @@ class LiveView:
         if event.campaign == self.campaign:
             self.best = event.value
 
+    async def on_variant_decided(self, event: VariantDecided, _: Delivery) -> None:
+        if event.campaign != self.campaign:
+            return
+        # The best's mean moves with its replicates (no BestUpdated for that).
+        self.best = event.mean_candidate if event.decision == "keep" else event.mean_best
+        close_call = self.verdicts.get(event.variant_id) == "undecided"
+        self.verdicts[event.variant_id] = event.decision
+        if not self.live:
+            return
+        title = self.titles.get(event.variant_id, event.variant_id)
+        if event.decision == "undecided" and event.replicates_requested:
+            print(close_call_line(event, title), file=self.out, flush=True)
+        elif event.decision != "undecided" and close_call:
+            print(verdict_line(event, title), file=self.out, flush=True)
+
     async def on_result_evaluated(self, event: ResultEvaluated, _: Delivery) -> None:
         if event.campaign != self.campaign or event.status == "infra":
+            return
+        if event.replica > 0:  # a replicate, not a new experiment
+            if self.live:
+                print(replicate_line(event, self.metric), file=self.out, flush=True)
             return
         self.finished += 1
         if self.live:
@@ -118,6 +140,30 @@ class LiveView:
             file=self.out,
             flush=True,
         )
+
+
+def close_call_line(event: VariantDecided, title: str) -> str:
+    """The live view's line for a candidate inside the margin: the replicates requested."""
+    gain = abs((event.mean_best or 0.0) - (event.mean_candidate or 0.0))
+    return (
+        f"       close call: {title}: better by {gain:.6f} < margin {event.margin or 0:.6f} "
+        f"(n {event.n_candidate} vs {event.n_best}); "
+        f"{event.replicates_requested} replicate run(s) requested"
+    )
+
+
+def verdict_line(event: VariantDecided, title: str) -> str:
+    """The live view's line for the verdict on a close call."""
+    return (
+        f"       {event.decision} after replicates: {title}: mean {event.mean_candidate or 0:.6f} "
+        f"(n {event.n_candidate}) vs best {event.mean_best or 0:.6f} (n {event.n_best}): "
+        f"{event.reason}"
+    )
+
+
+def replicate_line(event: ResultEvaluated, metric: str) -> str:
+    value = f"{event.value:.6f}" if event.value is not None else "-"
+    return f"       replicate {event.run_id}: {event.status} {metric} {value}"
 
 
 async def wait_until(check: Callable[[], Awaitable[T]], timeout_s: float) -> T | None:

@@ -75,10 +75,13 @@ def sim_env(home: Path, url: str, **overrides: str) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def services_running(settings: Settings, url: str) -> AsyncIterator[None]:
-    """The four services in this process (as `nightshift up` runs them) for a block."""
+async def services_running(
+    settings: Settings, url: str, names: list[str] | None = None
+) -> AsyncIterator[None]:
+    """The four services (or those named) in this process, as `nightshift up` runs them,
+    for a block."""
     stop = asyncio.Event()
-    buses, tasks = await run_services(settings, url, stop)
+    buses, tasks = await run_services(settings, url, stop, names)
     try:
         yield
     finally:

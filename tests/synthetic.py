@@ -129,6 +129,7 @@ def synthetic_campaign(
         ts=t0,
         seed_digest=source_digest(SEED_SOURCE),
         harness_key="harness-0",
+        keep_rule="strict",  # these tests assert the single-run rule's decisions
     )
     items: list[Item] = [(started, None, None)]
     for i in range(variants):

@@ -47,6 +47,8 @@ async def test_own_script_other_metric_maximized(
         direction="maximize",
         max_experiments=8,
         run_timeout_s=30.0,
+        keep_rule="strict",  # the best is the maximum over single runs
+        noise_runs=1,
     )
     async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)

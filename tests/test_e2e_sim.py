@@ -21,7 +21,10 @@ from tests.eventually import eventually
 async def test_campaign_of_30_variants_on_4_slots(
     tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
 ) -> None:
-    settings = sim_settings(tmp_path, nats_server.url, max_experiments=30, slots=4)
+    # This test checks the single-run rule: the best is the minimum over single ok results.
+    settings = sim_settings(
+        tmp_path, nats_server.url, max_experiments=30, slots=4, keep_rule="strict", noise_runs=1
+    )
     async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)
         url_file = tmp_path / "ledger.url"
@@ -78,7 +81,14 @@ async def test_variants_are_spread_over_the_slots(
     tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
 ) -> None:
     settings = sim_settings(
-        tmp_path, nats_server.url, max_experiments=12, slots=4, sim_time_scale=0.5 / 300.0
+        tmp_path,
+        nats_server.url,
+        max_experiments=12,
+        slots=4,
+        sim_time_scale=0.5 / 300.0,
+        # exactly one run per variant (no seed or close-call replicates): 12 runs, 12 variants
+        noise_runs=1,
+        keep_rule="strict",
     )
     async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)

@@ -20,6 +20,7 @@ from services.contracts import (
     ResultEvaluated,
     RunRequested,
     Status,
+    VariantDecided,
     VariantProposed,
 )
 from services.contracts.events import event_id_for, run_id_for, source_digest, variant_id_for
@@ -50,6 +51,11 @@ def apply_all(conn: sqlite3.Connection, items: list[Item | list[Item]]) -> list[
     return out
 
 
+def bests(out: list[Event]) -> list[BestUpdated]:
+    """The BestUpdated of an outbox (which also holds every VariantDecided)."""
+    return [e for e in out if isinstance(e, BestUpdated)]
+
+
 @pytest.fixture
 def conn(tmp_path: Path) -> sqlite3.Connection:
     return open_db(tmp_path / "ledger.db")
@@ -58,24 +64,28 @@ def conn(tmp_path: Path) -> sqlite3.Connection:
 # --- keep rule --------------------------------------------------------------------------
 
 
+def _strict(candidate: list[float], best: list[float] | None, direction: str) -> str:
+    return keep.strict(keep.Evidence(candidate, best, direction)).decision
+
+
 def test_strict_minimize_and_maximize() -> None:
-    assert keep.strict([1.0], None, "minimize") == "keep"
-    assert keep.strict([0.99], [1.0], "minimize") == "keep"
-    assert keep.strict([1.01], [1.0], "minimize") == "discard"
-    assert keep.strict([1.01], [1.0], "maximize") == "keep"
-    assert keep.strict([0.99], [1.0], "maximize") == "discard"
-    assert keep.strict([], [1.0], "minimize") == "undecided"
+    assert _strict([1.0], None, "minimize") == "keep"
+    assert _strict([0.99], [1.0], "minimize") == "keep"
+    assert _strict([1.01], [1.0], "minimize") == "discard"
+    assert _strict([1.01], [1.0], "maximize") == "keep"
+    assert _strict([0.99], [1.0], "maximize") == "discard"
+    assert _strict([], [1.0], "minimize") == "undecided"
 
 
 def test_strict_ties_are_not_improvements() -> None:
-    assert keep.strict([1.0], [1.0], "minimize") == "discard"
-    assert keep.strict([1.0], [1.0], "maximize") == "discard"
-    assert keep.strict([0.9, 1.1], [1.0], "minimize") == "discard"  # means tie
-    assert keep.strict([0.9, 1.0], [1.0, 0.96], "minimize") == "keep"  # 0.95 < 0.98
+    assert _strict([1.0], [1.0], "minimize") == "discard"
+    assert _strict([1.0], [1.0], "maximize") == "discard"
+    assert _strict([0.9, 1.1], [1.0], "minimize") == "discard"  # means tie
+    assert _strict([0.9, 1.0], [1.0, 0.96], "minimize") == "keep"  # 0.95 < 0.98
 
 
-def test_rule_for_unknown_falls_back_to_strict() -> None:
-    assert keep.rule_for("noise-aware")[0] == "strict"
+def test_rule_for_unknown_falls_back_to_the_default() -> None:
+    assert keep.rule_for("lax")[0] == "noise-aware"
     assert keep.failure_status(["infra", "infra"]) is None
     assert keep.failure_status(["infra", "oom"]) == "crash"
 
@@ -104,8 +114,8 @@ def test_apply_twice_changes_nothing_and_returns_same_outbox(tmp_path: Path) -> 
     assert apply_all(twice, items) == out_once  # a full replay: the same outbox again
     assert out_once == out_twice
     assert dump(once) == dump(twice)
-    assert all(isinstance(e, BestUpdated) for e in out_once)
-    top = out_once[0]
+    assert {type(e) for e in out_once} == {BestUpdated, VariantDecided}
+    top = bests(out_once)[0]
     assert isinstance(top, BestUpdated)
     assert top.event_id == event_id_for("best", "synthetic", top.variant_id)
 
@@ -131,7 +141,7 @@ def test_synthetic_campaign_best_is_minimum(conn: sqlite3.Connection) -> None:
     assert best["variant_id"] == best_event.variant_id
     assert best["value"] == pytest.approx(best_event.value)
     assert best["source"] is not None and "LR" in best["source"]
-    assert outbox[-1].variant_id == best_event.variant_id  # type: ignore[attr-defined]
+    assert bests(outbox)[-1].variant_id == best_event.variant_id
     # every BestUpdated improves on the one before
     values = [e.value for e in outbox if isinstance(e, BestUpdated)]
     assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
@@ -206,6 +216,7 @@ def _campaign(name: str = "c", direction: Direction = "minimize") -> Item:
             seed_digest="d",
             harness_key="h",
             direction=direction,
+            keep_rule="strict",  # these tests assert the single-run rule's decisions
         ),
         None,
         None,
@@ -250,7 +261,7 @@ def test_later_attempt_replaces_result_and_infra_is_no_verdict(conn: sqlite3.Con
     tsv = queries.results_tsv(conn, "c") or ""
     assert tsv.splitlines()[1].split("\t")[3] == "crash"
     out = apply_all(conn, [_result(vid, "ok", 1.0, attempt=2)])
-    assert [e.variant_id for e in out] == [vid]  # type: ignore[attr-defined]
+    assert [e.variant_id for e in bests(out)] == [vid]
     rows = conn.execute("SELECT attempt, status FROM results").fetchall()
     assert [tuple(r) for r in rows] == [(2, "ok")]
     # a late message about attempt 1 changes nothing
@@ -273,16 +284,16 @@ def test_crash_then_replicate_mean_and_ties(conn: sqlite3.Connection) -> None:
             _result(v2, "ok", 1.0),
         ],
     )
-    assert len(out) == 1
+    assert len(bests(out)) == 1
     statuses = {v["variant_id"]: v["status"] for v in queries.list_variants(conn, "c")}
     assert statuses == {v0: "keep", v1: "crash", v2: "discard"}  # a tie is not kept
     # a replicate of the best refines its mean without a new BestUpdated
     assert apply_all(conn, [_result(v0, "ok", 1.02, replica=1)]) == []
     assert queries.best(conn, "c")["value"] == pytest.approx(1.01)  # type: ignore[index]
     # v1 crashed once, then an ok replicate beats the best's mean
-    out = apply_all(conn, [_result(v1, "ok", 1.005, replica=1)])
-    assert [e.previous_variant_id for e in out] == [v0]  # type: ignore[attr-defined]
-    assert out[0].previous_value == pytest.approx(1.01)  # type: ignore[attr-defined]
+    out = bests(apply_all(conn, [_result(v1, "ok", 1.005, replica=1)]))
+    assert [e.previous_variant_id for e in out] == [v0]
+    assert out[0].previous_value == pytest.approx(1.01)
     history = queries.best_history(conn, "c")
     assert [h["variant_id"] for h in history] == [v0, v1]
 

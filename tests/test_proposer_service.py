@@ -98,6 +98,7 @@ async def start_campaign(
         max_experiments=max_experiments,
         profile="gpu",
         proposer=ProposerConfig(strategy=strategy, lookahead=lookahead),
+        keep_rule="strict",  # no ledger here: the results are decided by being evaluated
     )
     await bus.campaigns.save(event)
     await bus.publish(event)

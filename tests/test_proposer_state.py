@@ -27,6 +27,7 @@ def started(max_experiments: int = 0, lookahead: int = 2, ts: float = 1.0) -> Ca
         harness_key="h",
         max_experiments=max_experiments,
         proposer=ProposerConfig(lookahead=lookahead),
+        keep_rule="strict",  # a result is decided at once: completion needs no verdicts
     )
 
 

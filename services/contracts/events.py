@@ -97,7 +97,10 @@ class CampaignStarted(Event, tag="campaign.started", kw_only=True, frozen=True):
     max_experiments: int = 0  # 0: until stopped
     run_timeout_s: float = 600.0
     tiers: list[str] = msgspec.field(default_factory=lambda: ["default"])
-    keep_rule: str = "strict"
+    keep_rule: str = "noise-aware"
+    keep_confidence: float = 0.99  # noise-aware: one-sided confidence of a keep
+    keep_max_runs: int = 5  # noise-aware: replicate cap (ok runs of a candidate)
+    noise_runs: int = 3  # runs of the seed at the start, which measure the noise
     # A result better than the best by more than this share of it (improbably far) is kept
     # only once a replicate run of the same variant agrees (0: never asks).
     confirm_jump: float = 0.0
@@ -221,6 +224,44 @@ class BestUpdated(Event, tag="best.updated", kw_only=True, frozen=True):
     previous_variant_id: str | None = None
     previous_value: float | None = None
     rule: str = "strict"
+    tier: str = ""
+    previous_runs: int = 0  # ok runs behind previous_value
+    noise: float | None = None  # the run-to-run spread the rule used
+    margin: float | None = None  # the improvement the rule required at these n
+
+
+Decision = Literal["keep", "discard", "undecided"]
+
+
+class VariantDecided(Event, tag="variant.decided", kw_only=True, frozen=True):
+    """A keep rule's verdict on a variant (published by the ledger, one per decision).
+
+    `undecided` comes with the replicate runs it requested (RunRequested, same tier).
+    """
+
+    variant_id: str
+    decision: Decision
+    rule: str
+    tier: str
+    reason: str
+    n_candidate: int
+    n_best: int
+    mean_candidate: float | None
+    mean_best: float | None
+    best_variant_id: str | None
+    noise: float | None
+    margin: float | None
+    replicates_requested: int = 0
+
+
+class NoiseMeasured(Event, tag="noise.measured", kw_only=True, frozen=True):
+    """The run-to-run spread of the metric on a tier: pooled std over every variant run
+    more than once there (the seed's noise_runs first)."""
+
+    tier: str
+    noise: float
+    dof: int  # degrees of freedom: sum over variants of (ok runs - 1)
+    variants: int  # variants that contributed
 
 
 class FleetStatus(Event, tag="fleet.status", kw_only=True, frozen=True):
@@ -260,6 +301,8 @@ AnyEvent = (
     | RunCancel
     | ResultEvaluated
     | BestUpdated
+    | VariantDecided
+    | NoiseMeasured
     | FleetStatus
     | ProposerHalted
     | DeadLettered

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import math
 import random
 import time
 import traceback
@@ -33,6 +35,8 @@ class SimParams(msgspec.Struct, frozen=True, kw_only=True):
     sim_noise: float = 7e-4
     sim_failure_rate: float = 0.5
     sim_seed: int = 0
+    sim_speed: float = 1.0
+    sim_memory_gb: float = 141.0
 
 
 class SimBackend:
@@ -77,9 +81,10 @@ class SimBackend:
         except SyntaxError:
             scape = ls.Landscape("", seed=self.params.sim_seed, profile=job.profile)
         p = self.params
-        return scape.observe(
+        obs = scape.observe(
             job.source, f"{p.sim_seed}:{job.run_id}", p.sim_noise, p.sim_failure_rate
         )
+        return on_tier(obs, job.source, p)
 
     async def run(self, job: Job, on_line: LineCallback) -> RunOutcome:
         started = time.time()
@@ -116,7 +121,7 @@ class SimBackend:
                 outcome.timed_out = True
                 lines.append(timed_out_line(limit))
             else:
-                outcome.exit_code = _finish(job, obs, budget_s, lines)
+                outcome.exit_code = _finish(job, obs, budget_s, lines, self.params.sim_speed)
         outcome.log_text = "\n".join(lines) + "\n"
         outcome.finished_at = time.time()
         return outcome
@@ -154,6 +159,39 @@ class SimBackend:
             await asyncio.shield(task)
 
 
+# val_bpb gained per unit of log(speed): a tier 9% faster trains 9% more steps in the same
+# budget and ends ~0.0017 lower (the published H200 vs H100 gap is of that order).
+SPEED_GAIN = 0.02
+
+
+def on_tier(obs: ls.SimObservation, source: str, p: SimParams) -> ls.SimObservation:
+    """The observation on this launcher's tier: a faster tier ends lower; a variant whose
+    memory exceeds the tier's GPU memory fails as out-of-memory."""
+    if obs.val_bpb is None:
+        return obs
+    peak_gb = peak_vram_mb(source) / 1024
+    if p.sim_memory_gb > 0 and peak_gb > p.sim_memory_gb:
+        detail = f"peak memory {peak_gb:.0f} GB > the tier's {p.sim_memory_gb:g} GB"
+        return dataclasses.replace(obs, val_bpb=None, failure="oom", detail=detail)
+    gain = SPEED_GAIN * math.log(p.sim_speed) if p.sim_speed > 0 else 0.0
+    return dataclasses.replace(obs, val_bpb=obs.val_bpb - gain)
+
+
+def _depth_scale(source: str) -> tuple[int, float]:
+    """DEPTH and the model's size relative to depth 8 (memory and time grow as depth**3)."""
+    try:
+        constants = ls.parse_constants(source)
+    except SyntaxError:
+        constants = {}
+    depth = int(constants.get("DEPTH", 8))
+    return depth, (depth / 8) ** 3
+
+
+def peak_vram_mb(source: str) -> float:
+    """The simulated peak GPU memory of a source (45 GB at the seed's depth 8)."""
+    return 45060.2 * max(_depth_scale(source)[1], 0.05)
+
+
 def simulated_seconds(obs: ls.SimObservation, budget_s: float, key: str) -> float:
     """How long the simulated run lasts: an OOM dies at start, a divergence mid-way.
 
@@ -170,7 +208,9 @@ def simulated_seconds(obs: ls.SimObservation, budget_s: float, key: str) -> floa
     return budget_s + OVERHEAD_S * jitter
 
 
-def _finish(job: Job, obs: ls.SimObservation, budget_s: float, lines: list[str]) -> int:
+def _finish(
+    job: Job, obs: ls.SimObservation, budget_s: float, lines: list[str], speed: float
+) -> int:
     """Append the end of the log; return the exit code."""
     if obs.failure == "crash":
         lines.extend(_crash_traceback(job, obs.detail))
@@ -181,25 +221,20 @@ def _finish(job: Job, obs: ls.SimObservation, budget_s: float, lines: list[str])
     if obs.failure == "diverged":
         lines.append("FAIL")
         return 1
-    lines.extend(summary_block(job.source, obs.val_bpb or 0.0, budget_s))
+    lines.extend(summary_block(job.source, obs.val_bpb or 0.0, budget_s, speed))
     return 0
 
 
-def summary_block(source: str, val_bpb: float, budget_s: float) -> list[str]:
+def summary_block(source: str, val_bpb: float, budget_s: float, speed: float = 1.0) -> list[str]:
     """DESIGN §5's block, with plausible numbers derived from the source's constants."""
-    try:
-        constants = ls.parse_constants(source)
-    except SyntaxError:
-        constants = {}
-    depth = int(constants.get("DEPTH", 8))
-    scale = (depth / 8) ** 3
-    steps = max(1, int(953 / max(scale, 0.05)))
+    depth, scale = _depth_scale(source)
+    steps = max(1, int(953 * speed / max(scale, 0.05)))
     return format_summary(
         {
             "val_bpb": f"{val_bpb:.6f}",
             "training_seconds": f"{budget_s + 0.1:.1f}",
             "total_seconds": f"{budget_s + OVERHEAD_S + 0.9:.1f}",
-            "peak_vram_mb": f"{45060.2 * max(scale, 0.05):.1f}",
+            "peak_vram_mb": f"{peak_vram_mb(source):.1f}",
             "mfu_percent": "39.80",
             "total_tokens_M": f"{steps * 0.524288:.1f}",
             "num_steps": str(steps),

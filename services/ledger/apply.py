@@ -2,9 +2,9 @@
 
 Shaped like optuna's journal storage replay (`_apply_create_study`, `_apply_create_trial`,
 ...): each function takes its concrete event type and the `Ctx` of the transaction
-`projection.apply_event` opened, and returns the events to publish (a BestUpdated when a
-result makes a new best). `projection` registers each on its dispatcher by the type in
-its signature.
+`projection.apply_event` opened, and returns the events to publish (the keep decisions,
+replicate requests and noise measurements a result leads to). `projection` registers each
+on its dispatcher by the type in its signature.
 
 The ledger accepts only what happened: a run or result event must name a variant proposed
 in its campaign, and a result (or a run's end) a run the launcher started. An event that
@@ -35,7 +35,8 @@ from services.contracts import (
     VariantProposed,
 )
 from services.ledger import keep
-from services.ledger.verdict import Published, decide, event_key
+from services.ledger.evidence import seed_replicates
+from services.ledger.verdict import Outbox, decide, event_key
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,11 @@ class Ctx:
     log_text: str | None = None  # the full log of a RunFinished
 
 
-def record_only(_ev: Event, _ctx: Ctx) -> list[Published]:
+def record_only(_ev: Event, _ctx: Ctx) -> Outbox:
     """An event with nothing to project: `events_seen` records it, and that is all.
 
-    The BestUpdated the ledger itself publishes comes back this way.
+    The events the ledger itself publishes (BestUpdated, VariantDecided, NoiseMeasured)
+    come back this way.
     """
     return []
 
@@ -134,7 +136,7 @@ def _ensure_run(
 # --- campaign events --------------------------------------------------------------------
 
 
-def campaign_started(ev: CampaignStarted, ctx: Ctx) -> list[Published]:
+def campaign_started(ev: CampaignStarted, ctx: Ctx) -> Outbox:
     conn = ctx.conn
     conn.execute(
         """
@@ -160,7 +162,7 @@ def campaign_started(ev: CampaignStarted, ctx: Ctx) -> list[Published]:
     return []
 
 
-def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> list[Published]:
+def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> Outbox:
     conn = ctx.conn
     _ensure_campaign(conn, ev.campaign)
     status = "completed" if ev.reason == "completed" else "stopped"
@@ -172,7 +174,7 @@ def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> list[Published]:
     return []
 
 
-def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> list[Published]:
+def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> Outbox:
     conn = ctx.conn
     _ensure_campaign(conn, ev.campaign)
     conn.execute(
@@ -187,7 +189,7 @@ def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> list[Published]:
     return []
 
 
-def dead_lettered(ev: DeadLettered, ctx: Ctx) -> list[Published]:
+def dead_lettered(ev: DeadLettered, ctx: Ctx) -> Outbox:
     conn = ctx.conn
     conn.execute(
         "INSERT OR IGNORE INTO dead_letters(event_id, campaign, subject, stream_seq, consumer, "
@@ -201,7 +203,7 @@ def dead_lettered(ev: DeadLettered, ctx: Ctx) -> list[Published]:
 # --- variants and runs ------------------------------------------------------------------
 
 
-def variant_proposed(ev: VariantProposed, ctx: Ctx) -> list[Published]:
+def variant_proposed(ev: VariantProposed, ctx: Ctx) -> Outbox:
     """Record a proposal; a duplicate proposal (another wave proposed it too) adds its LLM cost."""
     conn = ctx.conn
     _ensure_campaign(conn, ev.campaign)
@@ -255,10 +257,10 @@ def variant_proposed(ev: VariantProposed, ctx: Ctx) -> list[Published]:
             cost.usd if cost else 0.0,
         ),
     )
-    return []
+    return seed_replicates(conn, ev)
 
 
-def run_requested(ev: RunRequested, ctx: Ctx) -> list[Published]:
+def run_requested(ev: RunRequested, ctx: Ctx) -> Outbox:
     conn = ctx.conn
     _require_variant(conn, ev, ev.variant_id)
     _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
@@ -276,7 +278,7 @@ _RESET_FINISH = (
 )
 
 
-def run_started(ev: RunStarted, ctx: Ctx) -> list[Published]:
+def run_started(ev: RunStarted, ctx: Ctx) -> Outbox:
     conn = ctx.conn
     _require_variant(conn, ev, ev.variant_id)
     current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
@@ -295,7 +297,7 @@ def run_started(ev: RunStarted, ctx: Ctx) -> list[Published]:
     return []
 
 
-def run_finished(ev: RunFinished, ctx: Ctx) -> list[Published]:
+def run_finished(ev: RunFinished, ctx: Ctx) -> Outbox:
     """Record a run's end; a run the launcher never started is refused (an infrastructure
     failure before the start, a missing harness, is the one end without a start)."""
     conn = ctx.conn
@@ -351,7 +353,7 @@ def _record_gpu_cost(conn: sqlite3.Connection, ev: RunFinished) -> None:
     )  # fmt: skip
 
 
-def result_evaluated(ev: ResultEvaluated, ctx: Ctx) -> list[Published]:
+def result_evaluated(ev: ResultEvaluated, ctx: Ctx) -> Outbox:
     """Record the result of a run the launcher started and finished for a proposed variant
     (a later attempt of a run replaces an earlier one), then decide."""
     conn = ctx.conn

@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS variants (
     llm_output_tokens REAL NOT NULL DEFAULT 0,
     llm_usd REAL NOT NULL DEFAULT 0,
     status TEXT NOT NULL DEFAULT 'pending',   -- pending | keep | discard | crash
+    verdict TEXT,                       -- the latest rule decision (undecided while replicating)
     value REAL,                         -- mean of the metric over the ok runs
     ok_runs INTEGER NOT NULL DEFAULT 0,
     decided_at REAL,
@@ -158,17 +159,33 @@ CREATE INDEX IF NOT EXISTS results_variant ON results(variant_id);
 CREATE INDEX IF NOT EXISTS results_campaign ON results(campaign, evaluated_at);
 
 CREATE TABLE IF NOT EXISTS keep_decisions (
-    event_id TEXT PRIMARY KEY,          -- the ResultEvaluated that led to the decision
+    event_id TEXT PRIMARY KEY,          -- the VariantDecided (or the ResultEvaluated of a crash)
     campaign TEXT NOT NULL,
     variant_id TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    status TEXT NOT NULL,               -- keep | discard | crash
-    value REAL,
-    runs INTEGER NOT NULL,
+    run_id TEXT NOT NULL,               -- the result that led to the decision
+    status TEXT NOT NULL,               -- keep | discard | undecided | crash
+    value REAL,                         -- the candidate's mean
+    runs INTEGER NOT NULL,              -- the candidate's ok runs
     rule TEXT NOT NULL,
     best_before_variant_id TEXT,
-    best_before_value REAL,
+    best_before_value REAL,             -- the best's mean
+    best_before_runs INTEGER NOT NULL DEFAULT 0,
+    tier TEXT NOT NULL DEFAULT '',
+    noise REAL,                         -- the spread the rule used
+    margin REAL,                        -- the improvement it required at these n
+    reason TEXT NOT NULL DEFAULT '',
+    replicates_requested INTEGER NOT NULL DEFAULT 0,
     decided_at REAL NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS noise (
+    campaign TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    noise REAL NOT NULL,                -- pooled std of one run
+    dof INTEGER NOT NULL,
+    variants INTEGER NOT NULL,
+    measured_at REAL NOT NULL,
+    PRIMARY KEY (campaign, tier)
 );
 CREATE INDEX IF NOT EXISTS keep_decisions_variant ON keep_decisions(variant_id);
 

@@ -19,11 +19,11 @@ import sqlite3
 
 import msgspec
 
-from services.contracts import BestUpdated, Event
+from services.contracts import AnyEvent, BestUpdated, Event, NoiseMeasured, VariantDecided
 from services.ledger import apply
-from services.ledger.verdict import Published, event_key
+from services.ledger.verdict import Outbox, event_key
 
-_outbox_decoder: msgspec.json.Decoder[list[Published]] = msgspec.json.Decoder(list[Published])
+_outbox_decoder: msgspec.json.Decoder[list[AnyEvent]] = msgspec.json.Decoder(list[AnyEvent])
 
 _apply = functools.singledispatch(apply.record_only)
 for _function in (
@@ -38,7 +38,9 @@ for _function in (
     apply.result_evaluated,
 ):
     _apply.register(_function)
-_apply.register(BestUpdated, apply.record_only)  # the ledger is the one that publishes it
+# The ledger is the one that publishes these: recorded when they come back, nothing more.
+for _own in (BestUpdated, VariantDecided, NoiseMeasured):
+    _apply.register(_own, apply.record_only)
 
 
 def projected_types() -> frozenset[type[Event]]:
@@ -58,7 +60,7 @@ def apply_event(
     *,
     source_text: str | None = None,
     log_text: str | None = None,
-) -> list[Published]:
+) -> Outbox:
     """Apply `event` in one transaction; return the events to publish (its outbox).
 
     `source_text` is the source named by a VariantProposed, `log_text` the full log of a

@@ -17,7 +17,7 @@ SortOrder = Literal["asc", "desc"]
 
 _LIST_COLUMNS = (
     "variant_id, campaign, parent_id, source_digest, title, rationale, proposer, wave, "
-    "proposed_at, status, value, ok_runs, decided_at, llm_model, llm_input_tokens, "
+    "proposed_at, status, verdict, value, ok_runs, decided_at, llm_model, llm_input_tokens, "
     "llm_cache_creation_input_tokens, llm_cache_read_input_tokens, llm_output_tokens, llm_usd, "
     "(SELECT COALESCE(SUM(gpu_usd), 0) FROM run_costs c WHERE c.variant_id = variants.variant_id "
     "AND NOT c.infra_failure) AS gpu_usd"
@@ -89,13 +89,17 @@ def campaign_summary(conn: sqlite3.Connection, name: str) -> dict[str, Any] | No
         "COALESCE(SUM(llm_output_tokens), 0) AS output FROM variants WHERE campaign = ?",
         (name,),
     ).fetchone()
+    experiments = conn.execute(
+        "SELECT COUNT(DISTINCT variant_id) FROM results WHERE campaign = ?", (name,)
+    ).fetchone()[0]
     dead = conn.execute("SELECT COUNT(*) FROM dead_letters WHERE campaign = ?", (name,))
     out["counts"] = {
         "proposed": sum(variants.values()),
         "variants": variants,
         "running": runs.get("running", 0),
         "runs": runs,
-        "evaluated": sum(results.values()),
+        "experiments": int(experiments),  # variants with a result
+        "evaluated": sum(results.values()),  # results: runs, replicates included
         "results": results,
         "dead_letters": int(dead.fetchone()[0]),
     }
@@ -108,6 +112,7 @@ def campaign_summary(conn: sqlite3.Connection, name: str) -> dict[str, Any] | No
     }
     out["gpu"] = gpu_cost(conn, name)
     out["best"] = best(conn, name, with_source=False)
+    out["noise"] = noise(conn, name)
     return out
 
 
@@ -120,6 +125,30 @@ def gpu_cost(conn: sqlite3.Connection, name: str) -> dict[str, float]:
         (name,),
     ).fetchone()
     return {"usd": row[0], "gpu_seconds": row[1], "infra_usd": row[2]}
+
+
+def noise(conn: sqlite3.Connection, name: str) -> dict[str, dict[str, Any]]:
+    """The measured run-to-run spread per tier: {tier: {noise, dof, variants, measured_at}}."""
+    rows = conn.execute(
+        "SELECT tier, noise, dof, variants, measured_at FROM noise WHERE campaign = ? "
+        "ORDER BY tier",
+        (name,),
+    )
+    return {r["tier"]: {k: r[k] for k in ("noise", "dof", "variants", "measured_at")} for r in rows}
+
+
+def decisions(conn: sqlite3.Connection, variant_id: str) -> list[dict[str, Any]]:
+    """Every keep-rule decision on a variant, oldest first: the rule, n and mean per side,
+    the noise and the margin, and how many replicates it requested."""
+    rows = conn.execute(
+        "SELECT status AS decision, rule, tier, reason, runs AS n_candidate, "
+        "value AS mean_candidate, best_before_variant_id AS best_variant_id, "
+        "best_before_runs AS n_best, best_before_value AS mean_best, noise, margin, "
+        "replicates_requested, run_id, decided_at FROM keep_decisions "
+        "WHERE variant_id = ? ORDER BY decided_at, rowid",
+        (variant_id,),
+    )
+    return [dict(r) for r in rows]
 
 
 def best(conn: sqlite3.Connection, name: str, *, with_source: bool = True) -> dict[str, Any] | None:
@@ -219,6 +248,7 @@ def variant(conn: sqlite3.Connection, variant_id: str) -> dict[str, Any] | None:
         return None
     out = _variant_dict(row)
     out["runs"] = runs(conn, variant_id)
+    out["decisions"] = decisions(conn, variant_id)
     return out
 
 

@@ -1,4 +1,4 @@
-"""The ledger service: project every stored event into SQLite, publish BestUpdated, serve HTTP.
+"""The ledger service: project every stored event into SQLite, publish decisions, serve HTTP.
 
 A ledger found empty (a new file, or one on an older schema that `open_db` moved aside)
 resets the durable consumer, so the whole stream is replayed into it.
@@ -24,9 +24,11 @@ from services.contracts import (
     BestUpdated,
     Event,
     FleetStatus,
+    NoiseMeasured,
     ResultEvaluated,
     RunFinished,
     RunRequested,
+    VariantDecided,
     VariantProposed,
 )
 from services.ledger import queries
@@ -128,18 +130,24 @@ class Projector:
                 await self._refuse(exc, delivery)
             for published in outbox:
                 await self.bus.publish(published)
-                if isinstance(published, RunRequested):
-                    self.log.info(
-                        "replicate_requested",
-                        **fields_of(published, "campaign", "variant_id", "run_id", "reason"),
-                    )
-                else:
-                    self.log.info(
-                        "best_updated",
-                        **fields_of(published, "campaign", "variant_id", "value", "previous_value"),
-                    )
+                self._log_published(published)
         finally:
             _release_after(done, prev)
+
+    def _log_published(self, event: Event) -> None:
+        if isinstance(event, BestUpdated):
+            fields = fields_of(event, "campaign", "variant_id", "value", "previous_value", "margin")
+            self.log.info("best_updated", **fields)
+        elif isinstance(event, VariantDecided):
+            fields = fields_of(
+                event, "campaign", "variant_id", "decision", "n_candidate", "n_best", "margin"
+            )
+            self.log.info("variant_decided", **fields, replicates=event.replicates_requested)
+        elif isinstance(event, RunRequested):
+            fields = fields_of(event, "campaign", "run_id", "reason")
+            self.log.info("replicate_requested", **fields)
+        elif isinstance(event, NoiseMeasured):
+            self.log.info("noise_measured", **fields_of(event, "campaign", "tier", "noise", "dof"))
 
     async def _refuse(self, exc: Unreferenced, delivery: Delivery) -> NoReturn:
         """Wait for what the event names while an earlier message is unhandled (it may be

@@ -21,8 +21,10 @@ from services.contracts import (
     CampaignStopped,
     Event,
     FleetStatus,
+    NoiseMeasured,
     ProposerHalted,
     ResultEvaluated,
+    VariantDecided,
     VariantProposed,
 )
 from services.proposer.strategy import ResultRow
@@ -59,6 +61,8 @@ class CampaignState:
     llm_usd: dict[str, float] = field(default_factory=dict)  # variant -> its share of cost
     llm_waves: set[int] = field(default_factory=set)  # waves that cost an LLM request
     last_change: float = 0.0  # ts of the latest result or best seen
+    decisions: dict[str, VariantDecided] = field(default_factory=dict)  # latest per variant
+    measured_noise: dict[str, NoiseMeasured] = field(default_factory=dict)  # per tier
 
     @property
     def name(self) -> str:
@@ -78,6 +82,25 @@ class CampaignState:
     def _settled(self, variant_id: str) -> bool:
         results = self.results.get(variant_id, {}).values()
         return any(r.status != "infra" or r.attempt >= MAX_RUN_ATTEMPTS for r in results)
+
+    @property
+    def undecided(self) -> list[str]:
+        """Variants the keep rule is still replicating (their replicates hold slots)."""
+        return [vid for vid, d in self.decisions.items() if d.decision == "undecided"]
+
+    @property
+    def awaiting_verdict(self) -> list[str]:
+        """Variants with an ok result the ledger has not decided yet, or is replicating.
+
+        Empty under `strict`, which decides on every result and never replicates."""
+        if self.config.keep_rule == "strict":
+            return []
+        return [
+            vid
+            for vid, runs in self.results.items()
+            if any(r.status == "ok" for r in runs.values())
+            and (vid not in self.decisions or self.decisions[vid].decision == "undecided")
+        ]
 
     @property
     def next_wave(self) -> int:
@@ -118,12 +141,22 @@ class CampaignState:
         )
 
     def rows(self) -> list[ResultRow]:
-        """Every finished variant, oldest result first."""
-        rows = [r for r in (self.row(vid) for vid in self.variants) if r is not None]
+        """Every finished variant, oldest result first; a variant still undecided (the keep
+        rule is replicating it) is left out: a lucky first run is not evidence to build on."""
+        pending = set(self.undecided)
+        rows = [
+            r
+            for r in (self.row(vid) for vid in self.variants if vid not in pending)
+            if r is not None
+        ]
         return sorted(rows, key=lambda r: r.finished_at)
 
     def noise(self) -> float | None:
-        """Pooled std of replicate ok runs (same variant and tier); None without replicates."""
+        """The spread the ledger measured on the campaign's first tier (NoiseMeasured); else
+        the pooled std of replicate ok runs seen here; None without replicates."""
+        tier = (self.config.tiers or ["default"])[0]
+        if tier in self.measured_noise:
+            return self.measured_noise[tier].noise
         squares, dof = 0.0, 0
         for runs in self.results.values():
             by_tier: dict[str, list[float]] = {}
@@ -164,6 +197,8 @@ class History:
             VariantProposed: self.apply_variant_proposed,
             ResultEvaluated: self.apply_result_evaluated,
             BestUpdated: self.apply_best_updated,
+            VariantDecided: self.apply_variant_decided,
+            NoiseMeasured: self.apply_noise_measured,
         }
 
     def _first_time(self, event: CampaignStarted | CampaignStopped | ProposerHalted) -> bool:
@@ -233,6 +268,24 @@ class History:
         state.last_change = max(state.last_change, event.ts)
         return state
 
+    def apply_variant_decided(self, event: VariantDecided) -> CampaignState | None:
+        state = self.campaigns.get(event.campaign)
+        if state is None:
+            return None
+        latest = state.decisions.get(event.variant_id)
+        if latest is None or (event.ts, event.n_candidate) >= (latest.ts, latest.n_candidate):
+            state.decisions[event.variant_id] = event
+        return state
+
+    def apply_noise_measured(self, event: NoiseMeasured) -> CampaignState | None:
+        state = self.campaigns.get(event.campaign)
+        if state is None:
+            return None
+        latest = state.measured_noise.get(event.tier)
+        if latest is None or event.dof >= latest.dof:
+            state.measured_noise[event.tier] = event
+        return state
+
     def running(self) -> list[CampaignState]:
         return [s for s in self.campaigns.values() if s.running]
 
@@ -280,7 +333,7 @@ def to_propose(state: CampaignState, slots: int, default_lookahead: int) -> int:
     lookahead = state.config.proposer.lookahead or default_lookahead
     if lookahead <= 0:
         lookahead = max(2, -(-slots // 4))
-    want = slots + lookahead - len(state.in_flight)
+    want = slots + lookahead - len(state.in_flight) - len(state.undecided)
     limit = state.config.max_experiments
     if limit > 0:
         want = min(want, limit - len(state.variants))
@@ -289,8 +342,8 @@ def to_propose(state: CampaignState, slots: int, default_lookahead: int) -> int:
 
 def completion(state: CampaignState) -> str | None:
     """Why the campaign is complete (a detail for CampaignStopped), or None if it is not."""
-    if state.stopped or state.in_flight:
-        return None
+    if state.stopped or state.in_flight or state.awaiting_verdict:
+        return None  # the ledger has yet to decide, or a close call's replicates still run
     limit = state.config.max_experiments
     if limit > 0 and len(state.variants) >= limit:
         return f"all {len(state.variants)} experiments proposed and evaluated (max {limit})"

@@ -137,7 +137,12 @@ class WaveMaker:
             parent_source=parent_source,
             best_value=state.best.value if state.best else None,
             results=state.rows(),
-            in_flight_titles=[state.variants[v].title for v in state.in_flight],
+            # Undecided variants (the keep rule is replicating them) are still in flight.
+            in_flight_titles=[
+                state.variants[v].title
+                for v in [*state.in_flight, *state.undecided]
+                if v in state.variants
+            ],
             known_ids=set(state.variants),
             k=k,
             wave=state.next_wave,

@@ -19,8 +19,17 @@ JUMP = 0.002  # the sim's grid steps move val_bpb by ~0.1-1%: some are "improbab
 async def test_a_jump_past_the_best_waits_for_its_replicate(
     tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
 ) -> None:
+    # The strict rule, so that every replicate asked for is a jump's (noise-aware asks for
+    # replicates of close calls and of the seed too; the jump check applies under both).
     settings = sim_settings(
-        tmp_path, nats_server.url, max_experiments=16, slots=4, confirm_jump=JUMP, sim_noise=0.0
+        tmp_path,
+        nats_server.url,
+        max_experiments=16,
+        slots=4,
+        confirm_jump=JUMP,
+        sim_noise=0.0,
+        keep_rule="strict",
+        noise_runs=1,
     )
     async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)

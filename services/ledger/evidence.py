@@ -69,7 +69,13 @@ def outstanding(conn: sqlite3.Connection, variant_ids: list[str], tier: str) -> 
 
 
 def replicates(
-    conn: sqlite3.Connection, camp: sqlite3.Row, variant_id: str, tier: str, want: int, ts: float
+    conn: sqlite3.Connection,
+    camp: sqlite3.Row,
+    variant_id: str,
+    tier: str,
+    want: int,
+    ts: float,
+    reason: str = "replicate: a close call",
 ) -> list[RunRequested]:
     """RunRequested for the runs that bring the variant to `want` ok runs on the tier,
     counting the ones already out; none beyond twice the cap of runs (failing replicates)."""
@@ -82,7 +88,8 @@ def replicates(
     ).fetchone()
     room = 2 * policy(camp).max_runs - int(row["n"])
     need = min(want - ok - out, room)
-    return request_runs(conn, camp["name"], variant_id, tier, int(row["top"]) + 1, need, ts)
+    first = int(row["top"]) + 1
+    return request_runs(conn, camp["name"], variant_id, tier, first, need, ts, reason)
 
 
 def request_runs(

@@ -70,6 +70,7 @@ class Verdict:
     want_candidate: int = 0  # ok runs wanted before deciding again (undecided only)
     want_best: int = 0
     wait_for_runs: bool = False  # decide only once every run already requested is back
+    replicate_reason: str = "replicate: a close call"  # why the runs it wants are requested
 
 
 KeepRule = Callable[[Evidence], Verdict]

@@ -71,6 +71,9 @@ class VariantSummary(BaseModel):
     wave: int
     proposed_at: float | None
     status: VariantStatus
+    verdict: str | None = Field(
+        description="the keep rule's latest decision (keep, discard, undecided, crash)"
+    )
     value: float | None = Field(description="mean of the metric over the variant's ok runs")
     ok_runs: int
     decided_at: float | None
@@ -114,9 +117,29 @@ class RunDetail(Run):
     log_tail: str | None = Field(description="the last lines of the log the launcher sent")
 
 
+class KeepDecision(BaseModel):
+    """One decision of the keep rule on a variant, with its evidence."""
+
+    decision: str = Field(description="keep | discard | undecided | crash")
+    rule: str
+    tier: str
+    reason: str
+    n_candidate: int
+    mean_candidate: float | None
+    best_variant_id: str | None
+    n_best: int
+    mean_best: float | None
+    noise: float | None = Field(description="the run-to-run spread the rule used")
+    margin: float | None = Field(description="the improvement it required at these n")
+    replicates_requested: int
+    run_id: str = Field(description="the result that led to the decision")
+    decided_at: float
+
+
 class VariantDetail(VariantSummary):
     diff: str = Field(description="the diff the proposer sent (GET .../diff computes one)")
     runs: list[Run]
+    decisions: list[KeepDecision]
 
 
 class BestVariant(VariantSummary):
@@ -124,6 +147,7 @@ class BestVariant(VariantSummary):
 
     diff: str
     runs: int = Field(ge=0, description="ok runs behind the value")
+    decisions: list[KeepDecision]
     metric: str
     edit_file: str
 
@@ -138,6 +162,7 @@ class CampaignCounts(BaseModel):
     running: int
     runs: dict[str, int] = Field(description="runs by state")
     evaluated: int
+    experiments: int = Field(description="variants with a result (replicates not counted)")
     results: dict[str, int] = Field(description="results by status")
     dead_letters: int
 
@@ -154,6 +179,13 @@ class CampaignGpuCost(BaseModel):
     usd: float = Field(description="metered GPU dollars of every attempt (0: not metered)")
     gpu_seconds: float = Field(description="GPUs x seconds the campaign's runs held")
     infra_usd: float = Field(description="the part of `usd` lost to infrastructure failures")
+
+
+class TierNoise(BaseModel):
+    noise: float = Field(description="pooled standard deviation of one run")
+    dof: int = Field(description="its degrees of freedom")
+    variants: int = Field(description="variants run more than once behind it")
+    measured_at: float
 
 
 class CampaignSummary(BaseModel):
@@ -176,6 +208,7 @@ class CampaignSummary(BaseModel):
     counts: CampaignCounts
     llm: CampaignLlmCost
     gpu: CampaignGpuCost
+    noise: dict[str, TierNoise] = Field(description="the measured run-to-run spread per tier")
     best: BestVariant | None
 
 

@@ -151,7 +151,9 @@ def _judge(conn: sqlite3.Connection, ev: ResultEvaluated, variant_id: str) -> Ou
         return _promote(conn, ev, camp, (variant_id, best_id), verdict, tiers)
     requests: list[RunRequested] = []
     if verdict.decision == "undecided":
-        requests = replicates(conn, camp, variant_id, ev.tier, verdict.want_candidate, ev.ts)
+        requests = replicates(
+            conn, camp, variant_id, ev.tier, verdict.want_candidate, ev.ts, verdict.replicate_reason
+        )
         if best_id:
             requests += replicates(conn, camp, best_id, ev.tier, verdict.want_best, ev.ts)
         if not requests and verdict.want_candidate:
@@ -181,7 +183,12 @@ def _confirm_jump(
     if len(evidence.candidate) < 2:
         why = f"improbably far past the best (more than {share:g} of it): a replicate must agree"
         return dataclasses.replace(
-            verdict, decision="undecided", reason=why, want_candidate=2, wait_for_runs=True
+            verdict,
+            decision="undecided",
+            reason=why,
+            want_candidate=2,
+            wait_for_runs=True,
+            replicate_reason="replicate: confirm a jump past the best",
         )
     if all(keep.better(v, best, evidence.direction) for v in evidence.candidate):
         return verdict

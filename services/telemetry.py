@@ -11,11 +11,12 @@ Metrics are in services/metrics.py.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import Any, TextIO, cast
 
 import msgspec
 import stamina.instrumentation
@@ -64,6 +65,17 @@ def fields_of(event: object, *names: str) -> dict[str, Any]:
     return {name: getattr(event, name) for name in names}
 
 
+class _CurrentStderr(io.TextIOBase):
+    """Whatever `sys.stderr` is when a line is written, not when logging was configured: a
+    stream replaced since (a test's capture, closed when it ends) is never written to."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(service: str, fmt: str = "", level: str = "info") -> None:
     """Configure structlog once per process; `fmt` is json | console ('' = by TTY)."""
     use_console = fmt == "console" or (fmt == "" and sys.stderr.isatty())
@@ -82,7 +94,7 @@ def configure_logging(service: str, fmt: str = "", level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(service=service)

@@ -15,7 +15,9 @@ from services.contracts import (
     Event,
     NoiseMeasured,
     ResultEvaluated,
+    RunFinished,
     RunRequested,
+    RunStarted,
     VariantDecided,
     VariantProposed,
     run_id_for,
@@ -81,6 +83,38 @@ def result(
     )
 
 
+def apply_result(conn: sqlite3.Connection, ev: ResultEvaluated) -> list[Event]:
+    """A result as the ledger gets it: after its run's RunStarted and RunFinished (the
+    ledger counts a result only for a run a launcher started and finished)."""
+    ids = {
+        "campaign": ev.campaign,
+        "run_id": ev.run_id,
+        "variant_id": ev.variant_id,
+        "tier": ev.tier,
+        "replica": ev.replica,
+        "attempt": ev.attempt,
+    }
+    t = ev.ts - 2.0
+    apply_event(
+        conn,
+        RunStarted(
+            **ids, event_id=f"s-{ev.run_id}", ts=t, backend="sim", host="h", accelerator="sim"
+        ),
+    )
+    finished = RunFinished(
+        **ids,
+        event_id=f"f-{ev.run_id}",
+        ts=t + 1,
+        exit_code=0,
+        started_at=t,
+        finished_at=t + 1,
+        log_key=ev.run_id,
+        log_tail="",
+    )
+    apply_event(conn, finished, log_text="")
+    return list(apply_event(conn, ev))
+
+
 def of(kind: type[Event], out: list[Event]) -> list[Event]:
     return [e for e in out if isinstance(e, kind)]
 
@@ -91,7 +125,7 @@ def seeded(conn: sqlite3.Connection, **campaign: object) -> tuple[str, list[Even
     seed, source = proposal(0)
     out += apply_event(conn, seed, source_text=source)
     for k, value in enumerate([1.0, 1.01, 0.99]):
-        out += apply_event(conn, result(seed.variant_id, value, replica=k, ts=10.0 + k))
+        out += apply_result(conn, result(seed.variant_id, value, replica=k, ts=10.0 + k))
     return seed.variant_id, out
 
 
@@ -107,8 +141,8 @@ def replicates_back(conn: sqlite3.Connection, vid: str, seed: str) -> list[Event
     """The runs the rule asks for after a first 0.95: the candidate's 1-3, the seed's 3."""
     out: list[Event] = []
     for k, value in ((1, 0.949), (2, 0.951), (3, 0.95)):
-        out += apply_event(conn, result(vid, value, k, 20.0 + k))
-    return out + apply_event(conn, result(seed, 1.0, replica=3, ts=25.0))
+        out += apply_result(conn, result(vid, value, k, 20.0 + k))
+    return out + apply_result(conn, result(seed, 1.0, replica=3, ts=25.0))
 
 
 @pytest.fixture
@@ -135,7 +169,7 @@ def test_a_close_call_is_replicated_then_kept(conn: sqlite3.Connection) -> None:
     seed, vid = with_candidate(conn)
     # 0.95 vs 1.00 (3 runs), noise 0.01 from 2 degrees of freedom (t = 6.96 at 0.99):
     # margin 6.96 * 0.01 * sqrt(1 + 1/3) = 0.080 > 0.05; 4 runs a side would separate 0.05
-    out = apply_event(conn, result(vid, 0.95, ts=20.0))
+    out = apply_result(conn, result(vid, 0.95, ts=20.0))
     [decided] = of(VariantDecided, out)
     assert decided.decision == "undecided"  # type: ignore[attr-defined]
     assert decided.n_candidate == 1 and decided.n_best == 3  # type: ignore[attr-defined]
@@ -158,7 +192,7 @@ def test_a_close_call_is_replicated_then_kept(conn: sqlite3.Connection) -> None:
 
 def test_a_clear_loss_is_discarded_without_replicates(conn: sqlite3.Connection) -> None:
     _, vid = with_candidate(conn)
-    out = apply_event(conn, result(vid, 1.03, ts=20.0))
+    out = apply_result(conn, result(vid, 1.03, ts=20.0))
     assert not of(RunRequested, out)
     [decided] = of(VariantDecided, out)
     assert decided.decision == "discard"  # type: ignore[attr-defined]
@@ -167,15 +201,15 @@ def test_a_clear_loss_is_discarded_without_replicates(conn: sqlite3.Connection) 
 
 def test_a_lucky_first_run_that_regresses_is_never_kept(conn: sqlite3.Connection) -> None:
     seed, vid = with_candidate(conn)
-    out = apply_event(conn, result(vid, 0.985, ts=20.0))  # strict would keep this
+    out = apply_result(conn, result(vid, 0.985, ts=20.0))  # strict would keep this
     requested = [(r.variant_id, r.replica) for r in of(RunRequested, out)]  # type: ignore[attr-defined]
     assert requested == [(vid, k) for k in (1, 2, 3, 4)] + [(seed, 3), (seed, 4)]  # to the cap
     out = []
     for k in range(1, 5):
-        out += apply_event(conn, result(vid, 1.0 + (0.003 if k % 2 else -0.002), k, 20.0 + k))
+        out += apply_result(conn, result(vid, 1.0 + (0.003 if k % 2 else -0.002), k, 20.0 + k))
     assert queries.variant(conn, vid)["status"] == "pending"  # the best's replicates are out
     for k, value in ((3, 1.0), (4, 1.002)):
-        out += apply_event(conn, result(seed, value, k, 30.0 + k))
+        out += apply_result(conn, result(seed, value, k, 30.0 + k))
     assert not of(BestUpdated, out)
     assert queries.variant(conn, vid)["status"] == "discard"  # type: ignore[index]
     assert of(VariantDecided, out)[-1].reason == "replicate cap reached inside the margin"  # type: ignore[attr-defined]
@@ -185,7 +219,7 @@ def test_nothing_is_lost_when_the_ledger_restarts_mid_replicate(tmp_path: Path) 
     path = tmp_path / "ledger.db"
     conn = open_db(path)
     seed, vid = with_candidate(conn)
-    first = apply_event(conn, result(vid, 0.95, ts=20.0))
+    first = apply_result(conn, result(vid, 0.95, ts=20.0))
     conn.close()  # the ledger stops between the replicate request and its result
     conn = open_db(path)
     # the redelivered result republishes the same requests (same ids: JetStream dedups)
@@ -196,7 +230,7 @@ def test_nothing_is_lost_when_the_ledger_restarts_mid_replicate(tmp_path: Path) 
 
 def test_strict_keeps_the_same_close_call_at_once(conn: sqlite3.Connection) -> None:
     _, vid = with_candidate(conn, keep_rule="strict")
-    out = apply_event(conn, result(vid, 0.995, ts=20.0))
+    out = apply_result(conn, result(vid, 0.995, ts=20.0))
     assert not of(RunRequested, out)
     assert [d.rule for d in of(VariantDecided, out)] == ["strict"]  # type: ignore[attr-defined]
     assert len(of(BestUpdated, out)) == 1
@@ -206,7 +240,7 @@ def test_the_api_shows_each_decision_and_the_noise(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     conn = open_db(path)
     seed, vid = with_candidate(conn)
-    apply_event(conn, result(vid, 0.95, ts=20.0))
+    apply_result(conn, result(vid, 0.95, ts=20.0))
     replicates_back(conn, vid, seed)
     conn.close()
     with TestClient(create_app(path)) as client:
@@ -238,11 +272,11 @@ def test_the_first_best_is_the_seed_not_the_first_variant_to_finish(
     cand, source = proposal(1)
     apply_event(conn, seed, source_text=seed_source)
     apply_event(conn, cand, source_text=source)
-    out = apply_event(conn, result(cand.variant_id, 1.05, ts=9.0))  # before the seed's
+    out = apply_result(conn, result(cand.variant_id, 1.05, ts=9.0))  # before the seed's
     assert not of(BestUpdated, out)
     [waiting] = of(VariantDecided, out)
     assert waiting.decision == "undecided" and "seed" in waiting.reason  # type: ignore[attr-defined]
-    out = apply_event(conn, result(seed.variant_id, 1.0, ts=10.0))
+    out = apply_result(conn, result(seed.variant_id, 1.0, ts=10.0))
     assert [b.variant_id for b in of(BestUpdated, out)] == [seed.variant_id]  # type: ignore[attr-defined]
     verdicts = {d.variant_id: d.decision for d in of(VariantDecided, out)}  # type: ignore[attr-defined]
     assert verdicts == {seed.variant_id: "keep", cand.variant_id: "discard"}
@@ -252,7 +286,7 @@ def feed(conn: sqlite3.Connection, runs: list[tuple[str, str, int, float]]) -> l
     """Results (variant, tier, replica, value) in this order; the outbox of them all."""
     out: list[Event] = []
     for i, (vid, tier, replica, value) in enumerate(runs):
-        out += apply_event(conn, result(vid, value, replica, 100.0 + i, tier))
+        out += apply_result(conn, result(vid, value, replica, 100.0 + i, tier))
     return out
 
 

@@ -137,6 +137,9 @@ async def run_campaign(tmp_path: Path, url: str, bus: Bus) -> None:
         max_experiments=EXPERIMENTS,
         campaign=CAMPAIGN,
         gpu_usd_per_hour=GPU_USD_PER_HOUR,
+        keep_rule="strict",  # one run per variant: each trace holds one run of each stage
+        noise_runs=1,
+        confirm_jump=0.0,
     )
     async with services_running(settings, url):
         await start_campaign(bus, settings)

@@ -342,3 +342,21 @@ def test_a_screen_winner_that_loses_on_validate_is_discarded(conn: sqlite3.Conne
     out = feed(conn, [(lucky.variant_id, "validate", 0, 0.995)])  # not better there
     assert not of(BestUpdated, out)
     assert queries.variant(conn, lucky.variant_id)["status"] == "discard"  # type: ignore[index]
+
+
+def test_a_win_that_waited_for_the_bests_runs_is_judged_once_they_are_back(
+    conn: sqlite3.Connection,
+) -> None:
+    """A clear win whose judging waits for runs of the best still out (no verdict recorded
+    yet) is judged when they come back; found stalling a campaign for good."""
+    seed, _ = seeded(conn)
+    (close, close_source), (clear, clear_source) = proposal(1), proposal(2)
+    apply_event(conn, close, source_text=close_source)
+    apply_event(conn, clear, source_text=clear_source)
+    out = apply_result(conn, result(close.variant_id, 0.95, ts=20.0))  # a close call
+    asked = {(e.variant_id, e.replica) for e in of(RunRequested, out)}  # type: ignore[attr-defined]
+    assert (seed, 3) in asked  # ... asks for another run of the best too
+    assert not of(BestUpdated, apply_result(conn, result(clear.variant_id, 0.80, ts=21.0)))
+    assert queries.variant(conn, clear.variant_id)["status"] == "pending"  # type: ignore[index]
+    out = apply_result(conn, result(seed, 1.0, replica=3, ts=22.0))
+    assert [e.variant_id for e in of(BestUpdated, out)] == [clear.variant_id]  # type: ignore[attr-defined]

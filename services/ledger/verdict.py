@@ -110,11 +110,13 @@ def _record_failure(conn: sqlite3.Connection, ev: ResultEvaluated, camp: sqlite3
 
 
 def _judge_waiting(conn: sqlite3.Connection, ev: ResultEvaluated) -> Outbox:
-    """Judge again the variants still undecided on the tier (the best changed or got a run)."""
+    """Judge again the variants still undecided on the tier (the best changed or got a run),
+    and those whose judging waited for runs of the best without a verdict (none recorded)."""
     out: Outbox = []
     rows = conn.execute(
-        "SELECT variant_id FROM variants WHERE campaign = ? AND verdict = 'undecided' "
-        "AND status = 'pending' ORDER BY evaluated_seq",
+        "SELECT variant_id FROM variants WHERE campaign = ? AND status = 'pending' "
+        "AND (verdict = 'undecided' OR (verdict IS NULL AND ok_runs > 0)) "
+        "ORDER BY evaluated_seq",
         (ev.campaign,),
     ).fetchall()
     for row in rows:

@@ -9,13 +9,13 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from services.apikey import KEY_FILE, load_api_key
 from services.launcher.backend import Backend, is_secret_name
 from services.launcher.local import LocalBackend
 from services.launcher.output import OutputLimits
 from services.launcher.sandbox import resolve_sandbox
 from services.launcher.sim import SimBackend, SimParams
 from services.launcher.skypilot_adapter import SkyAdapter
-from services.proposer.apikey import KEY_FILE, load_api_key
 from services.settings import Settings, SettingsError
 from services.telemetry import get_logger
 

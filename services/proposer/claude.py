@@ -18,8 +18,8 @@ from typing import Any
 
 import anthropic
 
+from services.apikey import load_api_key
 from services.contracts import CampaignStarted, variant_id_for
-from services.proposer.apikey import load_api_key
 from services.proposer.messages import (
     ClaudeConfig,
     Round,

@@ -4,8 +4,8 @@ says why, once per campaign start."""
 
 from __future__ import annotations
 
+from services.apikey import load_api_key
 from services.contracts import CampaignStarted
-from services.proposer.apikey import load_api_key
 from services.proposer.grid import GridStrategy
 from services.proposer.strategy import Strategy
 from services.settings import Settings

@@ -1,4 +1,5 @@
-"""Where the Anthropic API key comes from (without importing the SDK, which takes seconds).
+"""Where the Anthropic API key comes from (without importing the SDK, which takes seconds):
+the proposer reads it, the launcher keeps it and its file away from every run.
 
 Only `ANTHROPIC_API_KEY`, or a secrets file (`NIGHTSHIFT_ANTHROPIC_KEY_FILE`, default
 `~/.config/nightshift/anthropic_key`). The key never reaches a log, an event or a trainer.

@@ -45,6 +45,37 @@ async def test_a_forged_block_from_a_real_run_is_implausible(tmp_path: Path) -> 
     assert "launcher measured the whole run" in evaluation.crash_reason
 
 
+SHORT_TRAIN = """
+import time
+time.sleep(0.6)
+print("---")
+print("val_bpb:          0.900000")
+print("training_seconds: 0.5")
+print("total_seconds:    0.6")
+print("total_tokens_M:   0.1")
+print("num_steps:        10")
+"""
+
+
+async def test_a_local_run_far_below_its_harness_budget_is_implausible(tmp_path: Path) -> None:
+    """The budget a local run is held to is the harness's (prepare.py's PROFILES), never
+    what the run itself prints."""
+    harness = tmp_path / "harness"
+    harness.mkdir()
+    (harness / "prepare.py").write_text(
+        'PROFILES = {"cpu": {"time_budget": 20, "eval_tokens": 128 * 256}}\n'
+    )
+    backend = LocalBackend(tmp_path / "runs")
+    outcome = await backend.run(
+        job(SHORT_TRAIN, "v-default-0", harness_dir=harness, timeout_s=30.0), lambda _: None
+    )
+    assert outcome.exit_code == 0 and outcome.budget_s == 20.0
+    log = outcome.read_log()
+    evaluation = evaluate_run(finished_from(outcome, "v-default-0", log), log, "val_bpb")
+    assert evaluation.status == "implausible", evaluation
+    assert "far below the budget of 20s" in evaluation.crash_reason
+
+
 async def test_the_sim_backend_is_plausible_on_its_own_clock() -> None:
     params = SimParams(sim_budget_s=300.0, sim_time_scale=0.5 / 300.0, sim_failure_rate=0.0)
     backend = SimBackend(params)

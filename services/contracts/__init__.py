@@ -46,6 +46,7 @@ from services.contracts.events import (
     variant_keys,
 )
 from services.contracts.trainer import (
+    BUDGET_OVERRIDE,
     KNOB_NAME,
     MARKER,
     MEASURED_KEYS,
@@ -56,6 +57,7 @@ from services.contracts.trainer import (
     cancel_reason,
     cancelled_line,
     format_summary,
+    harness_budget,
     harness_file,
     harness_root,
     harness_tar,
@@ -73,6 +75,7 @@ from services.contracts.trainer import (
 )
 
 __all__ = [
+    "BUDGET_OVERRIDE",
     "CAMPAIGNS_BUCKET",
     "EVENT_TYPES",
     "KNOB_NAME",
@@ -117,6 +120,7 @@ __all__ = [
     "encode",
     "event_id_for",
     "format_summary",
+    "harness_budget",
     "harness_file",
     "harness_root",
     "harness_tar",

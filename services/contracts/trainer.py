@@ -290,3 +290,48 @@ def harness_root(directory: Path) -> Path:
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]
     return directory
+
+
+# --- the training budget -----------------------------------------------------------------
+
+BUDGET_OVERRIDE = "NIGHTSHIFT_TIME_BUDGET"  # prepare.py: training seconds, for tests
+
+
+def harness_budget(prepare_source: str, profile: str, override: str | None = None) -> float:
+    """The training seconds the harness gives a run on `profile`: the `NIGHTSHIFT_TIME_BUDGET`
+    override when set, else `time_budget` of the profile in prepare.py's PROFILES table
+    (read, never run: the harness is not ours to import); 0 when neither can be read."""
+    if override:
+        try:
+            return max(float(override), 0.0)
+        except ValueError:
+            return 0.0
+    try:
+        tree = ast.parse(prepare_source)
+    except SyntaxError:
+        return 0.0
+    for node in tree.body:
+        target: ast.expr
+        if isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id == "PROFILES":
+            budget = _dict_entry(_dict_entry(value, profile), "time_budget")
+            try:  # the other entries may be expressions (40 * 524288): read this one only
+                return float(ast.literal_eval(budget)) if budget is not None else 0.0
+            except (ValueError, TypeError):
+                return 0.0
+    return 0.0
+
+
+def _dict_entry(node: ast.expr | None, key: str) -> ast.expr | None:
+    """The value written for `key` in a dict literal, unevaluated."""
+    if not isinstance(node, ast.Dict):
+        return None
+    for k, v in zip(node.keys, node.values, strict=True):
+        if isinstance(k, ast.Constant) and k.value == key:
+            return v
+    return None

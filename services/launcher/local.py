@@ -29,7 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from services.contracts import cancelled_line, infra_failure_line, timed_out_line
+from services.contracts import (
+    BUDGET_OVERRIDE,
+    cancelled_line,
+    harness_budget,
+    infra_failure_line,
+    timed_out_line,
+)
 from services.launcher.backend import Job, LineCallback, RunOutcome, log_tail, scrubbed_env
 from services.launcher.output import CappedLog, OutputLimits, pump, redact_file, redact_text
 from services.launcher.sandbox import Bubblewrap, RunMounts
@@ -112,6 +118,15 @@ class LocalBackend:
                 env["NIGHTSHIFT_CACHE"] = str(self.data_cache)
         return env
 
+    def _budget(self, job: Job) -> float:
+        """The training seconds the harness gives this run (the evaluator rejects a claim
+        far below it); 0 when the harness does not say."""
+        try:
+            source = (job.harness_dir / "prepare.py").read_text()
+        except OSError:
+            return 0.0
+        return harness_budget(source, job.profile, self._env(job).get(BUDGET_OVERRIDE))
+
     def _argv(self, job: Job, run_dir: Path) -> list[str]:
         argv = [sys.executable, job.edit_file]
         if self.sandbox is None:
@@ -136,7 +151,7 @@ class LocalBackend:
 
     async def _run(self, job: Job, on_line: LineCallback) -> RunOutcome:
         started = time.time()
-        outcome = RunOutcome(None, started, started)
+        outcome = RunOutcome(None, started, started, budget_s=self._budget(job))
         run_dir = self.runs_path / job.campaign / job.run_id
         try:
             failure = await self.prepare(job.harness_dir, job.profile)

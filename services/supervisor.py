@@ -96,8 +96,13 @@ class LiveView:
             return
         # The best's mean moves with its replicates (no BestUpdated for that).
         self.best = event.mean_candidate if event.decision == "keep" else event.mean_best
-        close_call = self.verdicts.get(event.variant_id) == "undecided"
-        self.verdicts[event.variant_id] = event.decision
+        # A verdict line closes a close call only (replicates were asked for it), not a
+        # variant that merely waited for the seed's first result.
+        if event.decision == "undecided" and event.replicates_requested:
+            self.verdicts[event.variant_id] = "replicating"
+        close_call = self.verdicts.get(event.variant_id) == "replicating"
+        if event.decision != "undecided":
+            self.verdicts[event.variant_id] = event.decision
         if not self.live:
             return
         title = self.titles.get(event.variant_id, event.variant_id)

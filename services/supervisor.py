@@ -294,7 +294,8 @@ async def _run_campaign(
         await asyncio.sleep(PRINT_DELAY_S * 1.5)  # the last result lines
         print(
             f"campaign {event.campaign} {view.stop_reason}; {view.finished} experiments, "
-            f"best {view.best}. The ledger stays in {settings.ledger_path}.",
+            f"best {'none' if view.best is None else f'{view.best:.6f}'}. "
+            f"The ledger stays in {settings.ledger_path}.",
             file=out,
         )
     else:

@@ -48,15 +48,16 @@ def run_events(
     t: float,
     replica: int = 0,
     attempt: int = 1,
+    tier: str = "default",
 ) -> list[Item]:
     """A run's RunStarted, RunFinished (with its log) and ResultEvaluated."""
-    run_id = run_id_for(variant_id, "default", replica)
+    run_id = run_id_for(variant_id, tier, replica)
     log = f"step 0 (0.0%) | loss: 9.0 | tok/sec: 1,000\n{_summary(value)}"
     ids: dict[str, Any] = {  # what the three events of a run share
         "campaign": campaign,
         "run_id": run_id,
         "variant_id": variant_id,
-        "tier": "default",
+        "tier": tier,
         "replica": replica,
         "attempt": attempt,
     }

@@ -15,9 +15,7 @@ from services.contracts import (
     Event,
     NoiseMeasured,
     ResultEvaluated,
-    RunFinished,
     RunRequested,
-    RunStarted,
     VariantDecided,
     VariantProposed,
     run_id_for,
@@ -28,7 +26,7 @@ from services.ledger import queries
 from services.ledger.api import create_app
 from services.ledger.db import open_db
 from services.ledger.projection import apply_event
-from tests.synthetic import SEED_SOURCE
+from tests.synthetic import SEED_SOURCE, run_events
 
 CAMPAIGN = "na"
 
@@ -86,32 +84,10 @@ def result(
 def apply_result(conn: sqlite3.Connection, ev: ResultEvaluated) -> list[Event]:
     """A result as the ledger gets it: after its run's RunStarted and RunFinished (the
     ledger counts a result only for a run a launcher started and finished)."""
-    ids = {
-        "campaign": ev.campaign,
-        "run_id": ev.run_id,
-        "variant_id": ev.variant_id,
-        "tier": ev.tier,
-        "replica": ev.replica,
-        "attempt": ev.attempt,
-    }
     t = ev.ts - 2.0
-    apply_event(
-        conn,
-        RunStarted(
-            **ids, event_id=f"s-{ev.run_id}", ts=t, backend="sim", host="h", accelerator="sim"
-        ),
-    )
-    finished = RunFinished(
-        **ids,
-        event_id=f"f-{ev.run_id}",
-        ts=t + 1,
-        exit_code=0,
-        started_at=t,
-        finished_at=t + 1,
-        log_key=ev.run_id,
-        log_tail="",
-    )
-    apply_event(conn, finished, log_text="")
+    run = run_events(ev.campaign, ev.variant_id, ev.status, ev.value, t, ev.replica, tier=ev.tier)
+    for event, _, log in run[:2]:  # its RunStarted and RunFinished; the result is `ev`
+        apply_event(conn, event, log_text=log)
     return list(apply_event(conn, ev))
 
 

@@ -125,7 +125,8 @@ class LocalBackend:
             source = (job.harness_dir / "prepare.py").read_text()
         except OSError:
             return 0.0
-        return harness_budget(source, job.profile, self._env(job).get(BUDGET_OVERRIDE))
+        # The run inherits the override from our environment (scrubbed_env keeps it).
+        return harness_budget(source, job.profile, os.environ.get(BUDGET_OVERRIDE))
 
     def _argv(self, job: Job, run_dir: Path) -> list[str]:
         argv = [sys.executable, job.edit_file]

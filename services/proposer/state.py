@@ -92,9 +92,10 @@ class CampaignState:
     def awaiting_verdict(self) -> list[str]:
         """Variants with an ok result the ledger has not decided yet, or is replicating.
 
-        Empty under `strict`, which decides on every result and never replicates."""
+        `strict` decides on every result, so there only the replicating ones: a jump past
+        the best waits for its replicate (`confirm_jump`) under either rule."""
         if self.config.keep_rule == "strict":
-            return []
+            return self.undecided
         return [
             vid
             for vid, runs in self.results.items()

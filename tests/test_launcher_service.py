@@ -14,6 +14,7 @@ from services import contracts as c
 from services.bus import Bus, Delivery
 from services.launcher import service
 from services.launcher.factory import make_backend
+from services.launcher.runs import SET_ASIDE_REASON
 from services.settings import Settings
 from services.supervisor import wait_until_consumed
 from tests.eventually import eventually
@@ -195,10 +196,45 @@ async def test_a_campaign_stopped_mid_run_cancels_its_runs(
         await recorder.wait_for(lambda: recorder.of(c.RunStarted))
         await bus.campaigns.mark_stopped("camp", "stopped")
         await recorder.wait_for(lambda: recorder.of(c.RunFinished), within_s=5)
+        await asyncio.sleep(0.5)
+        lag = await bus.consumer_lag("launcher-default")
     finally:
         await launcher.close()
+    # Set aside, not a verdict: an infrastructure failure (the ledger requests the run again
+    # on a resume), and acked rather than redelivered.
     [finished] = recorder.of(c.RunFinished)
     assert finished.cancelled and "campaign stopped" in finished.log_tail
+    assert finished.infra_failure and finished.infra_reason == SET_ASIDE_REASON
+    assert lag is not None and lag.pending == 0 and lag.ack_pending == 0
+
+
+async def test_a_run_requested_again_counts_its_earlier_attempts(
+    bus: Bus, recorder: Recorder, tmp_path: Path
+) -> None:
+    await start_campaign(bus)
+    proposed = await propose(bus, "camp", SEED)
+    run_id = c.run_id_for(proposed.variant_id, "default", 0)
+    again = c.RunRequested(
+        campaign="camp",
+        run_id=run_id,
+        variant_id=proposed.variant_id,
+        source_digest=proposed.source_digest,
+        tier="default",
+        replica=0,
+        attempt_base=3,
+    )
+    await bus.campaigns.mark_stopped("camp", "stopped")  # the proposal is skipped
+    launcher = Running(settings(tmp_path, backend="sim", sim_time_scale=0.001), bus)
+    try:
+        await asyncio.sleep(0.5)
+        await bus.campaigns.clear_stopped("camp")
+        await bus.publish(again)
+        await recorder.wait_for(lambda: recorder.of(c.RunFinished))
+    finally:
+        await launcher.close()
+    [started] = recorder.of(c.RunStarted)
+    [finished] = recorder.of(c.RunFinished)
+    assert (started.run_id, started.attempt, finished.attempt) == (run_id, 4, 4)
 
 
 async def test_a_missing_harness_is_published_as_infra_then_retried(

@@ -10,6 +10,7 @@ import pytest
 
 from services.contracts import (
     EVENT_TYPES,
+    MAX_RUN_ATTEMPTS,
     BestUpdated,
     CampaignStarted,
     CampaignStopped,
@@ -259,7 +260,7 @@ def test_later_attempt_replaces_result_and_infra_is_no_verdict(conn: sqlite3.Con
     apply_all(conn, [_campaign(), prop, _result(vid, "infra", None)])
     assert queries.variant(conn, vid)["status"] == "pending"  # type: ignore[index]
     tsv = queries.results_tsv(conn, "c") or ""
-    assert tsv.splitlines()[1].split("\t")[3] == "crash"
+    assert len(tsv.splitlines()) == 1  # not a crash: its run is tried again
     out = apply_all(conn, [_result(vid, "ok", 1.0, attempt=2)])
     assert [e.variant_id for e in bests(out)] == [vid]
     rows = conn.execute("SELECT attempt, status FROM results").fetchall()
@@ -268,6 +269,15 @@ def test_later_attempt_replaces_result_and_infra_is_no_verdict(conn: sqlite3.Con
     assert apply_all(conn, [_result(vid, "crash", None, attempt=1, ts=11.0)]) == []
     assert conn.execute("SELECT status FROM results").fetchone()[0] == "ok"
     assert queries.variant(conn, vid)["status"] == "keep"  # type: ignore[index]
+
+
+def test_a_variant_whose_attempts_all_failed_on_infrastructure_is_a_crash(
+    conn: sqlite3.Connection,
+) -> None:
+    (prop, vid) = _proposal(0)
+    apply_all(conn, [_campaign(), prop, _result(vid, "infra", None, attempt=MAX_RUN_ATTEMPTS)])
+    tsv = queries.results_tsv(conn, "c") or ""
+    assert tsv.splitlines()[1].split("\t")[3] == "crash"
 
 
 def test_crash_then_replicate_mean_and_ties(conn: sqlite3.Connection) -> None:

@@ -131,6 +131,9 @@ class RunRequested(Event, tag="run.requested", kw_only=True, frozen=True):
     tier: str
     replica: int
     reason: str = ""
+    # Attempts this run already had: the launcher numbers its attempt attempt_base + the
+    # delivery count, so a run requested again (after a campaign's stop) gets new event ids.
+    attempt_base: int = 0
 
 
 class RunStarted(Event, tag="run.started", kw_only=True, frozen=True):

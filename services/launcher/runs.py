@@ -5,7 +5,9 @@ VariantProposed runs replica 0 on the campaign's first tier; RunRequested runs t
 replica on the named tier; work for another tier or a stopped campaign is acked and
 skipped. Each run publishes RunStarted, throttled RunProgress (lossy), its log to the
 `logs` bucket, and RunFinished. An infrastructure failure is published and then raised as
-transient, so JetStream redelivers the work (a new attempt).
+transient, so JetStream redelivers the work (a new attempt). A run cancelled by its
+campaign's stop is reported as set aside (an infrastructure failure) and acked: the
+ledger requests it, and the skipped work, again when the campaign resumes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import math
 import time
 from collections.abc import Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from services import contracts as c
@@ -26,6 +28,7 @@ from services.telemetry import annotate_span, get_logger
 
 PROGRESS_INTERVAL_S = 1.0
 MAX_LOG_BYTES = 32 * 1024 * 1024
+SET_ASIDE_REASON = "set aside: its campaign was stopped; it runs again when the campaign resumes"
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class Launcher:
         work = Work(
             campaign, event.variant_id, event.source_digest, event.tier, event.replica, event.run_id
         )
-        await self.take(work, delivery.num_delivered)
+        await self.take(work, event.attempt_base + delivery.num_delivered)
 
     async def load_campaign(self, name: str) -> c.CampaignStarted:
         if self.stopping:  # fetched while stopping: hand it back at once
@@ -162,6 +165,14 @@ class Launcher:
         outcome = await self.backend.run(job, self.progress_reporter(job))
         if outcome.cancelled and self.stopping:
             raise TransientError(f"run {work.run_id}: launcher stopping; it will run again")
+        set_aside = outcome.cancelled and await self.bus.campaigns.is_stopped(
+            work.campaign.campaign
+        )
+        if set_aside:
+            # A stop is no verdict on the variant: reported like an infrastructure failure
+            # (its GPU time counted, nothing charged to the variant) and acked; the ledger
+            # requests the run again when the campaign is resumed.
+            outcome = replace(outcome, infra_failure=True, infra_reason=SET_ASIDE_REASON)
         finished = await self.report(work, attempt, outcome)
         if not outcome.infra_failure:  # an infrastructure failure runs again, by design
             keys = work.keys("finished", attempt)
@@ -178,7 +189,7 @@ class Launcher:
             infra_failure=outcome.infra_failure,
             seconds=round(outcome.finished_at - outcome.started_at, 3),
         )
-        if outcome.infra_failure:
+        if outcome.infra_failure and not set_aside:
             raise TransientError(
                 f"run {work.run_id}: infrastructure failure: {outcome.infra_reason}"
             )

@@ -34,7 +34,7 @@ from services.contracts import (
     RunStarted,
     VariantProposed,
 )
-from services.ledger import keep
+from services.ledger import keep, resume
 from services.ledger.evidence import seed_replicates
 from services.ledger.verdict import Outbox, decide, event_key
 
@@ -137,7 +137,9 @@ def _ensure_run(
 
 
 def campaign_started(ev: CampaignStarted, ctx: Ctx) -> Outbox:
+    """Record a (re)start; a stopped campaign started again gets its undone runs back."""
     conn = ctx.conn
+    restarted = resume.was_stopped(conn, ev)
     conn.execute(
         """
         INSERT INTO campaigns(name, config, metric, direction, keep_rule, edit_file, status,
@@ -159,7 +161,8 @@ def campaign_started(ev: CampaignStarted, ctx: Ctx) -> Outbox:
         """,
         msgspec.structs.asdict(ev) | {"config": contracts.encode(ev).decode()},
     )
-    return []
+    undone: Outbox = [*resume.runs_left_undone(conn, ev)] if restarted else []
+    return undone
 
 
 def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> Outbox:

@@ -12,6 +12,8 @@ import json
 import sqlite3
 from typing import Any, Literal
 
+from services.contracts import MAX_RUN_ATTEMPTS
+
 VariantSort = Literal["val_bpb", "time"]
 SortOrder = Literal["asc", "desc"]
 
@@ -394,7 +396,8 @@ def results_tsv(conn: sqlite3.Connection, name: str) -> str | None:
     One row per evaluated variant: commit (the variant id), the metric's mean over ok runs
     (6 decimals; 0.000000 for a crash), memory_gb (peak_vram_mb / 1024, 1 decimal; 0.0 for a
     crash), status keep/discard/crash, description (the title). A variant with only
-    infrastructure failures shows as crash; one still undecided is left out.
+    infrastructure failures shows as crash once its attempts are spent; one still undecided,
+    or whose run is still to be tried again (set aside by a stop, re-queued), is left out.
     """
     camp = conn.execute("SELECT metric FROM campaigns WHERE name = ?", (name,)).fetchone()
     if camp is None:
@@ -403,7 +406,7 @@ def results_tsv(conn: sqlite3.Connection, name: str) -> str | None:
         """
         SELECT v.variant_id, v.title, v.status, v.value,
                COALESCE(v.evaluated_seq, MIN(r.seq)) AS seq,
-               SUM(r.status != 'infra') AS verdicts
+               SUM(r.status != 'infra') AS verdicts, MAX(r.attempt) AS attempts
         FROM variants v JOIN results r ON r.variant_id = v.variant_id
         WHERE v.campaign = ? GROUP BY v.variant_id ORDER BY seq, v.variant_id
         """,
@@ -413,8 +416,8 @@ def results_tsv(conn: sqlite3.Connection, name: str) -> str | None:
     for row in rows:
         status = row["status"]
         if status == "pending":
-            if row["verdicts"]:
-                continue  # undecided: the keep rule waits for more runs
+            if row["verdicts"] or row["attempts"] < MAX_RUN_ATTEMPTS:
+                continue  # undecided (the keep rule waits for more runs), or to be run again
             status = "crash"
         value = row["value"] if status != "crash" and row["value"] is not None else 0.0
         memory = _peak_vram_mb(conn, row["variant_id"]) / 1024 if status != "crash" else 0.0

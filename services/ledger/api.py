@@ -11,7 +11,7 @@ carry the media type they are documented with; links lead from one answer to the
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path as FilePath
 from typing import Annotated, Any, TypeVar
 
@@ -72,6 +72,14 @@ def _found(value: T | None, detail: str) -> T:
 
 def _campaign(conn: sqlite3.Connection, name: str) -> dict[str, Any]:
     return _found(queries.campaign(conn, name), f"unknown campaign {name!r}")
+
+
+def _variant(conn: sqlite3.Connection, variant_id: str) -> dict[str, Any]:
+    return _found(queries.variant(conn, variant_id), f"unknown variant {variant_id!r}")
+
+
+def _run(conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:
+    return _found(queries.run(conn, run_id), f"unknown run {run_id!r}")
 
 
 def _text(
@@ -265,7 +273,20 @@ def best_history(name: CampaignName, conn: Conn) -> list[dict[str, Any]]:
     },
 )
 def variant(variant_id: VariantId, conn: Conn) -> dict[str, Any]:
-    return _found(queries.variant(conn, variant_id), f"unknown variant {variant_id!r}")
+    return _variant(conn, variant_id)
+
+
+def _variant_text(
+    conn: sqlite3.Connection,
+    variant_id: str,
+    query: Callable[[sqlite3.Connection, str], str | None],
+    missing: str,
+    response_class: type[PlainTextResponse],
+) -> Response:
+    """A text of a known variant as `response_class`: a 404 naming the variant when it is
+    unknown, a 404 saying what is `missing` when the text is not in the ledger."""
+    _variant(conn, variant_id)
+    return _text(_found(query(conn, variant_id), missing), response_class)
 
 
 @router.get(
@@ -274,12 +295,10 @@ def variant(variant_id: VariantId, conn: Conn) -> dict[str, Any]:
     responses=_not_found("unknown variant, or its source is not in the ledger"),
 )
 def variant_source(variant_id: VariantId, conn: Conn) -> Response:
-    _found(queries.variant(conn, variant_id), f"unknown variant {variant_id!r}")
-    source = _found(
-        queries.variant_source(conn, variant_id),
-        f"the source of variant {variant_id} is not in the ledger (missing from the object store)",
+    missing = (
+        f"the source of variant {variant_id} is not in the ledger (missing from the object store)"
     )
-    return _text(source, PlainTextResponse)
+    return _variant_text(conn, variant_id, queries.variant_source, missing, PlainTextResponse)
 
 
 @router.get(
@@ -288,12 +307,8 @@ def variant_source(variant_id: VariantId, conn: Conn) -> Response:
     responses=_not_found("unknown variant, or no diff (a source is not in the ledger)"),
 )
 def variant_diff(variant_id: VariantId, conn: Conn) -> Response:
-    _found(queries.variant(conn, variant_id), f"unknown variant {variant_id!r}")
-    diff = _found(
-        queries.variant_diff(conn, variant_id),
-        f"no diff for variant {variant_id}: its source or its parent's is not in the ledger",
-    )
-    return _text(diff, DiffResponse)
+    missing = f"no diff for variant {variant_id}: its source or its parent's is not in the ledger"
+    return _variant_text(conn, variant_id, queries.variant_diff, missing, DiffResponse)
 
 
 @router.get(
@@ -314,7 +329,7 @@ def lineage(variant_id: VariantId, conn: Conn) -> list[dict[str, Any]]:
     },
 )
 def run(run_id: RunId, conn: Conn) -> dict[str, Any]:
-    return _found(queries.run(conn, run_id), f"unknown run {run_id!r}")
+    return _run(conn, run_id)
 
 
 @router.get(
@@ -323,7 +338,7 @@ def run(run_id: RunId, conn: Conn) -> dict[str, Any]:
     responses=_not_found("unknown run, or no log yet (not finished)"),
 )
 def run_log(run_id: RunId, conn: Conn) -> Response:
-    _found(queries.run(conn, run_id), f"unknown run {run_id!r}")
+    _run(conn, run_id)
     text = _found(queries.run_log(conn, run_id), f"run {run_id} has no log yet (not finished)")
     return _text(text, PlainTextResponse)
 

@@ -56,18 +56,5 @@ async def propose(bus: Bus, campaign: str, source: str) -> c.VariantProposed:
 
 def finished_from(outcome: RunOutcome, run_id: str = "r", log_tail: str = "") -> c.RunFinished:
     """The RunFinished a launcher would publish for `outcome` (its clock and budget too)."""
-    return c.RunFinished(
-        campaign="c",
-        run_id=run_id,
-        variant_id=run_id.split("-")[0],
-        tier="default",
-        exit_code=outcome.exit_code,
-        started_at=outcome.started_at,
-        finished_at=outcome.finished_at,
-        log_key=run_id,
-        log_tail=log_tail,
-        timed_out=outcome.timed_out,
-        cancelled=outcome.cancelled,
-        clock_scale=outcome.clock_scale,
-        budget_s=outcome.budget_s,
-    )
+    keys = c.run_keys("finished", "c", run_id, run_id.split("-")[0], "default", 0, 1)
+    return outcome.finished_event(keys, log_tail)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
-from services.contracts import split_lines
+from services.contracts import RunFinished, RunKeys, split_lines
 
 LineCallback = Callable[[str], None]
 
@@ -45,6 +45,9 @@ class Job:
     slot: int = 0
 
 
+_LOG = ("log_path", "log_text")  # the outcome's log, not an event field
+
+
 @dataclass
 class RunOutcome:
     exit_code: int | None
@@ -65,6 +68,12 @@ class RunOutcome:
         if self.log_path is not None and self.log_path.is_file():
             return self.log_path.read_text(errors="replace")
         return self.log_text
+
+    def finished_event(self, keys: RunKeys, log_tail: str) -> RunFinished:
+        """The RunFinished that reports this outcome of the attempt `keys` names: each of its
+        fields but the log, which is stored under the run id (`log_tail`: its last lines)."""
+        reported = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _LOG}
+        return RunFinished(**keys, **reported, log_key=keys["run_id"], log_tail=log_tail)
 
 
 class Backend(Protocol):

@@ -245,22 +245,8 @@ class Launcher:
         if len(data) > MAX_LOG_BYTES:
             data = f"{c.truncated_line()}\n".encode() + data[-MAX_LOG_BYTES:]
         await self.bus.logs.put(work.run_id, data)
-        finished = c.RunFinished(
-            **work.keys("finished", attempt),
-            exit_code=outcome.exit_code,
-            started_at=outcome.started_at,
-            finished_at=outcome.finished_at,
-            log_key=work.run_id,
-            log_tail=log_tail(text, self.log_tail_lines),
-            timed_out=outcome.timed_out,
-            cancelled=outcome.cancelled,
-            infra_failure=outcome.infra_failure,
-            infra_reason=outcome.infra_reason,
-            clock_scale=outcome.clock_scale,
-            budget_s=outcome.budget_s,
-            gpu_seconds=outcome.gpu_seconds,
-            gpu_usd=outcome.gpu_usd,
-        )
+        keys = work.keys("finished", attempt)
+        finished = outcome.finished_event(keys, log_tail(text, self.log_tail_lines))
         await self.bus.publish(finished)
         return finished
 

@@ -166,12 +166,23 @@ class RunProgress(Event, tag="run.progress", kw_only=True, frozen=True):
         return f"{prefix}.{self.tag()}.{self.run_id}"
 
 
-class RunFinished(Event, tag="run.finished", kw_only=True, frozen=True):
+class RunAttemptEvent(Event, kw_only=True, frozen=True):
+    """An event of one attempt of a run, named by its RunKeys (RunFinished, ResultEvaluated)."""
+
     run_id: str
     variant_id: str
     tier: str
     replica: int = 0
     attempt: int = 1
+
+    def keys(self, kind: str) -> RunKeys:
+        """The keys of an event that follows from this run's attempt (its result)."""
+        return run_keys(
+            kind, self.campaign, self.run_id, self.variant_id, self.tier, self.replica, self.attempt
+        )
+
+
+class RunFinished(RunAttemptEvent, tag="run.finished", kw_only=True, frozen=True):
     exit_code: int | None
     started_at: float
     finished_at: float
@@ -191,12 +202,6 @@ class RunFinished(Event, tag="run.finished", kw_only=True, frozen=True):
     gpu_seconds: float = 0.0
     gpu_usd: float = 0.0
 
-    def keys(self, kind: str) -> RunKeys:
-        """The keys of an event that follows from this run's attempt (its result)."""
-        return run_keys(
-            kind, self.campaign, self.run_id, self.variant_id, self.tier, self.replica, self.attempt
-        )
-
 
 class RunCancel(Event, tag="run.cancel", kw_only=True, frozen=True):
     lossy: ClassVar[bool] = True
@@ -205,12 +210,7 @@ class RunCancel(Event, tag="run.cancel", kw_only=True, frozen=True):
     reason: str
 
 
-class ResultEvaluated(Event, tag="result.evaluated", kw_only=True, frozen=True):
-    run_id: str
-    variant_id: str
-    tier: str
-    replica: int = 0
-    attempt: int = 1
+class ResultEvaluated(RunAttemptEvent, tag="result.evaluated", kw_only=True, frozen=True):
     status: Status
     metric: str = "val_bpb"
     value: float | None = None  # the campaign's metric; None unless status is ok

@@ -1,9 +1,11 @@
 """Shared fixtures: a real nats-server per test on a free port, with its own store dir; the
-claude strategy's scripted Messages API server and a maker of strategies pointed at it."""
+sim settings of a whole-system test on it; the claude strategy's scripted Messages API
+server and a maker of strategies pointed at it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import functools
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.settings import Settings
 from tests.claude_helpers import Make, scripted_server, strategy_maker
+from tests.e2e_helpers import sim_settings
 from tests.fake_anthropic import FakeAnthropic
 
 
@@ -27,6 +30,12 @@ async def bus(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
     connected = await Bus.from_settings(Settings(nats_url=nats_server.url), "test")
     yield connected
     await connected.close()
+
+
+@pytest.fixture
+def e2e_settings(tmp_path: Path, nats_server: EmbeddedNats) -> Callable[..., Settings]:
+    """`sim_settings` for this test's directory and nats-server: `e2e_settings(**overrides)`."""
+    return functools.partial(sim_settings, tmp_path, nats_server.url)
 
 
 @pytest.fixture(autouse=True)

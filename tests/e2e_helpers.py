@@ -14,6 +14,7 @@ from services.bus import Bus, Delivery
 from services.contracts import AnyEvent, Event
 from services.settings import Settings
 from services.supervisor import run_services
+from tests.eventually import eventually
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "trainer" / "train.py"
@@ -37,6 +38,10 @@ def sim_settings(home: Path, url: str, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+# One run per variant, decided at once: no seed replicates, the single-run (strict) rule.
+SINGLE_RUN: dict[str, object] = {"keep_rule": "strict", "noise_runs": 1}
 
 
 def spawn_service(name: str, env: dict[str, str], capture: bool = False) -> subprocess.Popen[str]:
@@ -119,3 +124,13 @@ def ledger_rows(db: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
         return []
     finally:
         conn.close()
+
+
+async def wait_completed(settings: Settings, timeout: float = 120) -> None:
+    """Until the ledger (read from its database) has the campaign completed."""
+    query = "SELECT status FROM campaigns WHERE name = ?"
+
+    def completed() -> bool:
+        return ledger_rows(settings.ledger_path, query, settings.campaign) == [("completed",)]
+
+    await eventually(completed, timeout, f"campaign {settings.campaign} to complete", interval=0.3)

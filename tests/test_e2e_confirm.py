@@ -3,43 +3,28 @@ the whole system on the sim backend, the ledger asking the launchers for the rep
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
+from collections.abc import Callable
 
 from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.campaign import start_campaign
 from services.contracts import BestUpdated, ResultEvaluated, RunRequested
+from services.settings import Settings
 from services.supervisor import wait_until_consumed
-from tests.e2e_helpers import history, ledger_rows, services_running, sim_settings
+from tests.e2e_helpers import SINGLE_RUN, history, services_running, wait_completed
 
 JUMP = 0.002  # the sim's grid steps move val_bpb by ~0.1-1%: some are "improbable" here
 
 
 async def test_a_jump_past_the_best_waits_for_its_replicate(
-    tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
+    e2e_settings: Callable[..., Settings], nats_server: EmbeddedNats, bus: Bus
 ) -> None:
     # The strict rule, so that every replicate asked for is a jump's (noise-aware asks for
     # replicates of close calls and of the seed too; the jump check applies under both).
-    settings = sim_settings(
-        tmp_path,
-        nats_server.url,
-        max_experiments=16,
-        slots=4,
-        confirm_jump=JUMP,
-        sim_noise=0.0,
-        keep_rule="strict",
-        noise_runs=1,
-    )
+    settings = e2e_settings(max_experiments=16, confirm_jump=JUMP, sim_noise=0.0, **SINGLE_RUN)
     async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)
-
-        async def completed() -> None:
-            query = "SELECT status FROM campaigns WHERE name = 'e2e'"
-            while ledger_rows(settings.ledger_path, query) != [("completed",)]:
-                await asyncio.sleep(0.3)
-
-        await asyncio.wait_for(completed(), 120)
+        await wait_completed(settings)
         await wait_until_consumed(bus, "ledger")
     events = await history(bus, [RunRequested, ResultEvaluated, BestUpdated])
     requested = [e for e in events if isinstance(e, RunRequested)]

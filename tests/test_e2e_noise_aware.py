@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from pathlib import Path
+from collections.abc import Callable
 
 import msgspec
 
@@ -21,27 +21,25 @@ from services.contracts import (
     VariantDecided,
 )
 from services.launcher.landscape import true_val_bpb
+from services.settings import Settings
 from services.supervisor import up, wait_until_consumed
-from tests.e2e_helpers import SEED, history, ledger_rows, services_running, sim_settings
+from tests.e2e_helpers import SEED, history, ledger_rows, services_running, wait_completed
 from tests.eventually import eventually
 
 SIM_NOISE = 0.004  # large beside the landscape's steps: many close calls
+# Many close calls, no failures, and the noise measured from the seed's runs alone.
+CLOSE_CALLS: dict[str, object] = {
+    "sim_noise": SIM_NOISE,
+    "sim_failure_rate": 0.0,
+    "noise_floor": 0.0,
+}
 
 
 async def test_replicates_are_run_and_no_truly_worse_variant_becomes_the_best(
-    tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
+    e2e_settings: Callable[..., Settings], nats_server: EmbeddedNats, bus: Bus
 ) -> None:
-    settings = sim_settings(
-        tmp_path,
-        nats_server.url,
-        campaign="honest",
-        max_experiments=24,
-        slots=4,
-        sim_noise=SIM_NOISE,
-        sim_failure_rate=0.0,
-        keep_rule="noise-aware",
-        noise_runs=3,
-        noise_floor=0.0,
+    settings = e2e_settings(
+        campaign="honest", max_experiments=24, keep_rule="noise-aware", noise_runs=3, **CLOSE_CALLS
     )
     close_call: asyncio.Future[RunRequested] = asyncio.get_running_loop().create_future()
 
@@ -64,13 +62,7 @@ async def test_replicates_are_run_and_no_truly_worse_variant_becomes_the_best(
 
         await eventually(evaluated, 30, f"the result of {request.run_id} while the ledger is down")
         async with services_running(settings, nats_server.url, ["ledger"]):
-            db = settings.ledger_path
-
-            async def completed() -> bool:
-                rows = ledger_rows(db, "SELECT status FROM campaigns WHERE name = 'honest'")
-                return rows == [("completed",)]
-
-            await eventually(completed, 120, "the campaign to complete", interval=0.3)
+            await wait_completed(settings)
             await wait_until_consumed(bus, "ledger")
     follow_stop.set()
     await follower
@@ -101,18 +93,9 @@ async def test_replicates_are_run_and_no_truly_worse_variant_becomes_the_best(
 
 
 async def test_up_prints_the_close_calls_and_their_replicates(
-    tmp_path: Path, nats_server: EmbeddedNats
+    e2e_settings: Callable[..., Settings],
 ) -> None:
-    settings = sim_settings(
-        tmp_path,
-        nats_server.url,
-        campaign="shown",
-        max_experiments=16,
-        slots=4,
-        sim_noise=SIM_NOISE,
-        sim_failure_rate=0.0,
-        noise_floor=0.0,
-    )
+    settings = e2e_settings(campaign="shown", max_experiments=16, **CLOSE_CALLS)
     out = io.StringIO()
     assert await asyncio.wait_for(up(settings, out), 120) == 0
     text = out.getvalue()
@@ -122,35 +105,26 @@ async def test_up_prints_the_close_calls_and_their_replicates(
 
 
 async def test_two_tiers_promote_on_the_validate_tiers_launcher(
-    tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
+    e2e_settings: Callable[..., Settings], nats_server: EmbeddedNats, bus: Bus
 ) -> None:
-    screen = sim_settings(
-        tmp_path,
-        nats_server.url,
+    screen = e2e_settings(
         campaign="tiered",
         max_experiments=16,
-        slots=4,
-        sim_noise=SIM_NOISE,
-        sim_failure_rate=0.0,
-        noise_floor=0.0,
         tiers="screen,validate",
         tier="screen",
         launcher_id="screen-1",
+        **CLOSE_CALLS,
     )
     validate = msgspec.structs.replace(
         screen, tier="validate", launcher_id="validate-1", slots=2, sim_speed=1.09
     )
-
-    async def completed() -> bool:
-        rows = ledger_rows(screen.ledger_path, "SELECT status FROM campaigns WHERE name = 'tiered'")
-        return rows == [("completed",)]
 
     async with (
         services_running(screen, nats_server.url),
         services_running(validate, nats_server.url, ["launcher"]),
     ):
         await start_campaign(bus, screen)
-        await eventually(completed, 120, "the two-tier campaign to complete", interval=0.3)
+        await wait_completed(screen)
         await wait_until_consumed(bus, "ledger")
 
     requested = [e for e in await history(bus, [RunRequested]) if isinstance(e, RunRequested)]

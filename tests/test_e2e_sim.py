@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -13,18 +14,17 @@ from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.campaign import start_campaign
 from services.contracts import ResultEvaluated, RunStarted, VariantProposed
+from services.settings import Settings
 from services.supervisor import wait_until_consumed
-from tests.e2e_helpers import history, services_running, sim_settings
+from tests.e2e_helpers import SINGLE_RUN, history, services_running
 from tests.eventually import eventually
 
 
 async def test_campaign_of_30_variants_on_4_slots(
-    tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
+    tmp_path: Path, e2e_settings: Callable[..., Settings], nats_server: EmbeddedNats, bus: Bus
 ) -> None:
     # This test checks the single-run rule: the best is the minimum over single ok results.
-    settings = sim_settings(
-        tmp_path, nats_server.url, max_experiments=30, slots=4, keep_rule="strict", noise_runs=1
-    )
+    settings = e2e_settings(max_experiments=30, slots=4, **SINGLE_RUN)
     async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)
         url_file = tmp_path / "ledger.url"
@@ -78,18 +78,10 @@ async def test_campaign_of_30_variants_on_4_slots(
 
 
 async def test_variants_are_spread_over_the_slots(
-    tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
+    e2e_settings: Callable[..., Settings], nats_server: EmbeddedNats, bus: Bus
 ) -> None:
-    settings = sim_settings(
-        tmp_path,
-        nats_server.url,
-        max_experiments=12,
-        slots=4,
-        sim_time_scale=0.5 / 300.0,
-        # exactly one run per variant (no seed or close-call replicates): 12 runs, 12 variants
-        noise_runs=1,
-        keep_rule="strict",
-    )
+    # exactly one run per variant (no seed or close-call replicates): 12 runs, 12 variants
+    settings = e2e_settings(max_experiments=12, slots=4, sim_time_scale=0.5 / 300.0, **SINGLE_RUN)
     async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)
 

@@ -4,7 +4,7 @@ left queued, run again, and no variant is charged a crash for the stop."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+from collections.abc import Callable
 
 from services.broker import EmbeddedNats
 from services.bus import Bus
@@ -12,21 +12,18 @@ from services.campaign import resume_campaign, start_campaign, stop_campaign
 from services.contracts import ResultEvaluated, RunFinished, RunRequested, RunStarted
 from services.launcher.runs import SET_ASIDE_REASON
 from services.ledger.resume import RESUME_REASON
+from services.settings import Settings
 from services.supervisor import wait_until_consumed
-from tests.e2e_helpers import history, ledger_rows, services_running, sim_settings
+from tests.e2e_helpers import SINGLE_RUN, history, ledger_rows, services_running, wait_completed
 
 
 async def test_a_stopped_campaign_resumes_the_runs_it_cut_short(
-    tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
+    e2e_settings: Callable[..., Settings], nats_server: EmbeddedNats, bus: Bus
 ) -> None:
-    settings = sim_settings(
-        tmp_path,
-        nats_server.url,
+    settings = e2e_settings(
         max_experiments=12,
-        slots=4,
         sim_time_scale=1.5 / 300.0,  # runs of ~1.5 s: the stop finds them running
-        keep_rule="strict",
-        noise_runs=1,
+        **SINGLE_RUN,
     )
     async with services_running(settings, nats_server.url):
         await start_campaign(bus, settings)
@@ -50,13 +47,7 @@ async def test_a_stopped_campaign_resumes_the_runs_it_cut_short(
         cut_short = {f.run_id for f in await set_aside()}
         await asyncio.sleep(1.0)  # queued work reaches the launcher and is skipped
         assert await resume_campaign(bus, "e2e")
-
-        async def completed() -> None:
-            query = "SELECT status FROM campaigns WHERE name = 'e2e'"
-            while ledger_rows(settings.ledger_path, query) != [("completed",)]:
-                await asyncio.sleep(0.3)
-
-        await asyncio.wait_for(completed(), 120)
+        await wait_completed(settings)
         await wait_until_consumed(bus, "ledger")
 
     events = await history(bus, [RunRequested, ResultEvaluated])

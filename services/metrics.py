@@ -21,10 +21,12 @@ proxy meter, so a provider installed later (a test's in-memory reader) receives 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import cache
 
 from opentelemetry import metrics
 from opentelemetry.metrics import Counter, Histogram
+from opentelemetry.metrics import _Gauge as Gauge  # the API's synchronous gauge
 
 from services import contracts as c
 
@@ -47,35 +49,41 @@ def configure_metrics(service: str) -> None:
     metrics.set_meter_provider(MeterProvider(metric_readers=[reader], resource=resource))
 
 
+# Each instrument as (kind, name after "nightshift.", unit, description), by its attribute.
+_INSTRUMENTS = {
+    "runs_started": ("counter", "runs.started", "{run}", "runs started on a slot"),
+    "runs_finished": ("counter", "runs.finished", "{run}", "runs evaluated, by status"),
+    "run_duration": ("histogram", "run.duration", "s", "wall seconds a run held its slot"),
+    "queue_depth": ("gauge", "queue.depth", "{run}", "work waiting for a launcher"),
+    "slot_utilization": ("gauge", "slots.utilization", "1", "busy slots / slots"),
+    "llm_tokens": ("counter", "llm.tokens", "{token}", "LLM tokens, by kind"),
+    "llm_cost": ("counter", "llm.cost", "USD", "LLM spend"),
+    "gpu_cost": ("counter", "gpu.cost", "USD", "accelerator time spent on runs"),
+}
+
+
 class Instruments:
     """The instruments, made once per process from the proxy meter."""
 
+    runs_started: Counter
+    runs_finished: Counter
+    run_duration: Histogram
+    queue_depth: Gauge
+    slot_utilization: Gauge
+    llm_tokens: Counter
+    llm_cost: Counter
+    gpu_cost: Counter
+
     def __init__(self) -> None:
         meter = metrics.get_meter("nightshift")
-        self.runs_started: Counter = meter.create_counter(
-            "nightshift.runs.started", unit="{run}", description="runs started on a slot"
-        )
-        self.runs_finished: Counter = meter.create_counter(
-            "nightshift.runs.finished", unit="{run}", description="runs evaluated, by status"
-        )
-        self.run_duration: Histogram = meter.create_histogram(
-            "nightshift.run.duration", unit="s", description="wall seconds a run held its slot"
-        )
-        self.queue_depth = meter.create_gauge(
-            "nightshift.queue.depth", unit="{run}", description="work waiting for a launcher"
-        )
-        self.slot_utilization = meter.create_gauge(
-            "nightshift.slots.utilization", unit="1", description="busy slots / slots"
-        )
-        self.llm_tokens: Counter = meter.create_counter(
-            "nightshift.llm.tokens", unit="{token}", description="LLM tokens, by kind"
-        )
-        self.llm_cost: Counter = meter.create_counter(
-            "nightshift.llm.cost", unit="USD", description="LLM spend"
-        )
-        self.gpu_cost: Counter = meter.create_counter(
-            "nightshift.gpu.cost", unit="USD", description="accelerator time spent on runs"
-        )
+        make: dict[str, Callable[..., object]] = {
+            "counter": meter.create_counter,
+            "histogram": meter.create_histogram,
+            "gauge": meter.create_gauge,
+        }
+        for attribute, (kind, name, unit, description) in _INSTRUMENTS.items():
+            made = make[kind](f"nightshift.{name}", unit=unit, description=description)
+            setattr(self, attribute, made)
 
 
 @cache

@@ -28,7 +28,7 @@ from pathlib import Path
 import msgspec
 
 from services.broker import EmbeddedNats
-from services.bus import Bus, Delivery, Handlers
+from services.bus import Bus, Delivery, Handlers, handlers_of
 from services.campaign import start_campaign
 from services.contracts import CampaignStopped, ResultEvaluated, RunFinished, RunStarted
 from services.settings import Settings
@@ -78,12 +78,9 @@ class _Observed:
             self.stopped.set()
 
     def handlers(self) -> Handlers:
-        return {
-            RunStarted: self.on_run_started,
-            RunFinished: self.on_run_finished,
-            ResultEvaluated: self.on_result_evaluated,
-            CampaignStopped: self.on_stopped,
-        }
+        return handlers_of(
+            self.on_run_started, self.on_run_finished, self.on_result_evaluated, self.on_stopped
+        )
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +51,16 @@ class Delivery:
 # A handler receives its concrete event type (the mapping's key) and where it came from.
 Handler = Callable[[Any, Delivery], Awaitable[None]]
 Handlers = Mapping[type[Event], Handler]
+
+
+def handlers_of(*handlers: Handler) -> dict[type[Event], Handler]:
+    """The `{EventType: handler}` mapping of handlers that name their event type in their
+    signature (`async def on_x(self, event: X, delivery: Delivery)`)."""
+    table: dict[type[Event], Handler] = {}
+    for handler in handlers:
+        first = next(iter(inspect.signature(handler).parameters))
+        table[typing.get_type_hints(handler)[first]] = handler
+    return table
 
 
 def filter_subjects(handlers: Handlers, prefix: str) -> list[str]:

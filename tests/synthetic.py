@@ -21,6 +21,7 @@ from services.contracts import (
     VariantProposed,
     event_id_for,
     run_id_for,
+    run_keys,
     source_digest,
     variant_id_for,
 )
@@ -90,6 +91,46 @@ def run_events(
         crash_reason="" if status == "ok" else f"synthetic {status}",
     )
     return [(started, None, None), (finished, None, log), (result, None, None)]
+
+
+def campaign_started(campaign: str = "c", **fields: Any) -> CampaignStarted:
+    """A CampaignStarted with placeholder seed and harness keys at ts 1.0; `fields` win."""
+    defaults = {"event_id": f"cs-{campaign}", "ts": 1.0, "seed_digest": "d", "harness_key": "h"}
+    return CampaignStarted(campaign=campaign, **(defaults | fields))
+
+
+def proposal_of(
+    campaign: str, source: str, ts: float, title: str, **fields: Any
+) -> VariantProposed:
+    """The proposal of `source` (its variant id from it), with no parent unless `fields`
+    name one; `fields` win."""
+    vid = variant_id_for(campaign, source)
+    defaults = {"event_id": f"vp-{vid}", "parent_id": None, "diff": ""}
+    return VariantProposed(
+        campaign=campaign,
+        ts=ts,
+        variant_id=vid,
+        source_digest=source_digest(source),
+        title=title,
+        **(defaults | fields),
+    )
+
+
+def result_of(
+    campaign: str,
+    variant_id: str,
+    value: float | None,
+    status: Status = "ok",
+    *,
+    replica: int = 0,
+    attempt: int = 1,
+    ts: float = 10.0,
+    tier: str = "default",
+) -> ResultEvaluated:
+    """The ResultEvaluated of one attempt of a run of `variant_id` (its value only if ok)."""
+    run_id = run_id_for(variant_id, tier, replica)
+    keys = run_keys("result", campaign, run_id, variant_id, tier, replica, attempt)
+    return ResultEvaluated(**keys, ts=ts, status=status, value=value if status == "ok" else None)
 
 
 def _proposal(name: str, i: int, t: float) -> Item:

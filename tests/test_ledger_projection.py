@@ -12,7 +12,6 @@ from services.contracts import (
     EVENT_TYPES,
     MAX_RUN_ATTEMPTS,
     BestUpdated,
-    CampaignStarted,
     CampaignStopped,
     DeadLettered,
     Direction,
@@ -22,14 +21,13 @@ from services.contracts import (
     RunRequested,
     Status,
     VariantDecided,
-    VariantProposed,
 )
-from services.contracts.events import event_id_for, run_id_for, source_digest, variant_id_for
+from services.contracts.events import event_id_for, run_id_for
 from services.ledger import keep, queries
 from services.ledger.apply import Unreferenced
 from services.ledger.db import open_db
 from services.ledger.projection import apply_event, projected_types
-from tests.synthetic import SEED_SOURCE, Item, synthetic_campaign
+from tests.synthetic import SEED_SOURCE, Item, campaign_started, proposal_of, synthetic_campaign
 from tests.synthetic import run_events as synthetic_run
 
 
@@ -209,38 +207,14 @@ def test_lineage_and_diff(conn: sqlite3.Connection) -> None:
 
 
 def _campaign(name: str = "c", direction: Direction = "minimize") -> Item:
-    return (
-        CampaignStarted(
-            campaign=name,
-            event_id=f"cs-{name}",
-            ts=1.0,
-            seed_digest="d",
-            harness_key="h",
-            direction=direction,
-            keep_rule="strict",  # these tests assert the single-run rule's decisions
-        ),
-        None,
-        None,
-    )
+    # keep_rule: these tests assert the single-run rule's decisions
+    return (campaign_started(name, direction=direction, keep_rule="strict"), None, None)
 
 
 def _proposal(i: int, name: str = "c") -> tuple[Item, str]:
     source = SEED_SOURCE + f"X = {i}\n"
-    vid = variant_id_for(name, source)
-    return (
-        VariantProposed(
-            campaign=name,
-            event_id=f"vp-{vid}",
-            ts=2.0 + i,
-            variant_id=vid,
-            parent_id=None,
-            source_digest=source_digest(source),
-            diff="",
-            title=f"v{i}",
-        ),
-        source,
-        None,
-    ), vid
+    proposed = proposal_of(name, source, 2.0 + i, f"v{i}")
+    return (proposed, source, None), proposed.variant_id
 
 
 def _result(
@@ -400,9 +374,7 @@ def test_restarted_campaign_runs_again_but_a_late_start_does_not_reopen(
     stop = CampaignStopped(campaign="c", event_id="stop-1", ts=5.0, reason="stopped")
     apply_all(conn, [(stop, None, None), _campaign()])  # the start (ts 1) arrives late
     assert queries.campaign(conn, "c")["status"] == "stopped"  # type: ignore[index]
-    restart = CampaignStarted(
-        campaign="c", event_id="cs-2", ts=9.0, seed_digest="d", harness_key="h"
-    )
+    restart = campaign_started(event_id="cs-2", ts=9.0)
     apply_all(conn, [(restart, None, None)])
     found = queries.campaign(conn, "c")
     assert found is not None and found["status"] == "running" and found["stop_reason"] is None
@@ -413,15 +385,8 @@ def test_restarted_campaign_runs_again_but_a_late_start_does_not_reopen(
 
 
 def _jump_campaign() -> Item:
-    started = CampaignStarted(
-        campaign="c",
-        event_id="cs-jump",
-        ts=1.0,
-        seed_digest="d",
-        harness_key="h",
-        confirm_jump=0.1,
-        keep_rule="strict",
-        noise_runs=1,
+    started = campaign_started(
+        event_id="cs-jump", confirm_jump=0.1, keep_rule="strict", noise_runs=1
     )
     return (started, None, None)
 

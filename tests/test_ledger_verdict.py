@@ -20,13 +20,12 @@ from services.contracts import (
     VariantProposed,
     run_id_for,
     source_digest,
-    variant_id_for,
 )
 from services.ledger import queries
 from services.ledger.api import create_app
 from services.ledger.db import open_db
 from services.ledger.projection import apply_event
-from tests.synthetic import SEED_SOURCE, run_events
+from tests.synthetic import SEED_SOURCE, proposal_of, result_of, run_events
 
 CAMPAIGN = "na"
 
@@ -49,36 +48,14 @@ def started(**overrides: object) -> CampaignStarted:
 
 def proposal(i: int) -> tuple[VariantProposed, str]:
     source = SEED_SOURCE if i == 0 else SEED_SOURCE + f"X = {i}\n"
-    vid = variant_id_for(CAMPAIGN, source)
-    event = VariantProposed(
-        campaign=CAMPAIGN,
-        event_id=f"vp-{vid}",
-        ts=2.0 + i,
-        variant_id=vid,
-        parent_id=None,
-        source_digest=source_digest(source),
-        diff="",
-        title="baseline" if i == 0 else f"v{i}",
-        proposer="seed" if i == 0 else "grid",
-    )
-    return event, source
+    title, proposer = ("baseline", "seed") if i == 0 else (f"v{i}", "grid")
+    return proposal_of(CAMPAIGN, source, 2.0 + i, title, proposer=proposer), source
 
 
 def result(
     vid: str, value: float, replica: int = 0, ts: float = 10.0, tier: str = "default"
 ) -> ResultEvaluated:
-    run_id = run_id_for(vid, tier, replica)
-    return ResultEvaluated(
-        campaign=CAMPAIGN,
-        event_id=f"r-{run_id}",
-        ts=ts,
-        run_id=run_id,
-        variant_id=vid,
-        tier=tier,
-        replica=replica,
-        status="ok",
-        value=value,
-    )
+    return result_of(CAMPAIGN, vid, value, replica=replica, ts=ts, tier=tier)
 
 
 def apply_result(conn: sqlite3.Connection, ev: ResultEvaluated) -> list[Event]:

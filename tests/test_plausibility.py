@@ -13,6 +13,7 @@ import pytest
 
 from services.contracts import RunFinished
 from services.evaluator.classify import evaluate_run
+from services.launcher.backend import RunOutcome
 from services.launcher.local import LocalBackend
 from services.launcher.sim import SimBackend, SimParams
 from tests.launcher_helpers import finished_from, job
@@ -90,19 +91,9 @@ def block(**values: float) -> str:
 
 
 def wall_clock_run(**fields: float) -> RunFinished:
-    """A run the launcher measured at 330 s (and `fields`)."""
-    return RunFinished(
-        campaign="c",
-        run_id="v-default-0",
-        variant_id="v",
-        tier="default",
-        log_key="k",
-        log_tail="",
-        exit_code=0,
-        started_at=100.0,
-        finished_at=430.0,
-        **fields,  # type: ignore[arg-type]
-    )
+    """A run the launcher measured at 330 s (and `fields`: its clock scale, its budget)."""
+    outcome = RunOutcome(0, 100.0, 430.0, **fields)  # type: ignore[arg-type]
+    return finished_from(outcome, "v-default-0")
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from services.contracts import (
     VariantProposed,
 )
 from services.proposer.state import Fleet, History, completion, to_propose
+from tests.synthetic import result_of
 
 
 def started(max_experiments: int = 0, lookahead: int = 2, ts: float = 1.0) -> CampaignStarted:
@@ -55,18 +56,7 @@ def result(
     ts: float = 10.0,
     tier: str = "default",
 ) -> ResultEvaluated:
-    return ResultEvaluated(
-        campaign="c",
-        event_id=f"r-{vid}-{replica}-{attempt}",
-        ts=ts,
-        run_id=f"{vid}-{tier}-{replica}",
-        variant_id=vid,
-        tier=tier,
-        replica=replica,
-        attempt=attempt,
-        status=status,
-        value=value if status == "ok" else None,
-    )
+    return result_of("c", vid, value, status, replica=replica, attempt=attempt, ts=ts, tier=tier)
 
 
 def test_in_flight_is_proposed_minus_finished() -> None:

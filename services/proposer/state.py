@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from services.contracts import (
     MAX_RUN_ATTEMPTS,
@@ -172,6 +172,16 @@ class CampaignState:
         return (squares / dof) ** 0.5 if dof else None
 
 
+_E = TypeVar("_E", bound=Event)
+
+
+def _keep_latest(table: dict[str, _E], key: str, event: _E, rank: Callable[[_E], Any]) -> None:
+    """`table[key] = event` unless the event there ranks higher (a replay brings old ones)."""
+    latest = table.get(key)
+    if latest is None or rank(event) >= rank(latest):
+        table[key] = event
+
+
 def _primary(runs: list[ResultEvaluated]) -> ResultEvaluated:
     replica0 = [r for r in runs if r.replica == 0] or runs
     real = [r for r in replica0 if r.status != "infra"] or replica0
@@ -271,20 +281,14 @@ class History:
 
     def apply_variant_decided(self, event: VariantDecided) -> CampaignState | None:
         state = self.campaigns.get(event.campaign)
-        if state is None:
-            return None
-        latest = state.decisions.get(event.variant_id)
-        if latest is None or (event.ts, event.n_candidate) >= (latest.ts, latest.n_candidate):
-            state.decisions[event.variant_id] = event
+        if state is not None:  # the latest decision; the later of two at the same ts
+            _keep_latest(state.decisions, event.variant_id, event, lambda d: (d.ts, d.n_candidate))
         return state
 
     def apply_noise_measured(self, event: NoiseMeasured) -> CampaignState | None:
         state = self.campaigns.get(event.campaign)
-        if state is None:
-            return None
-        latest = state.measured_noise.get(event.tier)
-        if latest is None or event.dof >= latest.dof:
-            state.measured_noise[event.tier] = event
+        if state is not None:  # the measure with the most degrees of freedom
+            _keep_latest(state.measured_noise, event.tier, event, lambda n: n.dof)
         return state
 
     def running(self) -> list[CampaignState]:

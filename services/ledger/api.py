@@ -105,6 +105,13 @@ def _links(operations: Iterable[str], parameter: str, value: str) -> dict[int | 
     return {200: {"links": links}}
 
 
+def _answers(
+    missing: str, operations: Iterable[str], parameter: str, value: str
+) -> dict[int | str, Any]:
+    """A 404 (`missing`), and a 200 whose links lead to `operations` (as `_links`)."""
+    return {**_not_found(missing), **_links(operations, parameter, value)}
+
+
 _CAMPAIGN_OPS = ("best", "variants", "results_tsv", "deadletters", "best_history")
 _VARIANT_OPS = ("variant", "variant_source", "variant_diff", "lineage")
 
@@ -134,10 +141,7 @@ def campaigns(conn: Conn) -> list[dict[str, Any]]:
 @router.get(
     "/campaigns/{name}",
     response_model=CampaignSummary,
-    responses={
-        **_not_found("unknown campaign"),
-        **_links(_CAMPAIGN_OPS, "name", "$request.path.name"),
-    },
+    responses=_answers("unknown campaign", _CAMPAIGN_OPS, "name", "$request.path.name"),
 )
 def campaign_summary(name: CampaignName, conn: Conn) -> dict[str, Any]:
     return _found(queries.campaign_summary(conn, name), f"unknown campaign {name!r}")
@@ -151,13 +155,15 @@ def _best(conn: sqlite3.Connection, name: str) -> dict[str, Any]:
     )
 
 
-_NO_BEST = _not_found("unknown campaign, or no best variant yet")
-
-
 @router.get(
     "/campaigns/{name}/best",
     response_model=BestWithSource,
-    responses={**_NO_BEST, **_links(_VARIANT_OPS, "variant_id", "$response.body#/variant_id")},
+    responses=_answers(
+        "unknown campaign, or no best variant yet",
+        _VARIANT_OPS,
+        "variant_id",
+        "$response.body#/variant_id",
+    ),
 )
 def best(name: CampaignName, conn: Conn) -> dict[str, Any]:
     return _best(conn, name)
@@ -201,10 +207,9 @@ def best_source(name: CampaignName, conn: Conn) -> Response:
 @router.get(
     "/campaigns/{name}/variants",
     response_model=list[VariantSummary],
-    responses={
-        **_not_found("unknown campaign"),
-        **_links(_VARIANT_OPS, "variant_id", "$response.body#/0/variant_id"),
-    },
+    responses=_answers(
+        "unknown campaign", _VARIANT_OPS, "variant_id", "$response.body#/0/variant_id"
+    ),
 )
 def variants(
     name: CampaignName,
@@ -251,10 +256,9 @@ def all_deadletters(conn: Conn) -> list[dict[str, Any]]:
 @router.get(
     "/campaigns/{name}/history",
     response_model=list[BestChange],
-    responses={
-        **_not_found("unknown campaign"),
-        **_links(("variant",), "variant_id", "$response.body#/0/variant_id"),
-    },
+    responses=_answers(
+        "unknown campaign", ("variant",), "variant_id", "$response.body#/0/variant_id"
+    ),
 )
 def best_history(name: CampaignName, conn: Conn) -> list[dict[str, Any]]:
     _campaign(conn, name)
@@ -267,10 +271,9 @@ def best_history(name: CampaignName, conn: Conn) -> list[dict[str, Any]]:
 @router.get(
     "/variants/{variant_id}",
     response_model=VariantDetail,
-    responses={
-        **_not_found("unknown variant"),
-        **_links(("run", "run_log"), "run_id", "$response.body#/runs/0/run_id"),
-    },
+    responses=_answers(
+        "unknown variant", ("run", "run_log"), "run_id", "$response.body#/runs/0/run_id"
+    ),
 )
 def variant(variant_id: VariantId, conn: Conn) -> dict[str, Any]:
     return _variant(conn, variant_id)
@@ -323,10 +326,7 @@ def lineage(variant_id: VariantId, conn: Conn) -> list[dict[str, Any]]:
 @router.get(
     "/runs/{run_id}",
     response_model=RunDetail,
-    responses={
-        **_not_found("unknown run"),
-        **_links(("variant",), "variant_id", "$response.body#/variant_id"),
-    },
+    responses=_answers("unknown run", ("variant",), "variant_id", "$response.body#/variant_id"),
 )
 def run(run_id: RunId, conn: Conn) -> dict[str, Any]:
     return _run(conn, run_id)

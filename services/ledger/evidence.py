@@ -100,7 +100,7 @@ def request_runs(
     first: int,
     count: int,
     ts: float,
-    reason: str = "replicate: a close call",
+    reason: str,
 ) -> list[RunRequested]:
     """Replicas first..first+count-1 of a variant: their rows (requested) and events."""
     var = conn.execute(

@@ -11,7 +11,14 @@ import pytest
 import stamina
 
 from services.broker import EmbeddedNats
-from services.bus import AuthenticationError, Bus, Delivery, PoisonError, TransientError
+from services.bus import (
+    AuthenticationError,
+    Bus,
+    Delivery,
+    PoisonError,
+    TransientError,
+    handlers_of,
+)
 from services.contracts import BestUpdated, CampaignStopped, DeadLettered, ProposerHalted
 from services.settings import Settings
 from tests.eventually import eventually
@@ -19,6 +26,20 @@ from tests.eventually import eventually
 
 def stopped(i: int, campaign: str = "c") -> CampaignStopped:
     return CampaignStopped(campaign=campaign, event_id=f"stop-{i}", reason=f"r{i}")
+
+
+class _Watcher:
+    async def on_stopped(self, event: CampaignStopped, _: Delivery) -> None:
+        pass
+
+    async def on_halted(self, halt: ProposerHalted, delivery: Delivery) -> None:
+        pass
+
+
+def test_handlers_of_keys_each_handler_by_the_event_type_in_its_signature() -> None:
+    watcher = _Watcher()
+    table = handlers_of(watcher.on_stopped, watcher.on_halted)
+    assert table == {CampaignStopped: watcher.on_stopped, ProposerHalted: watcher.on_halted}
 
 
 async def consume_in_background(

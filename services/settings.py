@@ -205,6 +205,22 @@ class Settings(msgspec.Struct, kw_only=True):
         ),
     ] = 0
     wave_size: Annotated[int, Meta(ge=0, description="variants per wave (0: free capacity)")] = 0
+    lease_ttl_s: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="a proposer's lease on a campaign lapses when not renewed for this long; "
+            "another proposer then takes the campaign over",
+        ),
+    ] = 4.0
+    lease_renew_s: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="how often a proposer renews its campaign leases (at most a third of "
+            "lease_ttl_s is used)",
+        ),
+    ] = 1.0
     noise_floor: Annotated[
         float,
         Meta(

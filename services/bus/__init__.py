@@ -14,7 +14,8 @@ touches nats-py's JetStream API.
 from services.bus.connection import AuthenticationError, Bus, ConsumerLag, Credentials
 from services.bus.consume import Delivery, Handler, Handlers, handlers_of
 from services.bus.errors import BROKER_AWAY, PoisonError, TransientError
-from services.bus.store import CampaignRegistry, ObjectBucket
+from services.bus.follow import FollowMark
+from services.bus.store import CampaignRegistry, LeaseEntry, ObjectBucket
 
 __all__ = [
     "BROKER_AWAY",
@@ -24,8 +25,10 @@ __all__ = [
     "ConsumerLag",
     "Credentials",
     "Delivery",
+    "FollowMark",
     "Handler",
     "Handlers",
+    "LeaseEntry",
     "ObjectBucket",
     "PoisonError",
     "TransientError",

@@ -37,7 +37,7 @@ from services.bus.consume import (
     filter_subjects,
 )
 from services.bus.errors import NATS_FAILURES, TransientError, while_broker_away
-from services.bus.follow import Follower
+from services.bus.follow import Follower, FollowMark
 from services.bus.publish import publish_event
 from services.bus.store import CampaignRegistry, ObjectBucket, bucket_name
 from services.contracts import ContractError, Event
@@ -214,13 +214,17 @@ class Bus:
         from_start: bool = True,
         stop: asyncio.Event | None = None,
         caught_up: asyncio.Event | None = None,
+        mark: FollowMark | None = None,
     ) -> None:
         """Read these event types in stream order (no acks), surviving broker restarts.
 
-        `caught_up` is set once the history is read; returns when `stop` is set.
+        `caught_up` is set once the history is read, `mark` kept at the latest moment
+        everything stored was read; returns when `stop` is set.
         """
         start_after = 0 if from_start else await self.last_seq()
-        follower = Follower(self._js, self.stream, self.prefix, handlers, caught_up, start_after)
+        follower = Follower(
+            self._js, self.stream, self.prefix, handlers, caught_up, start_after, mark
+        )
         await follower.run(stop or asyncio.Event())
 
     async def subscribe_lossy(self, handlers: Handlers) -> list[Subscription]:

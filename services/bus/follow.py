@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
@@ -27,6 +29,16 @@ log = get_logger(component="bus")
 FETCH_BATCH = 256
 
 
+@dataclass
+class FollowMark:
+    """How far a follow has read: `synced_at` (time.monotonic) is the start of the latest
+    fetch after which nothing of the followed types was left to read, so every such event
+    stored before that moment has been handed to its handler. A proposer that takes a
+    campaign over waits for a `synced_at` past the moment it took it."""
+
+    synced_at: float = float("-inf")
+
+
 class Follower:
     """One follow of a subject filter; `run` returns when `stop` is set."""
 
@@ -38,6 +50,7 @@ class Follower:
         handlers: Handlers,
         caught_up: asyncio.Event | None,
         start_after: int = 0,
+        mark: FollowMark | None = None,
     ) -> None:
         self.js = js
         self.stream = stream
@@ -45,6 +58,7 @@ class Follower:
         self.subjects = filter_subjects(handlers, prefix)
         self.caught_up = caught_up
         self.last_seq = start_after
+        self.mark = mark or FollowMark()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -73,9 +87,11 @@ class Follower:
         """Fetch until stopped or the consumer is lost (a broker restart drops it)."""
         idle = 0
         while not stop.is_set():
+            began = time.monotonic()
             try:
                 msgs = await fetch_available(psub, FETCH_BATCH, timeout=0.5)
             except (TimeoutError, nats.errors.TimeoutError):
+                self.mark.synced_at = began
                 if self.caught_up is not None:
                     self.caught_up.set()
                 idle += 1
@@ -89,6 +105,8 @@ class Follower:
             idle = 0
             for msg in msgs:
                 await self._dispatch(msg)
+            if msgs and msgs[-1].metadata.num_pending == 0:
+                self.mark.synced_at = began
 
     async def _dispatch(self, msg: Any) -> None:
         seq = msg.metadata.sequence.stream

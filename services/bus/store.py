@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import nats.errors
@@ -31,6 +32,18 @@ from services.bus.errors import BROKER_AWAY, while_broker_away
 from services.contracts import CampaignStarted, ContractError
 
 H = TypeVar("H", ObjectStore, KeyValue)
+
+# A lease call gives up (TransientError) this soon: an unrenewed lease lapses anyway.
+LEASE_CALL_S = 1.0
+
+
+@dataclass(frozen=True)
+class LeaseEntry:
+    """A campaign's lease as the KV holds it: the holder's name and the entry's revision
+    (every renewal is a new revision)."""
+
+    holder: str
+    revision: int
 
 
 class Declared(Generic[H]):
@@ -143,8 +156,10 @@ class CampaignRegistry(Declared[KeyValue]):
 
     Keys: `campaign.<name>` holds the encoded CampaignStarted; `stopped.<name>` exists while
     the campaign is stopped (its value is the reason); `finished.<name>.<run id>` once a
-    launcher reported the run finished (its value: the RunFinished's id). Names are checked by the CLI to be
-    letters, digits, '-' and '_', so they are valid KV keys.
+    launcher reported the run finished (its value: the RunFinished's id); `lease.<name>` names
+    the proposer that tops the campaign up (services.proposer.lease: written only by
+    compare-and-set on its revision). Names are checked by the CLI to be letters, digits,
+    '-' and '_', so they are valid KV keys.
     """
 
     async def _open(self) -> KeyValue:
@@ -191,6 +206,49 @@ class CampaignRegistry(Declared[KeyValue]):
                 await kv.delete(f"stopped.{name}")
 
         await while_broker_away(delete, what=f"kv delete stopped.{name}")
+
+    # --- leases (services.proposer.lease): one proposer tops a campaign up ---------------
+
+    async def read_lease(self, name: str) -> LeaseEntry | None:
+        """Who holds `lease.<name>` and at which revision; None when nobody does."""
+
+        async def get() -> LeaseEntry | None:
+            kv = await self.declare()
+            try:
+                entry = await kv.get(f"lease.{name}")
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                return None
+            return LeaseEntry((entry.value or b"").decode(), int(entry.revision or 0))
+
+        return await while_broker_away(get, what=f"kv get lease.{name}", timeout_s=LEASE_CALL_S)
+
+    async def write_lease(self, name: str, holder: str, revision: int) -> int | None:
+        """Compare-and-set: write `holder` to `lease.<name>` if its revision is still
+        `revision` (0: if nobody holds it); the new revision, or None when another write
+        came first."""
+
+        async def cas() -> int | None:
+            kv = await self.declare()
+            try:
+                if revision == 0:
+                    return int(await kv.create(f"lease.{name}", holder.encode()))
+                return int(await kv.update(f"lease.{name}", holder.encode(), last=revision))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return None
+
+        return await while_broker_away(cas, what=f"kv cas lease.{name}", timeout_s=LEASE_CALL_S)
+
+    async def release_lease(self, name: str, revision: int) -> None:
+        """Delete `lease.<name>` if it is still at `revision` (ours); quiet otherwise."""
+
+        async def delete() -> None:
+            kv = await self.declare()
+            with contextlib.suppress(
+                nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError
+            ):
+                await kv.delete(f"lease.{name}", last=revision)
+
+        await while_broker_away(delete, what=f"kv delete lease.{name}", timeout_s=LEASE_CALL_S)
 
     async def _put(self, key: str, value: bytes) -> None:
         async def put() -> None:

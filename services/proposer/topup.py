@@ -1,9 +1,10 @@
 """The top-up loop: keeps variants in flight = fleet slots + look-ahead, for every campaign.
 
 Every event folded into the history (and every change of the fleet's slots) wakes the
-loop; for each running campaign it completes the campaign, or starts one request (at most
-one per campaign at a time) for as many variants as the fleet can take, or waits: halted,
-backing off after a failure, or nothing new since the strategy last had no idea.
+loop; for each running campaign whose lease this proposer holds (lease.py) it completes the
+campaign, or starts one request (at most one per campaign at a time) for as many variants
+as the fleet can take, or waits: halted, backing off after a failure, or nothing new since
+the strategy last had no idea. Campaigns another proposer holds are only followed.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from services.bus import Bus, Delivery, Handler, Handlers, TransientError
+from services.bus import Bus, Delivery, FollowMark, Handler, Handlers, TransientError
 from services.contracts import CampaignStopped, Event, FleetStatus, ProposerHalted, event_id_for
+from services.proposer.lease import LeaseKeeper, LeaseLost
 from services.proposer.state import CampaignState, Fleet, History, completion, to_propose
 from services.proposer.strategy import BudgetExhausted, StrategyExhausted
 from services.proposer.waves import CampaignRuntime, WaveMaker, signature
@@ -47,6 +49,9 @@ class Proposer:
         self.history = History()
         self.fleet = Fleet()
         self.waves = WaveMaker(settings, bus, self.history, self.fleet)
+        self.leases = LeaseKeeper(bus, settings.lease_ttl_s, settings.lease_renew_s)
+        self.waves.may_publish = self.leases.holds
+        self.mark = FollowMark()  # how far the follow of the history has read
         self.wake = asyncio.Event()
         self.fleet_heard = asyncio.Event()
         self.runtime: dict[str, CampaignRuntime] = {}
@@ -90,13 +95,24 @@ class Proposer:
                     # proposer (nor the other campaigns); the next tick tries again.
                     log.exception("top_up_failed", campaign=state.name, error=repr(exc))
 
+    def leads(self, name: str) -> bool:
+        """Whether this proposer tops `name` up: it holds the lease and its history holds
+        everything stored before it took the lease (a predecessor's half-published wave)."""
+        if not self.leases.knows(name):
+            self.leases.due.set()  # a campaign the keeper has not tried yet
+        return self.leases.holds(name) and self.mark.synced_at >= self.leases.acquired_at(name)
+
     async def tick(self, state: CampaignState) -> None:
         rt = self.runtime.get(state.name)
         if rt is not None and rt.task is not None and not rt.task.done():
             return  # one request per campaign at a time
-        if rt is None or rt.generation != state.generation:
-            # (Re)started, maybe with another strategy: fresh bookkeeping.
-            rt = self.runtime[state.name] = CampaignRuntime(state.name, state.generation)
+        if not self.leads(state.name):
+            return  # another proposer's, or ours but the history is still being read
+        since = self.leases.acquired_at(state.name)
+        if rt is None or rt.generation != state.generation or rt.since != since:
+            # (Re)started, maybe with another strategy, or taken over: fresh bookkeeping.
+            rt = CampaignRuntime(state.name, state.generation, since=since)
+            self.runtime[state.name] = rt
         reason = completion(state)
         if reason is not None:
             await self.complete(state, rt, reason)
@@ -107,6 +123,9 @@ class Proposer:
             return
         rt.task = asyncio.create_task(self.top_up(state, rt))
         rt.task.add_done_callback(lambda _: self.wake.set())
+
+    def running_names(self) -> list[str]:
+        return [s.name for s in self.history.running()]
 
     def wanted(self, state: CampaignState) -> int:
         slots = sum(self.fleet.slots(time.monotonic()).values())
@@ -124,6 +143,8 @@ class Proposer:
             await self.exhausted(state, rt, exc)
         except BudgetExhausted as exc:
             await self.halt(state, rt, "budget", exc)
+        except LeaseLost:
+            rt.log.warning("wave_abandoned", reason="another proposer took the campaign over")
         except (TransientError, KeyError) as exc:  # the broker away, a source gone
             rt.back_off(RETRY_S)
             rt.log.error("proposal_failed", error=repr(exc), retry_in_s=RETRY_S)
@@ -146,6 +167,8 @@ class Proposer:
     async def halt(
         self, state: CampaignState, rt: CampaignRuntime, reason: str, exc: Exception
     ) -> None:
+        if not self.leases.holds(state.name):
+            return
         event = ProposerHalted(
             campaign=state.name,
             event_id=event_id_for(*_once_per_start("halted", state)),
@@ -157,6 +180,8 @@ class Proposer:
         rt.log.warning("proposer_halted", reason=reason, detail=str(exc))
 
     async def complete(self, state: CampaignState, rt: CampaignRuntime, detail: str) -> None:
+        if not self.leases.holds(state.name):
+            return
         event = CampaignStopped(
             campaign=state.name,
             event_id=event_id_for(*_once_per_start("stopped", state)),

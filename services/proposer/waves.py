@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from services.bus import Bus
 from services.contracts import VariantProposed, variant_id_for, variant_keys
 from services.metrics import record_llm_cost
 from services.proposer.factory import build_strategy
+from services.proposer.lease import LeaseLost
 from services.proposer.noise import default_noise_floor
 from services.proposer.program import ARCHIVE_ERRORS, program_from_harness
 from services.proposer.state import CampaignState, Fleet, History
@@ -38,6 +40,7 @@ class CampaignRuntime:
 
     name: str
     generation: int  # the campaign start this bookkeeping belongs to
+    since: float = 0.0  # when this proposer took the campaign's lease (lease.py)
     strategy: Strategy | None = None
     task: asyncio.Task[None] | None = None
     retry_at: float = 0.0
@@ -78,6 +81,8 @@ class WaveMaker:
         self.history = history
         self.fleet = fleet
         self.source_cache: dict[str, str] = {}
+        # Asked before each publish: does this proposer still hold the campaign's lease?
+        self.may_publish: Callable[[str], bool] = lambda _campaign: True
 
     # --- reading what a wave starts from --------------------------------------------
 
@@ -259,7 +264,10 @@ class WaveMaker:
         return True
 
     async def publish_variant(self, rt: CampaignRuntime, event: VariantProposed) -> None:
-        """Publish, and fold the variant in at once (the replay will bring it again)."""
+        """Publish, and fold the variant in at once (the replay will bring it again);
+        LeaseLost when another proposer may have taken the campaign over."""
+        if not self.may_publish(event.campaign):
+            raise LeaseLost(event.campaign)
         # The root of the experiment's trace: the launcher, evaluator and ledger spans
         # follow it through the trace context in the message headers.
         with tracer().start_as_current_span(

@@ -66,6 +66,11 @@ class LedgerReader(Protocol):
         """Every dead letter, newest first (those of no readable campaign too)."""
         ...
 
+    def fleet(self, name: str) -> dict[str, Any] | None:
+        """The fleet as the running ledger hears it (None: a file has no fleet, or no
+        launcher was heard)."""
+        ...
+
 
 class HttpLedgerReader:
     """A running ledger's HTTP API."""
@@ -105,6 +110,11 @@ class HttpLedgerReader:
     def dead_letters(self) -> list[dict[str, Any]]:
         data: list[dict[str, Any]] = self._get("/deadletters").json()
         return data
+
+    def fleet(self, name: str) -> dict[str, Any] | None:
+        data: dict[str, Any] = self._get(f"/campaigns/{name}/overview").json()
+        fleet: dict[str, Any] = data.get("fleet") or {}
+        return fleet if fleet.get("heard") else None  # no launcher heard: as from a file
 
 
 def _detail(response: httpx.Response) -> str:
@@ -155,6 +165,9 @@ class FileLedgerReader:
     def dead_letters(self) -> list[dict[str, Any]]:
         return self._read(queries.all_dead_letters)
 
+    def fleet(self, name: str) -> dict[str, Any] | None:
+        return None
+
 
 def reader_for(settings: Settings, url: str | None) -> LedgerReader:
     """The HTTP reader for `url` (or NIGHTSHIFT_LEDGER_URL), else the file of `settings`."""
@@ -195,6 +208,9 @@ def show(command: str, settings: Settings, args: argparse.Namespace) -> int:
         sys.stdout.write(reader.results_tsv(name))
     else:
         print(format_status(reader.summary(name)))
+        fleet = reader.fleet(name)
+        if fleet is not None:
+            print(format_fleet(fleet))
         print(format_dead_letters(reader.dead_letters(), name))
     return 0
 
@@ -220,6 +236,16 @@ def format_status(summary: dict[str, Any]) -> str:
             f"${gpu['infra_usd']:.2f} of it lost to infrastructure failures)"
         )
     return "\n".join(lines)
+
+
+def format_fleet(fleet: dict[str, Any]) -> str:
+    """The fleet line: busy / slots per tier, summed over its launchers, and the queue."""
+    parts = [
+        f"{t['tier']} {t['busy']}/{t['slots']} slots busy "
+        f"({t.get('launchers', 0)} launcher{'' if t.get('launchers') == 1 else 's'})"
+        for t in fleet.get("tiers") or []
+    ]
+    return f"  fleet: {'; '.join(parts)}; queued {fleet.get('queued', 0)}"
 
 
 def format_dead_letters(letters: list[dict[str, Any]], name: str) -> str:

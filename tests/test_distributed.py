@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,44 +15,9 @@ import pytest
 from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.contracts import ResultEvaluated, RunFinished, RunStarted
+from tests.distributed_helpers import SERVICES, Fleet, start_campaign_cli, wait_completed
 from tests.e2e_helpers import REPO, history, sim_env
 from tests.eventually import eventually
-
-SERVICES = ("ledger", "evaluator", "launcher", "proposer")
-
-
-class Fleet:
-    """The four services as child processes, each restartable on its own."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env = env
-        self.logs = logs
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str) -> None:
-        log = (self.logs / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
-            env=self.env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def kill(self, name: str) -> None:
-        proc = self.procs[name]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 @pytest.fixture
@@ -66,44 +30,6 @@ def fleet(tmp_path: Path, fleet_env: dict[str, str]) -> Iterator[Fleet]:
     f = Fleet(fleet_env, tmp_path)
     yield f
     f.stop_all()
-
-
-def start_campaign_cli(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "campaign", "start", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-async def campaign_status(home: Path, name: str) -> str:
-    url_file = home / "ledger.url"
-    if not url_file.exists():
-        return ""
-    async with httpx.AsyncClient(base_url=url_file.read_text().strip(), timeout=5) as http:
-        try:
-            response = await http.get(f"/campaigns/{name}")
-        except httpx.HTTPError:
-            return ""
-        return str(response.json().get("status", "")) if response.status_code == 200 else ""
-
-
-async def wait_completed(home: Path, name: str, timeout: float) -> None:
-    async def completed() -> bool:
-        return await campaign_status(home, name) == "completed"
-
-    try:
-        await eventually(completed, timeout, f"campaign {name} to complete", interval=0.3)
-    except AssertionError as exc:
-        logs = "\n".join(
-            f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(home.glob("*.log"))
-        )
-        raise AssertionError(f"{exc}; {logs}") from exc
 
 
 async def test_each_service_in_its_own_process(

@@ -44,10 +44,16 @@ class Fleet:
                 self.log.exception("fleet_tick_failed")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=FLEET_INTERVAL_S)
+        # Leaving: no slots from now on (a SIGKILLed launcher just falls silent, and stops
+        # being counted when the others' view of the fleet expires it).
+        with contextlib.suppress(*TICK_FAILURES):
+            await self.publish_status(leaving=True)
 
-    async def publish_status(self) -> None:
+    async def publish_status(self, leaving: bool = False) -> None:
         launcher = self.launcher
         slots, busy = launcher.backend.slots, len(launcher.running)
+        if leaving:
+            slots = busy = 0
         queued = await self.count_queued()
         record_fleet(launcher.tier, launcher.launcher_id, slots, busy, queued)
         await self.bus.publish(

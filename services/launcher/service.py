@@ -26,6 +26,7 @@ from services.launcher.runs import Launcher
 from services.settings import Settings
 
 MAX_DELIVER = c.MAX_RUN_ATTEMPTS
+LEAVING_S = 2.0  # how long a stopping launcher waits to tell the fleet it has no slots
 
 
 async def run(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
@@ -77,6 +78,8 @@ async def serve_tier(settings: Settings, bus: Bus, stop: asyncio.Event, launcher
             stop=stop,
         )
     finally:
+        # The status task's last word (no slots) goes out when it sees `stop`.
+        await asyncio.wait(tasks[:1], timeout=LEAVING_S)
         for task in tasks:
             task.cancel()
         launcher.background.cancel()

@@ -30,6 +30,7 @@ from services.ledger.api import Conn
 from services.ledger.experiments import TableQuery
 from services.ledger.overview import FleetWatch, found
 from services.ledger.params import CampaignName, VariantId
+from services.proposer.state import fleet_expiry
 from services.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -186,7 +187,7 @@ def install(app: FastAPI, settings: Settings, bus: Bus | None) -> None:
     """Add the dashboard, its data endpoints, the live feed and the controls to the API."""
     app.state.settings = settings
     app.state.bus = bus
-    app.state.fleet = FleetWatch() if bus is not None else None
+    app.state.fleet = FleetWatch(fleet_expiry(settings.ack_wait_s)) if bus is not None else None
     app.state.closing = asyncio.Event()  # set when the ledger stops: live feeds end
     for module in (overview, experiments, live, controls):
         app.include_router(module.router)

@@ -6,7 +6,9 @@ drawn from exactly this. GET /campaigns/{name}/overview: counts by status, exper
 hour, fleet, spend, dead letters and the campaign's state.
 
 The fleet comes from the launchers' FleetStatus (lossy, once a second, over core NATS),
-which the ledger service follows while it runs; a ledger read from a file has no fleet.
+which the ledger service follows while it runs, summed over a tier's launchers (a launcher
+not heard from for `ack_wait_s`, at most 10 s, is no longer counted); a ledger read from a
+file has no fleet.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ class Progress(BaseModel):
 
 class TierFleet(BaseModel):
     tier: str
-    slots: int
+    slots: int = Field(description="the slots of this tier's launchers heard from, summed")
     busy: int
+    launchers: int = Field(description="launchers of this tier heard from lately")
 
 
 class FleetView(BaseModel):
@@ -105,13 +108,25 @@ class FleetWatch(Fleet):
         live = self._live(now)
         slots = self.slots(now)
         busy: dict[str, int] = {}
+        launchers: dict[str, int] = {}
         for status in live:
             for tier, n in status.busy.items():
                 busy[tier] = busy.get(tier, 0) + n
-        return [TierFleet(tier=t, slots=n, busy=busy.get(t, 0)) for t, n in sorted(slots.items())]
+            for tier in status.slots:
+                launchers[tier] = launchers.get(tier, 0) + 1
+        return [
+            TierFleet(tier=t, slots=n, busy=busy.get(t, 0), launchers=launchers.get(t, 0))
+            for t, n in sorted(slots.items())
+        ]
 
     def queued(self, now: float) -> int:
-        return sum(status.queued for status in self._live(now))
+        """Runs waiting, per tier once: a tier's launchers share one queue (its durable
+        consumer) and each reports all of it."""
+        per_tier: dict[tuple[str, ...], int] = {}
+        for status in self._live(now):
+            tiers = tuple(sorted(status.slots))
+            per_tier[tiers] = max(per_tier.get(tiers, 0), status.queued)
+        return sum(per_tier.values())
 
 
 def position(conn: sqlite3.Connection, name: str) -> int:

@@ -30,6 +30,14 @@ from services.contracts import (
 from services.proposer.strategy import ResultRow
 
 FLEET_EXPIRY_S = 10.0
+FLEET_MIN_EXPIRY_S = 3.0  # launchers beat every second: three beats missed
+
+
+def fleet_expiry(ack_wait_s: float) -> float:
+    """How long a quiet launcher's slots still count: no longer than `ack_wait_s` (by then
+    its runs are delivered to the others), nor than FLEET_EXPIRY_S, and at least three of
+    its beats."""
+    return max(FLEET_MIN_EXPIRY_S, min(FLEET_EXPIRY_S, ack_wait_s))
 
 
 @dataclass(frozen=True)

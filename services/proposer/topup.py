@@ -17,7 +17,14 @@ from typing import Any
 from services.bus import Bus, Delivery, FollowMark, Handler, Handlers, TransientError
 from services.contracts import CampaignStopped, Event, FleetStatus, ProposerHalted, event_id_for
 from services.proposer.lease import LeaseKeeper, LeaseLost
-from services.proposer.state import CampaignState, Fleet, History, completion, to_propose
+from services.proposer.state import (
+    CampaignState,
+    Fleet,
+    History,
+    completion,
+    fleet_expiry,
+    to_propose,
+)
 from services.proposer.strategy import BudgetExhausted, StrategyExhausted
 from services.proposer.waves import CampaignRuntime, WaveMaker, signature
 from services.settings import Settings
@@ -47,7 +54,7 @@ class Proposer:
         self.settings = settings
         self.bus = bus
         self.history = History()
-        self.fleet = Fleet()
+        self.fleet = Fleet(fleet_expiry(settings.ack_wait_s))
         self.waves = WaveMaker(settings, bus, self.history, self.fleet)
         self.leases = LeaseKeeper(bus, settings.lease_ttl_s, settings.lease_renew_s)
         self.waves.may_publish = self.leases.holds

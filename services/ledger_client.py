@@ -165,8 +165,8 @@ class FileLedgerReader:
     def dead_letters(self) -> list[dict[str, Any]]:
         return self._read(queries.all_dead_letters)
 
-    def fleet(self, name: str) -> dict[str, Any] | None:
-        return None
+    def fleet(self, name: str) -> dict[str, Any] | None:  # noqa: ARG002 (the reader protocol)
+        return None  # the fleet is heard over NATS by a running ledger, never stored
 
 
 def reader_for(settings: Settings, url: str | None) -> LedgerReader:

@@ -31,6 +31,11 @@ A variant whose publish was still in flight at the kill lands within the JetStre
 duplicate window at worst, and its id (`proposed:<campaign>:<variant>`, a hash of the
 source) makes a second publish of the same variant a duplicate the stream drops.
 
+What is not excluded: a holder cut off from the broker while one publish is under way
+retries that publish (up to 120 s, the duplicate window) and checks its lease only before
+the next one; if a standby took over meanwhile, that one late variant may exceed the
+in-flight target by one. It is a real variant, in the history, run and evaluated once.
+
 This module is the lease logic (LeaseBook: pure, no I/O) and the keeper that applies it to
 the KV through the bus (LeaseKeeper).
 """

@@ -1,5 +1,6 @@
 """The campaign lease of several proposers: the logic alone (no broker, a clock in hand),
-then the compare-and-set on a real nats-server's KV, then keepers contending for it."""
+then the compare-and-set on a real nats-server's KV, keepers contending for it, and
+the follow mark a new holder waits on."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import asyncio
 import contextlib
 import time
 
-from services.bus import Bus, LeaseEntry
+from services.bus import Bus, Delivery, FollowMark, LeaseEntry
+from services.contracts import ProposerHalted
 from services.proposer.lease import LeaseBook, LeaseKeeper, Step
 from tests.eventually import eventually
 
@@ -137,3 +139,27 @@ async def test_a_stopping_keeper_releases_and_the_standby_takes_it_at_once(bus: 
         stop_b.set()
         await task_b
     assert await bus.campaigns.read_lease("c") is None  # b released it in turn
+
+
+async def test_the_follow_mark_passes_a_moment_once_all_stored_before_it_is_handled(
+    bus: Bus,
+) -> None:
+    """What a new holder waits for: the history read past the moment it took the lease."""
+    for k in range(40):
+        await bus.publish(ProposerHalted(campaign="c", event_id=f"h{k}", reason="test"))
+    took_at = time.monotonic()
+    handled: list[str] = []
+    mark = FollowMark()
+
+    async def slow(event: ProposerHalted, _: Delivery) -> None:
+        await asyncio.sleep(0.01)  # a follower behind the stream
+        handled.append(event.event_id)
+
+    stop = asyncio.Event()
+    follow = asyncio.create_task(bus.follow({ProposerHalted: slow}, stop=stop, mark=mark))
+    try:
+        await eventually(lambda: mark.synced_at >= took_at, 20, "the follow to pass the moment")
+        assert len(handled) == 40
+    finally:
+        stop.set()
+        await follow

@@ -58,6 +58,12 @@ class SkyTier(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=T
     spot: bool = False
     autostop_minutes: Annotated[int, Meta(ge=-1)] = 10  # -1: never
     usd_per_gpu_hour: Annotated[float, Meta(ge=0)] = 0.0
+    # clusters: our own clusters, one sky.exec per run; pool: SkyPilot managed jobs on a
+    # pool of `clusters` workers (sky.jobs.launch(task, pool=...)): SkyPilot recovers spot.
+    mode: Literal["clusters", "pool"] = "clusters"
+    # clusters mode: submit the next run's sky.exec this many seconds before the run ahead
+    # of it on the cluster is expected to end (0: never), hiding SkyPilot's exec latency.
+    presubmit_s: Annotated[float, Meta(ge=0)] = 15.0
 
 
 class Settings(msgspec.Struct, kw_only=True):
@@ -171,7 +177,8 @@ class Settings(msgspec.Struct, kw_only=True):
         list[SkyTier],
         Meta(
             description="skypilot: the tiers (toml [[skypilot_tiers]], env a JSON list): "
-            "name, accelerator, clusters, infra, spot, autostop_minutes, usd_per_gpu_hour"
+            "name, accelerator, clusters, infra, spot, autostop_minutes, usd_per_gpu_hour, "
+            "mode (clusters / pool), presubmit_s"
         ),
     ] = msgspec.field(default_factory=list)
     skypilot_cluster_prefix: Annotated[

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
 from services.contracts import RunFinished, RunKeys, split_lines
 
 LineCallback = Callable[[str], None]
+# (host, accelerator) where a run really goes, told by a backend that chooses it late.
+PlacedCallback = Callable[[str, str], None]
 
 # Variables never passed to a trainer process: anything that looks like a credential.
 _SECRET_PARTS = (
@@ -43,6 +45,9 @@ class Job:
     timeout_s: float = 600.0
     reference_source: str | None = None  # sim: the campaign's seed (the landscape's reference)
     slot: int = 0
+    # Backends with `reports_placement` call it once they know the host (skypilot: the
+    # cluster a run is allocated to, which may not be its slot's).
+    on_placed: PlacedCallback | None = field(default=None, compare=False, repr=False)
 
 
 _LOG = ("log_path", "log_text")  # the outcome's log, not an event field
@@ -78,10 +83,19 @@ class RunOutcome:
 
 class Backend(Protocol):
     name: str
+    # True: the backend calls job.on_placed before the run starts, and RunStarted waits for
+    # it (the host a run really uses); False: RunStarted names placement(slot) at once.
+    reports_placement: bool
 
     @property
     def slots(self) -> int:
         """How many runs may go on at once."""
+        ...
+
+    @property
+    def intake(self) -> int:
+        """How many runs the launcher may hand it at once: `slots`, or more for a backend
+        that queues the next run behind the one ending (skypilot's pre-submission)."""
         ...
 
     def placement(self, slot: int) -> tuple[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import msgspec
@@ -15,26 +16,42 @@ from services.launcher.local import LocalBackend
 from services.launcher.output import OutputLimits
 from services.launcher.sandbox import resolve_sandbox
 from services.launcher.sim import SimBackend, SimParams
-from services.launcher.skypilot_adapter import SkyAdapter
+from services.launcher.skypilot_adapter import PoolAdapter, SkyAdapter
+
+if TYPE_CHECKING:
+    from services.launcher.skypilot_adapter import SdkAdapter
 from services.settings import Settings, SettingsError
 from services.telemetry import get_logger
 
 ENV_SECRET_MIN_CHARS = 8  # an environment value this short is no credential worth a redaction
 
 _sky: list[SkyAdapter] = []  # one SkyPilot client per process, made on first use
+_client: list[SdkAdapter] = []
+_pool: list[PoolAdapter] = []  # the tests put a fake pool here; else the SDK client
 
 
-def sky_adapter() -> SkyAdapter:
-    """The SkyPilot SDK (the tests put their fake here)."""
-    if not _sky:
+def _sdk() -> SdkAdapter:
+    if not _client:
         try:
             from services.launcher.skypilot_adapter import SdkAdapter
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise SettingsError(
                 "backend 'skypilot' needs the SkyPilot SDK: pip install 'nightshift[skypilot]'"
             ) from exc
-        _sky.append(SdkAdapter())
+        _client.append(SdkAdapter())
+    return _client[0]
+
+
+def sky_adapter() -> SkyAdapter:
+    """The SkyPilot SDK (the tests put their fake here)."""
+    if not _sky:
+        _sky.append(_sdk())
     return _sky[0]
+
+
+def pool_adapter() -> PoolAdapter:
+    """SkyPilot's managed jobs, on the same SDK client (the tests put their fake pool here)."""
+    return _pool[0] if _pool else _sdk()
 
 
 def make_backend(settings: Settings, launcher_id: str) -> Backend:
@@ -49,6 +66,16 @@ def make_backend(settings: Settings, launcher_id: str) -> Backend:
 
         tier = st.tier_of(settings)  # settings checked before the SDK is imported
         template = st.load_template(settings.skypilot_template)
+        if tier.mode == "pool":
+            from services.launcher.skypilot_pool import SkyPoolBackend
+
+            return SkyPoolBackend(
+                pool_adapter(),
+                tier,
+                template,
+                settings.runs_path,
+                prefix=settings.skypilot_cluster_prefix,
+            )
         return SkyPilotBackend(
             sky_adapter(),
             tier,

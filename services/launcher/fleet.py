@@ -51,7 +51,8 @@ class Fleet:
 
     async def publish_status(self, leaving: bool = False) -> None:
         launcher = self.launcher
-        slots, busy = launcher.backend.slots, len(launcher.running)
+        slots = launcher.backend.slots  # runs queued behind a busy GPU (pre-submitted) are not busy
+        busy = min(slots, len(launcher.running))
         if leaving:
             slots = busy = 0
         queued = await self.count_queued()

@@ -60,6 +60,7 @@ def _copied(name: str) -> bool:
 
 class LocalBackend:
     name = "local"
+    reports_placement = False
 
     def __init__(
         self,
@@ -95,6 +96,10 @@ class LocalBackend:
 
     @property
     def slots(self) -> int:
+        return self._slots
+
+    @property
+    def intake(self) -> int:
         return self._slots
 
     def placement(self, slot: int) -> tuple[str, str]:

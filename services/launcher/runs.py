@@ -13,6 +13,8 @@ ledger requests it, and the skipped work, again when the campaign resumes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Coroutine
@@ -94,7 +96,7 @@ class Launcher:
         self.gpu_usd_per_hour = gpu_usd_per_hour
         self.log = get_logger(component="launcher", launcher_id=launcher_id)
         self.running: dict[str, str] = {}  # run_id -> campaign
-        self.free_slots = list(range(backend.slots))
+        self.free_slots = list(range(backend.intake))
         self.references: dict[str, str] = {}  # campaign -> its seed source (sim only)
         self.stopping = False  # set on shutdown: runs in hand are handed back, not reported
         self.background = Background()
@@ -160,9 +162,7 @@ class Launcher:
             outcome = RunOutcome(None, now, now, infra_failure=True, infra_reason=reason)
             await self.report(work, attempt, outcome)
             raise TransientError(f"run {work.run_id}: {outcome.infra_reason}") from exc
-        await self.publish_started(work, attempt, slot)
-        log.info("run_started", attempt=attempt, slot=slot)
-        outcome = await self.backend.run(job, self.progress_reporter(job))
+        outcome, accelerator = await self.run_placed(work, attempt, job, log)
         if outcome.cancelled and self.stopping:
             raise TransientError(f"run {work.run_id}: launcher stopping; it will run again")
         set_aside = outcome.cancelled and await self.bus.campaigns.is_stopped(
@@ -177,7 +177,6 @@ class Launcher:
         if not outcome.infra_failure:  # an infrastructure failure runs again, by design
             keys = work.keys("finished", attempt)
             await self.bus.campaigns.mark_finished(keys["campaign"], work.run_id, keys["event_id"])
-        _, accelerator = self.backend.placement(slot)
         gpu_usd = record_gpu_cost(finished, accelerator, self.gpu_usd_per_hour)
         annotate_span(exit_code=outcome.exit_code, infra_failure=outcome.infra_failure)
         log.info(
@@ -193,6 +192,38 @@ class Launcher:
             raise TransientError(
                 f"run {work.run_id}: infrastructure failure: {outcome.infra_reason}"
             )
+
+    async def run_placed(
+        self, work: Work, attempt: int, job: Job, log: Any
+    ) -> tuple[RunOutcome, str]:
+        """Run the job; RunStarted names the host that really runs it (published once the
+        backend has placed it, and always before the run is reported); its accelerator."""
+        loop = asyncio.get_running_loop()
+        placed: asyncio.Future[tuple[str, str]] = loop.create_future()
+        if self.backend.reports_placement:
+
+            def on_placed(host: str, accelerator: str) -> None:
+                if not placed.done():
+                    placed.set_result((host, accelerator))
+
+            job = dataclasses.replace(job, on_placed=on_placed)
+        else:
+            placed.set_result(self.backend.placement(job.slot))
+        running = asyncio.ensure_future(self.backend.run(job, self.progress_reporter(job)))
+        try:
+            either: set[asyncio.Future[Any]] = {running, placed}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not placed.done():  # ended before it was placed (cancelled while waiting)
+                placed.set_result(self.backend.placement(job.slot))
+            host, accelerator = placed.result()
+            await self.publish_started(work, attempt, job.slot, host, accelerator)
+            log.info("run_started", attempt=attempt, slot=job.slot, host=host)
+            return await running, accelerator
+        finally:
+            if not running.done():  # our caller is cancelled: the run must stop with it
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
 
     async def fetch_job(self, work: Work, slot: int) -> Job:
         """The job with its source, harness and reference; KeyError or HarnessError if gone."""
@@ -222,8 +253,9 @@ class Launcher:
             self.references[campaign.campaign] = await self.bus.get_source(campaign.seed_digest)
         return self.references[campaign.campaign]
 
-    async def publish_started(self, work: Work, attempt: int, slot: int) -> None:
-        host, accelerator = self.backend.placement(slot)
+    async def publish_started(
+        self, work: Work, attempt: int, slot: int, host: str, accelerator: str
+    ) -> None:
         keys = work.keys("started", attempt)
         started = c.RunStarted(
             **keys, backend=self.backend.name, host=host, accelerator=accelerator, slot=slot

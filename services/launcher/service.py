@@ -72,7 +72,7 @@ async def serve_tier(settings: Settings, bus: Bus, stop: asyncio.Event, launcher
                 c.VariantProposed: launcher.on_variant_proposed,
                 c.RunRequested: launcher.on_run_requested,
             },
-            concurrency=backend.slots,
+            concurrency=backend.intake,
             ack_wait_s=settings.ack_wait_s,
             max_deliver=MAX_DELIVER,
             stop=stop,

@@ -41,6 +41,7 @@ class SimParams(msgspec.Struct, frozen=True, kw_only=True):
 
 class SimBackend:
     name = "sim"
+    reports_placement = False
 
     def __init__(self, params: SimParams | None = None, slots: int = 1, host: str = "sim") -> None:
         self.params = params or SimParams()
@@ -52,6 +53,10 @@ class SimBackend:
 
     @property
     def slots(self) -> int:
+        return self._slots
+
+    @property
+    def intake(self) -> int:
         return self._slots
 
     def placement(self, _slot: int) -> tuple[str, str]:

@@ -15,6 +15,13 @@ A cluster whose launch fails is torn down and replaced after a delay (`cluster_r
 until it is back, the tier's slots shrink by its GPUs. A stopped (autostopped) cluster is
 relaunched by the next run that finds it down. Every run records its GPU-seconds and
 dollars at the tier's price.
+
+Pre-submission: the backend takes up to twice as many runs as the tier has GPUs. A run that
+finds no free GPU waits until a running one is expected to end within the tier's
+`presubmit_s` (from the recent runs' durations), then submits its `sky.exec` to that
+cluster: SkyPilot's job queue starts it as soon as the GPU frees (its GPU request makes it
+wait, so two never run at once on one GPU), which hides the exec's 2-3 s. Its timeout and
+GPU time start when the run ahead of it ends.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from services.contracts import cancelled_line, infra_failure_line, split_lines, timed_out_line
+from services.contracts import split_lines, timed_out_line
+from services.launcher import skypilot_runlog as rl
 from services.launcher import skypilot_tiers as st
 from services.launcher.backend import Job, LineCallback, RunOutcome
 from services.launcher.skypilot_adapter import (
@@ -41,6 +49,7 @@ from services.launcher.skypilot_adapter import (
     SkyError,
     TaskConfig,
 )
+from services.launcher.skypilot_runlog import RunFailed
 from services.launcher.skypilot_teardown import down_clusters, pool_clusters
 from services.settings import SkyTier
 from services.telemetry import get_logger
@@ -62,7 +71,7 @@ class Cluster:
     name: str
     gpus: int
     state: ClusterState = "absent"
-    busy: int = 0
+    busy: int = 0  # runs on it or queued on it: a GPU is free while busy < gpus
     harness: Path | None = None  # the workdir its setup ran with
     launched: asyncio.Event = field(default_factory=asyncio.Event)
     failures: int = 0
@@ -75,14 +84,15 @@ class ActiveRun:
     cluster: Cluster | None = None
     job_id: int | None = None
     cancel_reason: str | None = None
-
-
-class RunFailed(Exception):
-    """A run that ends as an infrastructure failure, with the reason the user reads."""
+    gpu_from: float = 0.0  # when it got its GPU (0: not yet)
+    ahead: ActiveRun | None = None  # the run it was submitted behind (pre-submission)
+    follower: ActiveRun | None = None  # the run submitted behind it
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # its job no longer holds the GPU
 
 
 class SkyPilotBackend:
     name = "skypilot"
+    reports_placement = True
 
     def __init__(
         self,
@@ -107,15 +117,27 @@ class SkyPilotBackend:
         self._active: dict[str, ActiveRun] = {}
         self._changed = asyncio.Event()  # set when a GPU frees up or a run is cancelled
         self._background: set[asyncio.Task[None]] = set()
+        self._durations: collections.deque[float] = collections.deque(maxlen=16)
 
     @property
     def slots(self) -> int:
         """GPUs of the clusters not being replaced: shrinks while one is, grows back after."""
         return sum(c.gpus for c in self.clusters if c.state != "failed")
 
+    @property
+    def intake(self) -> int:
+        """A run per GPU, and one more per GPU to submit behind it when pre-submitting."""
+        gpus = sum(c.gpus for c in self.clusters)
+        return 2 * gpus if self.tier.presubmit_s > 0 else gpus
+
     def placement(self, slot: int) -> tuple[str, str]:
-        cluster = self.clusters[(slot // self.clusters[0].gpus) % len(self.clusters)]
-        return cluster.name, f"{st.accelerator_parts(self.tier.accelerator)[0]}:1"
+        return self._own_cluster(slot).name, self._accelerator()
+
+    def _own_cluster(self, slot: int) -> Cluster:
+        return self.clusters[(slot // self.clusters[0].gpus) % len(self.clusters)]
+
+    def _accelerator(self) -> str:
+        return f"{st.accelerator_parts(self.tier.accelerator)[0]}:1"
 
     # --- one run ----------------------------------------------------------------------
 
@@ -125,33 +147,41 @@ class SkyPilotBackend:
         active = self._active[job.run_id] = ActiveRun()
         run_dir = self.runs_path / job.campaign / job.run_id
         try:
-            log_path = self._make_run_dir(run_dir)
-            outcome.log_path = log_path
+            outcome.log_path = rl.make_run_dir(run_dir)
             await self._run_on_cluster(job, active, run_dir, on_line, outcome)
         except ClusterGone as exc:  # preempted, torn down, stopped: the next run relaunches it
             if active.cluster is not None and active.cluster.state == "up":
                 active.cluster.state, active.cluster.harness = "absent", None
-            self._infra(outcome, job, active, f"cluster gone during the run: {exc}")
+            reason = f"cluster gone during the run: {exc}"
+            rl.mark_infra(outcome, job.run_id, reason, active.cancel_reason)
         except (RunFailed, SkyError, OSError) as exc:
-            self._infra(outcome, job, active, str(exc))
+            rl.mark_infra(outcome, job.run_id, str(exc), active.cancel_reason)
         except asyncio.CancelledError:  # our caller stops: the job must not hold its GPU
             if active.cluster is not None and active.job_id is not None:
                 self._spawn(self._cancel_job(active.cluster.name, active.job_id))
             raise
         finally:
-            if active.cluster is not None:
-                active.cluster.busy -= 1
-            self._active.pop(job.run_id, None)
-            self._changed.set()  # a GPU is free: a waiting run may take it
+            self._release(active)
         outcome.finished_at = time.time()
         return outcome
+
+    def _release(self, active: ActiveRun) -> None:
+        if active.cluster is not None:
+            active.cluster.busy -= 1
+        if active.ahead is not None and active.ahead.follower is active:
+            active.ahead.follower = None
+        active.done.set()
+        self._active = {k: v for k, v in self._active.items() if v is not active}
+        self._changed.set()  # a GPU is free: a waiting run may take it
 
     async def _run_on_cluster(
         self, job: Job, active: ActiveRun, run_dir: Path, on_line: LineCallback, out: RunOutcome
     ) -> None:
-        cluster = active.cluster = await self._allocate(job, active)
+        cluster = await self._allocate(job, active)
         if cluster is None:
-            return self._cancelled(out, active.cancel_reason or "")
+            return rl.mark_cancelled(out, active.cancel_reason or "")
+        if job.on_placed is not None:
+            job.on_placed(cluster.name, self._accelerator())
         await self._ensure_up(cluster, job)
         st.stage_run(run_dir / "stage", job.run_id, job.edit_file, job.source)
         task = st.exec_task(
@@ -164,25 +194,42 @@ class SkyPilotBackend:
             replica=job.replica,
         )
         if active.cancel_reason is not None:
-            return self._cancelled(out, active.cancel_reason)
+            return rl.mark_cancelled(out, active.cancel_reason)
         try:
             active.job_id = await self.adapter.exec(task, cluster.name)
         except ClusterGone:  # stopped by autostop, or gone: launch it again, once
             cluster.state, cluster.harness = "absent", None
             await self._ensure_up(cluster, job)
             active.job_id = await self.adapter.exec(task, cluster.name)
-        submitted = time.time()
         if active.cancel_reason is not None:  # cancelled while the exec was on its way
             await self._cancel_job(cluster.name, active.job_id)
-        _log().info("run_submitted", run_id=job.run_id, cluster=cluster.name, job_id=active.job_id)
+        _log().info(
+            "run_submitted",
+            run_id=job.run_id,
+            cluster=cluster.name,
+            job_id=active.job_id,
+            behind=active.ahead is not None,
+        )
+        await self._wait_for_gpu(active)
         try:
             status = await self._follow(job, active, out, on_line)
         finally:
-            out.gpu_seconds, out.gpu_usd = st.gpu_cost(self.tier, time.time() - submitted)
+            out.gpu_seconds, out.gpu_usd = st.gpu_cost(self.tier, time.time() - active.gpu_from)
         self._conclude(job, active, out, status)
+        if out.exit_code == 0:
+            self._durations.append(time.time() - active.gpu_from)
+
+    async def _wait_for_gpu(self, active: ActiveRun) -> None:
+        """A run submitted behind another gets its GPU (and its clock) when that one ends."""
+        ahead = active.ahead
+        while ahead is not None and not ahead.done.is_set() and active.cancel_reason is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ahead.done.wait(), 0.1)
+        active.gpu_from = time.time()
 
     async def _allocate(self, job: Job, active: ActiveRun) -> Cluster | None:
-        """The slot's own cluster when it can take a run, else the least busy that can.
+        """The slot's own cluster when it can take a run, else the least busy that can,
+        else a cluster whose run is about to end (submitted behind it).
 
         While clusters are being replaced the tier has fewer GPUs than the launcher has
         slots: a run waits here for a GPU (or for a replacement's retry), not failing, so
@@ -196,15 +243,40 @@ class SkyPilotBackend:
                 if c.busy < c.gpus and (c.state != "failed" or now >= c.retry_at)
             ]
             if usable:
-                own = self.clusters[(job.slot // self.clusters[0].gpus) % len(self.clusters)]
+                own = self._own_cluster(job.slot)
                 ranked = sorted(usable, key=lambda c: (c is not own, c.state != "up", c.busy))
+                active.cluster = ranked[0]
                 ranked[0].busy += 1
                 return ranked[0]
+            ahead, wake_at = self._ending_run(job, now)
+            if ahead is not None and ahead.cluster is not None:
+                ahead.follower, active.ahead, active.cluster = active, ahead, ahead.cluster
+                ahead.cluster.busy += 1
+                return ahead.cluster
             retry = min((c.retry_at for c in self.clusters if c.state == "failed"), default=now)
+            wake_at = min(wake_at, retry) if retry > now else wake_at
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max(0.05, retry - now))
+                await asyncio.wait_for(self._changed.wait(), max(0.05, wake_at - now))
         return None
+
+    def _ending_run(self, job: Job, now: float) -> tuple[ActiveRun | None, float]:
+        """A running run that ends within presubmit_s and has no run behind it yet (or
+        None), and when the next one will; nothing without a duration measured yet."""
+        if self.tier.presubmit_s <= 0 or not self._durations:
+            return None, now + self.poll_s
+        expected = statistics.median(self._durations)
+        candidates = [
+            (r.gpu_from + expected - self.tier.presubmit_s, r)
+            for r in self._active.values()
+            if r.gpu_from and r.follower is None and r.job_id is not None and r.cluster
+            and r.cluster.state == "up" and r.cluster.harness == job.harness_dir
+            and r.cluster.busy < 2 * r.cluster.gpus and r.cancel_reason is None
+        ]  # fmt: skip
+        if not candidates:
+            return None, now + self.poll_s
+        at, run = min(candidates, key=lambda c: c[0])
+        return (run, at) if at <= now else (None, at)
 
     async def _ensure_up(self, cluster: Cluster, job: Job) -> None:
         """Launch the cluster unless it is up with this harness; wait for another's launch."""
@@ -272,7 +344,9 @@ class SkyPilotBackend:
         assert active.cluster is not None and active.job_id is not None
         cluster, job_id = active.cluster.name, active.job_id
         try:
-            await asyncio.wait_for(self._stream(cluster, job_id, out, on_line), job.timeout_s)
+            await asyncio.wait_for(
+                rl.stream_into(self.adapter.tail_logs(cluster, job_id), out, on_line), job.timeout_s
+            )
         except TimeoutError:
             out.timed_out = True
             await self._cancel_job(cluster, job_id)
@@ -285,75 +359,16 @@ class SkyPilotBackend:
                 return status
             await asyncio.sleep(self.poll_s)
 
-    async def _stream(self, cluster: str, job_id: int, out: RunOutcome, on_line: Any) -> None:
-        assert out.log_path is not None
-        pending = ""
-        with out.log_path.open("a") as sink:
-            async for chunk in self.adapter.tail_logs(cluster, job_id):
-                *lines, pending = split_lines(pending + chunk)
-                for raw in lines:
-                    self._emit(st.clean_line(raw), sink, on_line)
-            if pending:
-                self._emit(st.clean_line(pending), sink, on_line)
-
-    @staticmethod
-    def _emit(line: str, sink: Any, on_line: LineCallback) -> None:
-        sink.write(line + "\n")
-        sink.flush()
-        if line.strip():
-            with contextlib.suppress(Exception):  # a broken observer must not end the run
-                on_line(line)
-
     def _conclude(self, job: Job, active: ActiveRun, out: RunOutcome, status: JobStatus) -> None:
         """The outcome from the final status: train.py's exit code, or why it is infra."""
         assert out.log_path is not None and active.cluster is not None
         if out.timed_out:
-            self._append(out, timed_out_line(job.timeout_s))
+            rl.append(out, timed_out_line(job.timeout_s))
             return
         if active.cancel_reason is not None:
-            return self._cancelled(out, active.cancel_reason)
-        code = st.exit_code_of(out.read_log())
-        if status in ("SUCCEEDED", "FAILED") and code is not None:
-            out.exit_code = code
-            return
-        if status == "SUCCEEDED":  # a template whose run script prints no code
-            out.exit_code = 0
-            return
-        why = INFRA_STATUSES.get(status, "train.py never finished (killed with its machine?)")
-        raise RunFailed(
-            f"job {active.job_id} on {active.cluster.name} ended {status}: {why}; not the "
-            f"variant's fault, it will run again"
-        )
-
-    def _infra(self, out: RunOutcome, job: Job, active: ActiveRun, reason: str) -> None:
-        if active.cancel_reason is not None:  # stopped on purpose: a cancel, not a failure
-            self._cancelled(out, active.cancel_reason)
-            return
-        _log().warning("run_infra_failure", run_id=job.run_id, reason=reason)
-        out.infra_failure = True
-        out.infra_reason = reason
-        self._append(out, infra_failure_line(reason))
-
-    def _cancelled(self, out: RunOutcome, reason: str) -> None:
-        out.cancelled = True
-        self._append(out, cancelled_line(reason))
-
-    @staticmethod
-    def _append(out: RunOutcome, line: str) -> None:
-        if out.log_path is None:
-            out.log_text += line + "\n"
-            return
-        with out.log_path.open("a") as fh:
-            fh.write(f"\n{line}\n")
-
-    @staticmethod
-    def _make_run_dir(run_dir: Path) -> Path:
-        if run_dir.exists():  # a redelivered run starts over
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        log_path = run_dir / "run.log"
-        log_path.write_bytes(b"")
-        return log_path
+            return rl.mark_cancelled(out, active.cancel_reason)
+        what = f"job {active.job_id} on {active.cluster.name}"
+        rl.exit_code_or_fail(out, status, what, INFRA_STATUSES)
 
     # --- cancel and teardown ------------------------------------------------------------
 

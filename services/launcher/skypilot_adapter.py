@@ -1,7 +1,8 @@
 """The SkyPilot SDK calls the skypilot backend makes, behind one narrow interface.
 
 `SkyAdapter` is all the backend sees: seven calls, each async, each raising only the
-`SkyError`s below. `SdkAdapter` makes them with the SkyPilot Python SDK (0.14: every call
+`SkyError`s below; `PoolAdapter` is the six managed-jobs calls of the pool mode
+(`skypilot_pool`). `SdkAdapter` makes them with the SkyPilot Python SDK (0.14: every call
 returns a request id, resolved here with `sky.get`; the SDK blocks, so each call runs in a
 thread). `skypilot_fake.FakeSky` makes the same calls against local directories, for the
 tests and the benchmark. A task is passed as its YAML mapping (`TaskConfig`), which the real
@@ -15,7 +16,7 @@ import contextlib
 import copy
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 TaskConfig = dict[str, Any]  # a SkyPilot task as the mapping its YAML file holds
 
@@ -33,6 +34,41 @@ JobStatus = Literal[
 TERMINAL: frozenset[str] = frozenset(
     {"SUCCEEDED", "FAILED", "FAILED_SETUP", "FAILED_DRIVER", "CANCELLED"}
 )
+
+# A managed job's status (sky.jobs.ManagedJobStatus, SkyPilot 0.14).
+ManagedStatus = Literal[
+    "PENDING",
+    "SUBMITTED",
+    "STARTING",
+    "RUNNING",
+    "RECOVERING",
+    "CANCELLING",
+    "WINDING_DOWN",
+    "SUCCEEDED",
+    "CANCELLED",
+    "FAILED",
+    "FAILED_SETUP",
+    "FAILED_PRECHECKS",
+    "FAILED_NO_RESOURCE",
+    "FAILED_CONTROLLER",
+]
+MANAGED_TERMINAL: frozenset[str] = frozenset(
+    {
+        "SUCCEEDED",
+        "CANCELLED",
+        "FAILED",
+        "FAILED_SETUP",
+        "FAILED_PRECHECKS",
+        "FAILED_NO_RESOURCE",
+        "FAILED_CONTROLLER",
+    }
+)
+
+
+class ManagedJob(NamedTuple):
+    status: ManagedStatus
+    recovery_count: int = 0  # times SkyPilot recovered it (a preempted worker, ...)
+    failure_reason: str = ""
 
 
 class SkyError(Exception):
@@ -80,6 +116,30 @@ class SkyAdapter(Protocol):
     async def clusters(self) -> list[str]:
         """The names of every cluster the API server knows."""
         ...
+
+
+class PoolAdapter(Protocol):
+    """SkyPilot's managed jobs on a pool of workers."""
+
+    async def pool_apply(self, task: TaskConfig, pool: str) -> None:
+        """Create the pool, or update it to this task (its `pool: {workers: N}` section)."""
+        ...
+
+    async def jobs_launch(self, task: TaskConfig, pool: str, name: str) -> int:
+        """Submit a managed job to the pool; its id."""
+        ...
+
+    async def jobs_status(self, job_id: int) -> ManagedJob | None:
+        """None: the jobs controller knows no such job."""
+        ...
+
+    def jobs_tail_logs(self, job_id: int) -> AsyncIterator[str]:
+        """The job's output from its beginning, followed (across recoveries) until it ends."""
+        ...
+
+    async def jobs_cancel(self, job_id: int) -> None: ...
+
+    async def pool_down(self, pool: str) -> None: ...
 
 
 T = TypeVar("T")
@@ -170,6 +230,64 @@ class SdkAdapter:
         sky = self.sky
         records = await self.call(lambda: sky.get(sky.status()))
         return [str(getattr(r, "name", None) or r["name"]) for r in records]
+
+    # --- managed jobs on a pool (PoolAdapter) --------------------------------------------
+
+    async def pool_apply(self, task: TaskConfig, pool: str) -> None:
+        sky = self.sky
+        from sky.serve import serve_utils
+
+        rolling = serve_utils.UpdateMode.ROLLING
+        await self.call(
+            lambda: sky.stream_and_get(sky.jobs.pool_apply(self.task(task), pool, rolling))
+        )
+
+    async def jobs_launch(self, task: TaskConfig, pool: str, name: str) -> int:
+        sky = self.sky
+        job_ids, _handle = await self.call(
+            lambda: sky.get(sky.jobs.launch(self.task(task), name=name, pool=pool))
+        )
+        found = job_ids[0] if isinstance(job_ids, list) and job_ids else job_ids
+        if found is None:
+            raise SkyCallFailed(f"sky.jobs.launch to pool {pool} returned no job id")
+        return int(found)
+
+    async def jobs_status(self, job_id: int) -> ManagedJob | None:
+        sky = self.sky
+        fields = [*sky.jobs.constants.DEFAULT_MANAGED_JOB_FIELDS, "failure_reason"]
+        records, *_ = await self.call(
+            lambda: sky.get(sky.jobs.queue_v2(refresh=False, job_ids=[job_id], fields=fields))
+        )
+        for record in records:
+            if _field(record, "job_id") == job_id:
+                status = _field(record, "status")
+                return ManagedJob(
+                    getattr(status, "value", status),
+                    int(_field(record, "recovery_count") or 0),
+                    str(_field(record, "failure_reason") or ""),
+                )
+        return None
+
+    async def jobs_tail_logs(self, job_id: int) -> AsyncIterator[str]:
+        sky = self.sky
+        lines: Iterator[str | None] = await self.call(
+            lambda: sky.jobs.tail_logs(job_id=job_id, follow=True, preload_content=False)
+        )
+        async for line in _iterate_in_thread(lines, self.translate):
+            yield line
+
+    async def jobs_cancel(self, job_id: int) -> None:
+        sky = self.sky
+        await self.call(lambda: sky.get(sky.jobs.cancel(job_ids=[job_id])))
+
+    async def pool_down(self, pool: str) -> None:
+        sky = self.sky
+        await self.call(lambda: sky.get(sky.jobs.pool_down(pool)))
+
+
+def _field(record: Any, name: str) -> Any:
+    """A queue record's field: a pydantic model (0.14) or a mapping (older servers)."""
+    return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
 
 
 _DONE = object()

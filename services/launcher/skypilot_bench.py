@@ -1,16 +1,20 @@
 """`nightshift bench skypilot`: what the skypilot backend adds to each run, on the fake pool.
 
-Two tiers (13 + 3 clusters by default) run `runs_per_cluster` runs each of a train.py that
-sleeps `run_s`; every SkyPilot call waits its published latency (skypilot_fake) scaled by
-`time_scale`. Measured: control-plane requests per run, and the wall time a run holds its slot beyond
-its own train.py: the published latencies of the calls on its path plus the time this
-machine measurably spent around them (not scaled); the first run of each cluster also
-waits for its launch, reported apart.
+Two tiers (13 + 3 clusters by default) run `runs_per_cluster` runs per cluster of a
+train.py that sleeps `run_s`; every SkyPilot call waits its published latency
+(skypilot_fake) scaled by `time_scale`. The runs are handed to the backend as the launcher
+hands them: `intake` workers take the next run as soon as the backend returns one. Measured:
+control-plane requests per run, and the time each cluster's GPU sits idle between two runs
+(from one run's train.py ending to the next one's starting), in real seconds (wall / time
+scale: what this machine spends around the calls is scaled up with them, so the figure errs
+high). Run with pre-submission (`presubmit_s`) and without (0) to see what it hides. The
+first run of each cluster also waits for its launch, reported apart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import tempfile
 import time
@@ -19,7 +23,7 @@ from pathlib import Path
 
 from services.launcher.backend import Job
 from services.launcher.skypilot import SkyPilotBackend
-from services.launcher.skypilot_fake import FakeSky
+from services.launcher.skypilot_fake import FakeJob, FakeSky
 from services.settings import SkyTier
 
 TRAIN = "import time\ntime.sleep({seconds})\nprint('---')\nprint('val_bpb:          1.0')\n"
@@ -30,19 +34,21 @@ class SkyBenchReport:
     runs: int
     clusters: int
     run_s: float  # real seconds one run trains (its train.py)
+    presubmit_s: float  # the tiers' pre-submission lead (0: off)
     requests_per_run: float  # SkyPilot calls per run, launches excluded
     launches: int
-    added_s_mean: float  # real seconds a run holds its slot beyond its train.py
-    added_s_p95: float
-    launch_s_mean: float  # real seconds a cluster's first run waited for its launch
-    utilization: float  # train.py seconds / slot seconds, steady state
+    idle_s_mean: float  # real seconds a cluster's GPU idles between two of its runs
+    idle_s_p95: float
+    launch_s_mean: float  # real seconds from the start to a cluster's first run starting
+    utilization: float  # train.py seconds / (train.py + idle) seconds, steady state
 
 
 async def skypilot_bench(
     tiers: tuple[int, ...] = (13, 3),
-    runs_per_cluster: int = 3,
+    runs_per_cluster: int = 4,
     run_s: float = 300.0,
-    time_scale: float = 0.005,
+    time_scale: float = 0.02,
+    presubmit_s: float = 15.0,
 ) -> SkyBenchReport:
     with tempfile.TemporaryDirectory(prefix="ns-bench-sky-") as tmp:
         root = Path(tmp)
@@ -52,7 +58,13 @@ async def skypilot_bench(
         backends = [
             SkyPilotBackend(
                 fake,
-                SkyTier(name=f"t{i}", accelerator="H100:1", clusters=n, autostop_minutes=-1),
+                SkyTier(
+                    name=f"t{i}",
+                    accelerator="H100:1",
+                    clusters=n,
+                    autostop_minutes=-1,
+                    presubmit_s=presubmit_s * time_scale,
+                ),
                 {},
                 root / "runs",
                 poll_s=0.01,
@@ -60,72 +72,70 @@ async def skypilot_bench(
             for i, n in enumerate(tiers)
         ]
         source = TRAIN.format(seconds=run_s * time_scale)
+        t0 = time.time()
         try:
-            samples = await asyncio.gather(
-                *(
-                    _run_slot(b, slot, runs_per_cluster, source, harness)
-                    for b in backends
-                    for slot in range(b.slots)
-                )
+            await asyncio.gather(
+                *(_feed(b, runs_per_cluster * len(b.clusters), source, harness) for b in backends)
             )
-            jobs = [j for c in fake.clusters_by_name.values() for j in c.jobs.values()]
-            job_s = {j.task["name"]: j.ended_at - j.started_at for j in jobs}
+            per_cluster = [
+                sorted((j for j in c.jobs.values() if _is_run(j)), key=lambda j: j.started_at)
+                for c in fake.clusters_by_name.values()
+            ]
         finally:
             await fake.close()
-    # A run's added time: the SkyPilot latencies on its path (real seconds, as published)
-    # plus what this machine measurably spent around them (unscaled: it is not simulated).
-    path_s = sum(fake.latency_s[c] for c in ("exec", "tail_logs", "job_status"))
-    added = [
-        path_s + (wall - job_s[run_id] - path_s * time_scale)
-        for slot in samples
-        for run_id, wall in slot[1:]
-    ]
-    first_path_s = fake.latency_s["launch"] + path_s
-    first = [
-        first_path_s + (wall - job_s[run_id] - first_path_s * time_scale)
-        for slot in samples
-        for run_id, wall in slot[:1]
-    ]
+    # Steady state: a cluster's first gap is left out (no run's duration is known before).
+    idle = [g / time_scale for jobs in per_cluster for g in _gaps(jobs)[1:]]
+    first = [(jobs[0].started_at - t0) / time_scale for jobs in per_cluster if jobs]
     launches = fake.calls["launch"]
-    runs = sum(len(s) for s in samples)
+    runs = sum(len(jobs) for jobs in per_cluster)
     return SkyBenchReport(
         runs=runs,
         clusters=sum(tiers),
         run_s=run_s,
+        presubmit_s=presubmit_s,
         requests_per_run=(sum(fake.calls.values()) - launches) / runs,
         launches=launches,
-        added_s_mean=statistics.fmean(added),
-        added_s_p95=sorted(added)[int(0.95 * (len(added) - 1))],
+        idle_s_mean=statistics.fmean(idle),
+        idle_s_p95=sorted(idle)[int(0.95 * (len(idle) - 1))],
         launch_s_mean=statistics.fmean(first),
-        utilization=run_s / (run_s + statistics.fmean(added)),
+        utilization=run_s / (run_s + statistics.fmean(idle)),
     )
 
 
-async def _run_slot(
-    backend: SkyPilotBackend, slot: int, runs: int, source: str, harness: Path
-) -> list[tuple[str, float]]:
-    """Runs one after another on one slot, as the launcher gives them: (run_id, wall s)."""
-    out = []
-    for k in range(runs):
-        run_id = f"b{slot}-{backend.tier.name}-{k}"
-        job = Job(run_id, "b", "bench", 0, source, harness, slot=slot)
-        t = time.time()
-        outcome = await backend.run(job, lambda _line: None)
-        if outcome.exit_code != 0:
-            raise RuntimeError(
-                f"bench run {run_id} failed: {outcome.infra_reason or outcome.read_log()[-500:]}"
-            )
-        out.append((run_id, time.time() - t))
-    return out
+def _is_run(job: FakeJob) -> bool:
+    return "NIGHTSHIFT_RUN_ID" in (job.task.get("envs") or {})
+
+
+def _gaps(jobs: list[FakeJob]) -> list[float]:
+    """Wall seconds the GPU was free between consecutive runs on one cluster."""
+    return [max(0.0, b.started_at - a.ended_at) for a, b in itertools.pairwise(jobs)]
+
+
+async def _feed(backend: SkyPilotBackend, runs: int, source: str, harness: Path) -> None:
+    """`intake` workers, each taking the next run when its last one returns (a launcher)."""
+    queue = [f"b{k}-{backend.tier.name}-0" for k in range(runs)]
+    queue.reverse()
+
+    async def worker(slot: int) -> None:
+        while queue:
+            run_id = queue.pop()
+            job = Job(run_id, "b", "bench", 0, source, harness, slot=slot)
+            outcome = await backend.run(job, lambda _line: None)
+            if outcome.exit_code != 0:
+                why = outcome.infra_reason or outcome.read_log()[-500:]
+                raise RuntimeError(f"bench run {run_id} failed: {why}")
+
+    await asyncio.gather(*(worker(slot) for slot in range(backend.intake)))
 
 
 def format_report(r: SkyBenchReport) -> str:
+    mode = f"pre-submission {r.presubmit_s:.0f}s ahead" if r.presubmit_s else "no pre-submission"
     return (
         f"skypilot backend on the fake pool ({r.clusters} clusters, {r.runs} runs of "
-        f"{r.run_s:.0f}s, SkyPilot's published latencies):\n"
+        f"{r.run_s:.0f}s, SkyPilot's published latencies, {mode}):\n"
         f"  control-plane requests per run: {r.requests_per_run:.1f} "
         f"(exec, tail_logs, job_status); {r.launches} launches, one per cluster\n"
-        f"  added latency per run: mean {r.added_s_mean:.1f}s, p95 {r.added_s_p95:.1f}s "
-        f"-> {r.utilization:.1%} of a slot's time is training\n"
-        f"  a cluster's first run also waits for its launch: {r.launch_s_mean:.0f}s"
+        f"  GPU idle between two runs on a cluster: mean {r.idle_s_mean:.1f}s, "
+        f"p95 {r.idle_s_p95:.1f}s -> {r.utilization:.1%} of a cluster's time is training\n"
+        f"  a cluster's first run starts {r.launch_s_mean:.0f}s in (its launch and setup)"
     )

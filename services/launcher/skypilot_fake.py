@@ -69,6 +69,7 @@ class FakeCluster:
     autostop_minutes: int = -1
     running: int = 0
     max_running: int = 0
+    freed: asyncio.Event = field(default_factory=asyncio.Event)  # a GPU was given back
 
     @property
     def workdir(self) -> Path:
@@ -205,8 +206,10 @@ class FakeSky:
     async def _run_job(self, cluster: FakeCluster, job: FakeJob, *, setup: bool) -> None:
         """A setup job asks for no GPU; a run waits in the cluster's queue for one."""
         gpu = 0 if setup else 1
-        while gpu and cluster.running >= cluster.gpus:
-            await asyncio.sleep(0.01)
+        while gpu and cluster.running >= cluster.gpus:  # queued in order, as SkyPilot's
+            cluster.freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cluster.freed.wait(), 0.05)
             if job.status in TERMINAL or self.clusters_by_name.get(cluster.name) is not cluster:
                 return
         cluster.running += gpu
@@ -230,6 +233,7 @@ class FakeSky:
         finally:
             job.ended_at = time.time()
             cluster.running -= gpu
+            cluster.freed.set()
             job.changed.set()
 
     def _kill_all(self, cluster: FakeCluster) -> None:

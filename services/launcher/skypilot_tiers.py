@@ -11,6 +11,7 @@ and runs RUN_SCRIPT: the run's own directory, train.py's exit code printed and r
 
 from __future__ import annotations
 
+import base64
 import re
 import shlex
 from pathlib import Path
@@ -37,6 +38,16 @@ python {edit_file}
 code=$?
 echo "{marker} $code"
 exit $code
+"""
+
+# Pool mode: a managed job may carry no workdir, so the variant's file travels inside its
+# run command (base64) and is written to the run's own directory under the worker's
+# ~/sky_workdir (the pool's workdir: the harness), where SkyPilot starts every job.
+WRITE_SOURCE = """\
+mkdir -p "runs/$NIGHTSHIFT_RUN_ID" || exit 90
+base64 -d > "runs/$NIGHTSHIFT_RUN_ID/{edit_file}" <<'NIGHTSHIFT_SOURCE' || exit 90
+{encoded}
+NIGHTSHIFT_SOURCE
 """
 
 
@@ -124,6 +135,34 @@ def exec_task(
         "envs": envs,
         "run": RUN_SCRIPT.format(edit_file=shlex.quote(edit_file), marker=EXIT_MARKER),
     }
+
+
+def pool_name(prefix: str, tier: SkyTier) -> str:
+    return f"{prefix}-{tier.name}"
+
+
+def pool_task(template: TaskConfig, tier: SkyTier, harness_dir: Path, profile: str) -> TaskConfig:
+    """The pool's task: a cluster's task (setup, harness as workdir) and `clusters` workers."""
+    task = launch_task(template, tier, harness_dir, profile)
+    task["pool"] = {"workers": tier.clusters}
+    return task
+
+
+def pool_job_task(
+    template: TaskConfig, tier: SkyTier, *, run_id: str, edit_file: str, source: str,
+    profile: str, replica: int,
+) -> TaskConfig:  # fmt: skip
+    """A run as a managed job on the pool: the whole worker, its file inside the command."""
+    task = exec_task(
+        template, tier, Path("."), run_id=run_id, edit_file=edit_file, profile=profile,
+        replica=replica,
+    )  # fmt: skip
+    del task["workdir"]
+    task["resources"] = {"accelerators": tier.accelerator}  # as the pool's workers have it
+    encoded = base64.encodebytes(source.encode()).decode().rstrip("\n")
+    quoted = shlex.quote(edit_file)
+    task["run"] = WRITE_SOURCE.format(edit_file=quoted, encoded=encoded) + task["run"]
+    return task
 
 
 def stage_run(stage_dir: Path, run_id: str, edit_file: str, source: str) -> None:

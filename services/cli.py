@@ -149,7 +149,10 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     sky = bench_sub.add_parser(
         "skypilot", help="the skypilot backend's per-run overhead, on the fake pool"
     )
-    sky.add_argument("--runs-per-cluster", type=int, default=3)
+    sky.add_argument("--runs-per-cluster", type=int, default=4)
+    sky.add_argument(
+        "--presubmit-s", type=float, default=15.0, help="the pre-submission lead to compare"
+    )
     sky.add_argument("--json", action="store_true", help="print one JSON object")
     decisions = bench_sub.add_parser(
         "decisions", help="keep decisions against the sim's known truth, at equal GPU budget"
@@ -243,8 +246,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "bench" and args.bench == "skypilot":
         from services.launcher.skypilot_bench import format_report, skypilot_bench
 
-        sky_report = asyncio.run(skypilot_bench(runs_per_cluster=args.runs_per_cluster))
-        print(json.dumps(vars(sky_report)) if args.json else format_report(sky_report))
+        reports = [
+            asyncio.run(skypilot_bench(runs_per_cluster=args.runs_per_cluster, presubmit_s=lead))
+            for lead in (0.0, args.presubmit_s)  # without pre-submission, then with it
+        ]
+        if args.json:
+            print(json.dumps([vars(r) for r in reports]))
+        else:
+            print("\n".join(format_report(r) for r in reports))
         return 0
     if args.command == "bench" and args.bench == "search":
         return _bench_search(args)

@@ -4,6 +4,7 @@ the fake pool."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from services.launcher.skypilot import SkyPilotBackend
 from services.launcher.skypilot_fake import FakeSky
@@ -12,6 +13,7 @@ from services.settings import SkyTier
 # prepare.py counts its runs in the cluster's workdir: setup must run it once per launch.
 PREPARE = """\
 from pathlib import Path
+from typing import Any
 marker = Path("prepared.count")
 marker.write_text(str(int(marker.read_text()) + 1 if marker.exists() else 1))
 """
@@ -61,7 +63,9 @@ def harness(root: Path) -> Path:
     return root
 
 
-def tier(name: str = "screen", clusters: int = 2, accelerator: str = "H100:1") -> SkyTier:
+def tier(
+    name: str = "screen", clusters: int = 2, accelerator: str = "H100:1", **kw: Any
+) -> SkyTier:
     return SkyTier(
         name=name,
         accelerator=accelerator,
@@ -69,6 +73,7 @@ def tier(name: str = "screen", clusters: int = 2, accelerator: str = "H100:1") -
         infra="k8s/test",
         autostop_minutes=7,
         usd_per_gpu_hour=3.6,
+        **kw,
     )
 
 

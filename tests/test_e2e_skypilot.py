@@ -1,7 +1,7 @@
-"""The whole system on the skypilot backend over the fake pool: two tiers (13 + 3 clusters),
-a real nats-server, the four services, SQLite; clusters that fail setup, a preemption and
-an API server outage along the way. Nothing may be lost, and no infrastructure failure may
-be charged to a variant."""
+"""The whole system on the skypilot backend over the fake pool: two tiers (13 + 3 clusters,
+or in pool mode two pools of 13 + 3 workers), a real nats-server, the four services,
+SQLite; a failed launch (or pool apply), a preemption and an API server outage along the
+way. Nothing may be lost, and no infrastructure failure may be charged to a variant."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ import yaml
 from services.broker import EmbeddedNats
 from services.bus import Bus
 from services.campaign import start_campaign
-from services.contracts import ResultEvaluated, RunFinished, VariantProposed
+from services.contracts import ResultEvaluated, RunFinished, RunStarted, VariantProposed
 from services.launcher import factory
 from services.launcher.skypilot_adapter import LaunchFailed
 from services.launcher.skypilot_fake import FakeSky
+from services.launcher.skypilot_fake_pool import FakePool
 from services.ledger import queries
 from services.ledger.db import open_read
 from services.settings import SkyTier
@@ -53,6 +54,7 @@ EXPERIMENTS = {"screen": 39, "validate": 9}
 async def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeSky]:
     sky = FakeSky(tmp_path / "clusters", time_scale=0.002)  # published latencies / 500
     monkeypatch.setattr(factory, "_sky", [sky])
+    monkeypatch.setattr(factory, "_pool", [FakePool(sky)])
     yield sky
     await sky.close()
 
@@ -75,8 +77,9 @@ async def _disturb(fake: FakeSky) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["clusters", "pool"])
 async def test_two_tier_campaign_on_the_fake_pool(
-    tmp_path: Path, nats_server: EmbeddedNats, bus: Bus, fake: FakeSky
+    tmp_path: Path, nats_server: EmbeddedNats, bus: Bus, fake: FakeSky, mode: str
 ) -> None:
     trainer = tmp_path / "trainer"
     trainer.mkdir()
@@ -93,12 +96,16 @@ async def test_two_tier_campaign_on_the_fake_pool(
         tmp_path, url, backend="skypilot", tier="screen", campaign="screen",
         launcher_tiers="screen,validate",  # one launcher process serves both tiers
         trainer_dir=str(trainer), max_experiments=EXPERIMENTS["screen"],
-        skypilot_tiers=TIERS, skypilot_template=str(template), strategy="grid",
+        skypilot_tiers=[msgspec.structs.replace(t, mode=mode) for t in TIERS],
+        skypilot_template=str(template), strategy="grid",
     )  # fmt: skip
     validate = msgspec.structs.replace(
         screen, tier="validate", campaign="validate", max_experiments=EXPERIMENTS["validate"]
     )
-    fake.fail_next("launch", LaunchFailed("CommandError: setup failed with exit 1 (injected)"))
+    fake.fail_next(
+        "launch" if mode == "clusters" else "pool_apply",
+        LaunchFailed("CommandError: setup failed with exit 1 (injected)"),
+    )
     async with services_running(screen, url):
         disturb = asyncio.create_task(_disturb(fake))
         try:
@@ -121,6 +128,7 @@ async def test_two_tier_campaign_on_the_fake_pool(
 
     proposed = [e for e in await history(bus, [VariantProposed]) if isinstance(e, VariantProposed)]
     finished = [e for e in await history(bus, [RunFinished]) if isinstance(e, RunFinished)]
+    started = [e for e in await history(bus, [RunStarted]) if isinstance(e, RunStarted)]
     results = [e for e in await history(bus, [ResultEvaluated]) if isinstance(e, ResultEvaluated)]
     infra = [f for f in finished if f.infra_failure]
     assert infra, "the injected setup failure, preemption and outage must show as infra failures"
@@ -164,3 +172,14 @@ async def test_two_tier_campaign_on_the_fake_pool(
             )
     assert {c.rsplit("-", 1)[0] for c in on_cluster.values()} == {"ns-screen", "ns-validate"}
     assert len(set(on_cluster.values())) <= 16
+    # RunStarted names where the run really went: its cluster (clusters), its pool (pool).
+    hosts: dict[str, set[str]] = {}
+    for s in started:
+        hosts.setdefault(s.run_id, set()).add(s.host)
+    for run_id, cluster in on_cluster.items():
+        where = cluster if mode == "clusters" else cluster.rsplit("-", 1)[0]
+        assert where in hosts[run_id], (run_id, cluster, hosts[run_id])
+    if mode == "pool":  # the preemption was SkyPilot's to recover, not ours to retry
+        pool = factory._pool[0]
+        assert isinstance(pool, FakePool)
+        assert any(j.recovery_count for j in pool.jobs.values())

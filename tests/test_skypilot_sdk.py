@@ -71,13 +71,36 @@ def test_the_template_and_every_task_built_from_it_are_valid_skypilot_tasks(tmp_
     assert st.EXIT_MARKER in run["run"] and "python train.py" in run["run"]
 
 
+def test_the_pool_and_its_jobs_are_valid_skypilot_tasks(tmp_path: Path) -> None:
+    template = st.load_template(TEMPLATE)
+    tier = SkyTier(name="screen", accelerator="H100:1", clusters=13, infra="k8s/lab", spot=True)
+    pool = _round_trip(st.pool_task(template, tier, tmp_path, "gpu"))
+    assert pool["service"]["pool"] == {"workers": 13}  # SkyPilot reads `pool:` as a pool spec
+    assert pool["workdir"] == str(tmp_path) and "prepare.py" in pool["setup"]
+    assert pool["resources"]["accelerators"] == {"H100": 1} and "run" not in pool
+    source = "print('ünïcode')\nEXIT = 0\n"
+    kw = {"run_id": "v1-screen-1", "edit_file": "train.py", "profile": "gpu", "replica": 1}
+    run = _round_trip(st.pool_job_task(template, tier, source=source, **kw))  # type: ignore[arg-type]
+    # A pool job carries no workdir, setup or file mounts; the same resources as a worker.
+    assert "workdir" not in run and "setup" not in run and not run.get("file_mounts")
+    assert run["resources"] == {"accelerators": {"H100": 1}}
+    assert run["envs"]["NIGHTSHIFT_RUN_ID"] == "v1-screen-1"
+    work = tmp_path / "sky_workdir"
+    work.mkdir()
+    script = run["run"].split("cd ")[0]  # the part that writes the file
+    env = {"NIGHTSHIFT_RUN_ID": "v1-screen-1", "PATH": os.environ["PATH"]}
+    subprocess.run(["bash", "-c", script], cwd=work, env=env, check=True)
+    assert (work / "runs" / "v1-screen-1" / "train.py").read_text() == source
+
+
 # Run in a child process: HOME is the temporary directory, the API server is started and
 # stopped there, and the backend's real adapter makes the calls.
 API_CHECK = r"""
 import asyncio, json, subprocess, sys, time
 from pathlib import Path
 from services.launcher.skypilot import SkyPilotBackend
-from services.launcher.skypilot_adapter import ClusterGone, SdkAdapter
+from services.launcher.skypilot_adapter import ClusterGone, SdkAdapter, SkyError
+from services.launcher.skypilot_pool import SkyPoolBackend
 from services.launcher.backend import Job
 from services.settings import SkyTier
 
@@ -105,6 +128,20 @@ async def main(tmp):
     out["launch_s"] = time.monotonic() - t
     out["run"] = {"infra": outcome.infra_failure, "reason": outcome.infra_reason,
                   "exit_code": outcome.exit_code, "slots_after": backend.slots}
+    for name, call in (("jobs_status", adapter.jobs_status(1)), ("jobs_cancel", adapter.jobs_cancel(1)),
+                       ("pool_down", adapter.pool_down("ns-x")),
+                       ("jobs_launch", adapter.jobs_launch({"run": "true"}, "ns-x", "r"))):
+        try:
+            await call
+            out[name] = "no error"
+        except SkyError as exc:
+            out[name] = type(exc).__name__ + ": " + str(exc)
+    out["jobs_tail_logs"] = [line async for line in adapter.jobs_tail_logs(1)]
+    pool_tier = SkyTier(name="x", accelerator="H100:1", clusters=2, mode="pool")
+    pool = SkyPoolBackend(adapter, pool_tier, {"setup": "true"}, Path(tmp) / "pool-runs")
+    outcome = await pool.run(job, lambda line: None)
+    out["pool_run"] = {"infra": outcome.infra_failure, "reason": outcome.infra_reason,
+                       "exit_code": outcome.exit_code}
     print(json.dumps(out))
 
 asyncio.run(main(sys.argv[1]))
@@ -170,6 +207,15 @@ def test_real_api_server_calls_map_to_infra_failures(tmp_path: Path) -> None:
     run = out["run"]
     assert run["infra"] and run["exit_code"] is None and "CloudError" in run["reason"], run
     assert "could not be launched or set up" in run["reason"] and run["slots_after"] == 0
+    # Managed jobs offline: no jobs controller is up (ClusterNotUpError), mapped to a gone
+    # controller; a pool cannot be applied (CloudError: no catalog) -> an infra failure.
+    for call in ("jobs_status", "jobs_cancel", "pool_down"):
+        assert out[call].startswith("ClusterGone: ClusterNotUpError"), out
+    assert out["jobs_launch"].startswith("LaunchFailed: NoCloudAccessError"), out
+    assert out["jobs_tail_logs"] == []
+    pool_run = out["pool_run"]
+    assert pool_run["infra"] and pool_run["exit_code"] is None, pool_run
+    assert "could not be applied: CloudError" in pool_run["reason"], pool_run
     env["SKYPILOT_API_SERVER_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there
     down = subprocess.run(
         [sys.executable, "-c", UNREACHABLE_CHECK], env=env, capture_output=True, text=True,

@@ -57,6 +57,7 @@ class FakeJob:
     proc: asyncio.subprocess.Process | None = None
     started_at: float = 0.0  # wall time its run command started and ended (0: not yet)
     ended_at: float = 0.0
+    submitted_at: float = field(default_factory=time.time)
 
 
 @dataclass

@@ -144,7 +144,11 @@ class FakePool:
         """Launch the worker and run its setup; again until it succeeds (as a pool does)."""
         task = {k: v for k, v in self.tasks[pool].items() if k != "pool"}
         while worker in self.workers.get(pool, []):
-            setup_job = await self.sky.launch(task, worker.name, -1)
+            try:
+                setup_job = await self.sky.launch(task, worker.name, -1)
+            except SkyError:  # scripted launch failures: the pool tries again
+                await asyncio.sleep(0.05)
+                continue
             cluster = self.sky.clusters_by_name[worker.name]
             job = cluster.jobs.get(setup_job) if setup_job is not None else None
             while job is not None and job.status not in TERMINAL:
@@ -154,7 +158,8 @@ class FakePool:
                 worker.ready = True
                 self._freed.set()
                 return
-            await self.sky.down(worker.name)
+            with contextlib.suppress(SkyError):
+                await self.sky.down(worker.name)
 
     async def _manage(self, record: ManagedRecord) -> None:
         """Place the job on an idle worker, run it, recover it when its worker vanishes."""

@@ -34,6 +34,7 @@ from services.launcher import skypilot_tiers as st
 from services.launcher.backend import Job, LineCallback, RunOutcome
 from services.launcher.skypilot_adapter import (
     MANAGED_TERMINAL,
+    ClusterGone,
     ManagedJob,
     PoolAdapter,
     SkyError,
@@ -164,7 +165,10 @@ class SkyPoolBackend:
             self._harness = job.harness_dir
 
     async def _status(self, job_id: int) -> ManagedJob:
-        found = await self.adapter.jobs_status(job_id)
+        try:
+            found = await self.adapter.jobs_status(job_id)
+        except ClusterGone as exc:  # SkyPilot: ClusterNotUpError, no jobs controller up
+            raise RunFailed(f"the jobs controller is not up ({exc}); job {job_id} is lost") from exc
         if found is None:
             raise RunFailed(f"managed job {job_id} is unknown to the jobs controller")
         return found

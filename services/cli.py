@@ -153,6 +153,9 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     sky.add_argument(
         "--presubmit-s", type=float, default=15.0, help="the pre-submission lead to compare"
     )
+    sky.add_argument(
+        "--time-scale", type=float, default=0.05, help="wall seconds per simulated second"
+    )
     sky.add_argument("--json", action="store_true", help="print one JSON object")
     decisions = bench_sub.add_parser(
         "decisions", help="keep decisions against the sim's known truth, at equal GPU budget"
@@ -246,9 +249,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "bench" and args.bench == "skypilot":
         from services.launcher.skypilot_bench import format_report, skypilot_bench
 
-        reports = [
-            asyncio.run(skypilot_bench(runs_per_cluster=args.runs_per_cluster, presubmit_s=lead))
-            for lead in (0.0, args.presubmit_s)  # without pre-submission, then with it
+        runs, scale = args.runs_per_cluster, args.time_scale
+        reports = [  # clusters without pre-submission, with it, then pool mode
+            asyncio.run(skypilot_bench(runs_per_cluster=runs, time_scale=scale, **kw))
+            for kw in ({"presubmit_s": 0.0}, {"presubmit_s": args.presubmit_s}, {"mode": "pool"})
         ]
         if args.json:
             print(json.dumps([vars(r) for r in reports]))

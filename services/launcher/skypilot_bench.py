@@ -20,10 +20,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from services.launcher.backend import Job
 from services.launcher.skypilot import SkyPilotBackend
 from services.launcher.skypilot_fake import FakeJob, FakeSky
+from services.launcher.skypilot_fake_pool import FakePool
+from services.launcher.skypilot_pool import SkyPoolBackend
 from services.settings import SkyTier
 
 TRAIN = "import time\ntime.sleep({seconds})\nprint('---')\nprint('val_bpb:          1.0')\n"
@@ -41,6 +44,13 @@ class SkyBenchReport:
     idle_s_p95: float
     launch_s_mean: float  # real seconds from the start to a cluster's first run starting
     utilization: float  # train.py seconds / (train.py + idle) seconds, steady state
+    mode: str = "clusters"
+
+
+OUR_CALLS = {  # the requests the backend itself makes per run, in each mode
+    "clusters": ("exec", "tail_logs", "job_status", "cancel"),
+    "pool": ("jobs_launch", "jobs_status", "jobs_tail_logs", "jobs_cancel"),
+}
 
 
 async def skypilot_bench(
@@ -49,33 +59,26 @@ async def skypilot_bench(
     run_s: float = 300.0,
     time_scale: float = 0.02,
     presubmit_s: float = 15.0,
+    mode: Literal["clusters", "pool"] = "clusters",
 ) -> SkyBenchReport:
     with tempfile.TemporaryDirectory(prefix="ns-bench-sky-") as tmp:
         root = Path(tmp)
         fake = FakeSky(root / "clusters", time_scale=time_scale)
         harness = root / "harness"
         harness.mkdir()
+        lead = 0.0 if mode == "pool" else presubmit_s
         backends = [
-            SkyPilotBackend(
-                fake,
-                SkyTier(
-                    name=f"t{i}",
-                    accelerator="H100:1",
-                    clusters=n,
-                    autostop_minutes=-1,
-                    presubmit_s=presubmit_s * time_scale,
-                ),
-                {},
-                root / "runs",
-                poll_s=0.01,
-            )
+            _backend(fake, root, mode, 5.0 * time_scale, SkyTier(
+                name=f"t{i}", accelerator="H100:1", clusters=n, autostop_minutes=-1,
+                presubmit_s=lead * time_scale, mode=mode,
+            ))
             for i, n in enumerate(tiers)
-        ]
+        ]  # fmt: skip
         source = TRAIN.format(seconds=run_s * time_scale)
         t0 = time.time()
         try:
             await asyncio.gather(
-                *(_feed(b, runs_per_cluster * len(b.clusters), source, harness) for b in backends)
+                *(_feed(b, runs_per_cluster * b.tier.clusters, source, harness) for b in backends)
             )
             per_cluster = [
                 sorted((j for j in c.jobs.values() if _is_run(j)), key=lambda j: j.started_at)
@@ -86,20 +89,28 @@ async def skypilot_bench(
     # Steady state: a cluster's first gap is left out (no run's duration is known before).
     idle = [g / time_scale for jobs in per_cluster for g in _gaps(jobs)[1:]]
     first = [(jobs[0].started_at - t0) / time_scale for jobs in per_cluster if jobs]
-    launches = fake.calls["launch"]
     runs = sum(len(jobs) for jobs in per_cluster)
     return SkyBenchReport(
         runs=runs,
         clusters=sum(tiers),
         run_s=run_s,
-        presubmit_s=presubmit_s,
-        requests_per_run=(sum(fake.calls.values()) - launches) / runs,
-        launches=launches,
+        presubmit_s=lead,
+        requests_per_run=sum(fake.calls[c] for c in OUR_CALLS[mode]) / runs,
+        launches=fake.calls["launch"],
         idle_s_mean=statistics.fmean(idle),
         idle_s_p95=sorted(idle)[int(0.95 * (len(idle) - 1))],
         launch_s_mean=statistics.fmean(first),
         utilization=run_s / (run_s + statistics.fmean(idle)),
+        mode=mode,
     )
+
+
+def _backend(
+    fake: FakeSky, root: Path, mode: str, poll_s: float, tier: SkyTier
+) -> SkyPilotBackend | SkyPoolBackend:
+    if mode == "pool":  # it polls a job's status until the job runs: at the real default pace
+        return SkyPoolBackend(FakePool(fake), tier, {}, root / "runs", poll_s=poll_s)
+    return SkyPilotBackend(fake, tier, {}, root / "runs", poll_s=0.01)
 
 
 def _is_run(job: FakeJob) -> bool:
@@ -111,7 +122,9 @@ def _gaps(jobs: list[FakeJob]) -> list[float]:
     return [max(0.0, b.started_at - a.ended_at) for a, b in itertools.pairwise(jobs)]
 
 
-async def _feed(backend: SkyPilotBackend, runs: int, source: str, harness: Path) -> None:
+async def _feed(
+    backend: SkyPilotBackend | SkyPoolBackend, runs: int, source: str, harness: Path
+) -> None:
     """`intake` workers, each taking the next run when its last one returns (a launcher)."""
     queue = [f"b{k}-{backend.tier.name}-0" for k in range(runs)]
     queue.reverse()
@@ -129,12 +142,14 @@ async def _feed(backend: SkyPilotBackend, runs: int, source: str, harness: Path)
 
 
 def format_report(r: SkyBenchReport) -> str:
-    mode = f"pre-submission {r.presubmit_s:.0f}s ahead" if r.presubmit_s else "no pre-submission"
+    how = f"pre-submission {r.presubmit_s:.0f}s ahead" if r.presubmit_s else "no pre-submission"
+    if r.mode == "pool":
+        how = "pool mode: managed jobs, our estimated jobs-controller latencies"
     return (
         f"skypilot backend on the fake pool ({r.clusters} clusters, {r.runs} runs of "
-        f"{r.run_s:.0f}s, SkyPilot's published latencies, {mode}):\n"
+        f"{r.run_s:.0f}s, SkyPilot's published latencies, {how}):\n"
         f"  control-plane requests per run: {r.requests_per_run:.1f} "
-        f"(exec, tail_logs, job_status); {r.launches} launches, one per cluster\n"
+        f"({', '.join(OUR_CALLS[r.mode])}); {r.launches} launches\n"
         f"  GPU idle between two runs on a cluster: mean {r.idle_s_mean:.1f}s, "
         f"p95 {r.idle_s_p95:.2f}s -> {r.utilization:.1%} of a cluster's time is training\n"
         f"  a cluster's first run starts {r.launch_s_mean:.0f}s in (its launch and setup)"

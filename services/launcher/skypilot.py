@@ -16,12 +16,10 @@ until it is back, the tier's slots shrink by its GPUs. A stopped (autostopped) c
 relaunched by the next run that finds it down. Every run records its GPU-seconds and
 dollars at the tier's price.
 
-Pre-submission: the backend takes up to twice as many runs as the tier has GPUs. A run that
-finds no free GPU waits until a running one is expected to end within the tier's
-`presubmit_s` (from the recent runs' durations), then submits its `sky.exec` to that
-cluster: SkyPilot's job queue starts it as soon as the GPU frees (its GPU request makes it
-wait, so two never run at once on one GPU), which hides the exec's 2-3 s. Its timeout and
-GPU time start when the run ahead of it ends.
+Pre-submission: the backend takes twice as many runs as the tier has GPUs. A run without a
+free GPU waits until a running one is expected to end within `presubmit_s` (the recent runs'
+durations), then `sky.exec`s behind it: SkyPilot's job queue starts it when the GPU frees,
+hiding the exec's 2-3 s. Its timeout and GPU time start when the run ahead of it ends.
 """
 
 from __future__ import annotations
@@ -180,6 +178,7 @@ class SkyPilotBackend:
         cluster = await self._allocate(job, active)
         if cluster is None:
             return rl.mark_cancelled(out, active.cancel_reason or "")
+        out.started_at = time.time()  # placed now (it may have waited for a GPU)
         if job.on_placed is not None:
             job.on_placed(cluster.name, self._accelerator())
         await self._ensure_up(cluster, job)
@@ -211,6 +210,8 @@ class SkyPilotBackend:
             behind=active.ahead is not None,
         )
         await self._wait_for_gpu(active)
+        if active.ahead is not None:  # its run began when the one ahead ended
+            out.started_at = active.gpu_from
         try:
             status = await self._follow(job, active, out, on_line)
         finally:
@@ -335,7 +336,7 @@ class SkyPilotBackend:
             retry_in_s=delay,
             slots_now=self.slots,
         )
-        self._spawn(self._down_quietly(cluster.name))
+        self._spawn(down_clusters(self.adapter, [cluster.name]))  # failures: ignored
 
     async def _follow(
         self, job: Job, active: ActiveRun, out: RunOutcome, on_line: LineCallback
@@ -392,10 +393,6 @@ class SkyPilotBackend:
         names = await pool_clusters(self.adapter, (f"{self.prefix}-{self.tier.name}-",))
         failed = await down_clusters(self.adapter, names)
         return [n for n in names if n not in failed]
-
-    async def _down_quietly(self, cluster: str) -> None:
-        with contextlib.suppress(SkyError):
-            await self.adapter.down(cluster)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

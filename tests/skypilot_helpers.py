@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from services.launcher.backend import Job
 from services.launcher.skypilot import SkyPilotBackend
 from services.launcher.skypilot_fake import FakeSky
 from services.settings import SkyTier
+from tests.launcher_helpers import job
 
 # prepare.py counts its runs in the cluster's workdir: setup must run it once per launch.
 PREPARE = """\
@@ -75,6 +77,12 @@ def tier(
         usd_per_gpu_hour=3.6,
         **kw,
     )
+
+
+def sky_job(tmp: Path, run_id: str, **kw: Any) -> Job:
+    """A run of `source()` (or kw's source) with the test harness under `tmp`."""
+    kw.setdefault("harness_dir", harness(tmp / "harness"))
+    return job(str(kw.pop("source", source())), run_id, **kw)
 
 
 def backend(fake: FakeSky, tmp: Path, t: SkyTier, **kw: float) -> SkyPilotBackend:

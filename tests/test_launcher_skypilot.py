@@ -17,8 +17,7 @@ from services.launcher.skypilot_fake import PUBLISHED_LATENCY_S, FakeSky
 from services.launcher.skypilot_teardown import down
 from services.settings import Settings
 from tests.eventually import eventually
-from tests.launcher_helpers import job
-from tests.skypilot_helpers import backend, harness, source, tier
+from tests.skypilot_helpers import backend, harness, sky_job, source, tier
 
 
 @pytest.fixture
@@ -28,12 +27,6 @@ async def fake(tmp_path: Path) -> AsyncIterator[FakeSky]:
     await sky.close()
 
 
-def _job(tmp_path: Path, run_id: str, **kw: object) -> object:
-    kw.setdefault("harness_dir", harness(tmp_path / "harness"))
-    kw.setdefault("source", source())
-    return job(str(kw.pop("source")), run_id, **kw)
-
-
 async def test_lazy_clusters_setup_once_own_run_dirs_true_exit_codes(
     fake: FakeSky, tmp_path: Path
 ) -> None:
@@ -41,9 +34,11 @@ async def test_lazy_clusters_setup_once_own_run_dirs_true_exit_codes(
     assert fake.calls["launch"] == 0  # nothing is provisioned before a run needs it
     lines: list[str] = []
     sources = [source(LR=0.03 + i / 100) for i in range(3)] + [source(EXIT=3)]
-    jobs = [_job(tmp_path, f"v{i}-screen-0", source=s, slot=i % 2) for i, s in enumerate(sources)]
-    first = await asyncio.gather(*(b.run(j, lines.append) for j in jobs[:2]))  # type: ignore[arg-type]
-    rest = await asyncio.gather(*(b.run(j, lines.append) for j in jobs[2:]))  # type: ignore[arg-type]
+    jobs = [
+        sky_job(tmp_path, f"v{i}-screen-0", source=s, slot=i % 2) for i, s in enumerate(sources)
+    ]
+    first = await asyncio.gather(*(b.run(j, lines.append) for j in jobs[:2]))
+    rest = await asyncio.gather(*(b.run(j, lines.append) for j in jobs[2:]))
     outcomes: list[RunOutcome] = [*first, *rest]
     assert [o.exit_code for o in outcomes] == [0, 0, 0, 3]
     assert not any(o.infra_failure for o in outcomes)
@@ -60,7 +55,7 @@ async def test_lazy_clusters_setup_once_own_run_dirs_true_exit_codes(
         p.parent.name: p.read_text()
         for p in (tmp_path / "clusters").glob("*/sky_workdir/runs/*/train.py")
     }
-    assert placed == {j.run_id: s for j, s in zip(jobs, sources, strict=True)}  # type: ignore[attr-defined]
+    assert placed == {j.run_id: s for j, s in zip(jobs, sources, strict=True)}
     # GPU time and dollars at the tier's price ($3.6 per GPU-hour = $0.001 per second).
     assert all(o.gpu_seconds > 0 for o in outcomes)
     assert outcomes[0].gpu_usd == pytest.approx(outcomes[0].gpu_seconds * 0.001)
@@ -71,7 +66,7 @@ async def test_setup_failure_replaces_the_cluster_and_slots_shrink_until_back(
 ) -> None:
     b = backend(fake, tmp_path, tier(clusters=3), replace_delay_s=0.3)
     fake.fail_next("launch", LaunchFailed("CommandError: setup failed with exit 1: no space"))
-    bad = await b.run(_job(tmp_path, "a-screen-0", slot=0), lambda _l: None)  # type: ignore[arg-type]
+    bad = await b.run(sky_job(tmp_path, "a-screen-0", slot=0), lambda _l: None)
     assert bad.infra_failure and bad.exit_code is None
     assert "t-screen-0 could not be launched or set up" in bad.infra_reason
     assert (
@@ -79,11 +74,11 @@ async def test_setup_failure_replaces_the_cluster_and_slots_shrink_until_back(
     )
     assert b.slots == 2  # its GPU is out of the pool while it is replaced
     # Meanwhile runs go to the other clusters, even from the failed cluster's slot.
-    ok = await b.run(_job(tmp_path, "b-screen-0", slot=0), lambda _l: None)  # type: ignore[arg-type]
+    ok = await b.run(sky_job(tmp_path, "b-screen-0", slot=0), lambda _l: None)
     assert ok.exit_code == 0
     await asyncio.sleep(0.35)
-    runs = [_job(tmp_path, f"c{i}-screen-0", slot=i) for i in range(3)]
-    outcomes = await asyncio.gather(*(b.run(j, lambda _l: None) for j in runs))  # type: ignore[arg-type]
+    runs = [sky_job(tmp_path, f"c{i}-screen-0", slot=i) for i in range(3)]
+    outcomes = await asyncio.gather(*(b.run(j, lambda _l: None) for j in runs))
     assert [o.exit_code for o in outcomes] == [0, 0, 0]
     assert b.slots == 3 and len(fake.clusters_by_name) == 3  # replaced and back
 
@@ -94,14 +89,14 @@ async def test_preemption_mid_run_is_an_infra_failure_and_the_cluster_comes_back
     b = backend(fake, tmp_path, tier(clusters=1))
     started = asyncio.Event()
     run = asyncio.create_task(
-        b.run(_job(tmp_path, "p-screen-0", source=source(SLEEP=30.0)), lambda _l: started.set())  # type: ignore[arg-type]
+        b.run(sky_job(tmp_path, "p-screen-0", source=source(SLEEP=30.0)), lambda _l: started.set())
     )
     await asyncio.wait_for(started.wait(), 10)
     await fake.preempt("t-screen-0")
     out = await asyncio.wait_for(run, 10)
     assert out.infra_failure and not out.cancelled and out.exit_code is None
     assert "cluster gone during the run" in out.infra_reason
-    again = await b.run(_job(tmp_path, "p-screen-0"), lambda _l: None)  # type: ignore[arg-type]
+    again = await b.run(sky_job(tmp_path, "p-screen-0"), lambda _l: None)
     assert again.exit_code == 0 and fake.calls["launch"] == 2  # provisioned anew
 
 
@@ -109,16 +104,16 @@ async def test_a_stopped_cluster_is_relaunched_by_the_next_run_not_failed(
     fake: FakeSky, tmp_path: Path
 ) -> None:
     b = backend(fake, tmp_path, tier(clusters=1))
-    assert (await b.run(_job(tmp_path, "x-screen-0"), lambda _l: None)).exit_code == 0  # type: ignore[arg-type]
+    assert (await b.run(sky_job(tmp_path, "x-screen-0"), lambda _l: None)).exit_code == 0
     await fake.preempt("t-screen-0")  # autostopped / torn down between runs
-    out = await b.run(_job(tmp_path, "y-screen-0"), lambda _l: None)  # type: ignore[arg-type]
+    out = await b.run(sky_job(tmp_path, "y-screen-0"), lambda _l: None)
     assert out.exit_code == 0 and not out.infra_failure and fake.calls["launch"] == 2
 
 
 async def test_api_server_down_is_an_infra_failure(fake: FakeSky, tmp_path: Path) -> None:
     b = backend(fake, tmp_path, tier(clusters=1))
     fake.api_down = True
-    out = await b.run(_job(tmp_path, "d-screen-0"), lambda _l: None)  # type: ignore[arg-type]
+    out = await b.run(sky_job(tmp_path, "d-screen-0"), lambda _l: None)
     assert out.infra_failure and "Could not connect to SkyPilot API server" in out.infra_reason
 
 
@@ -129,9 +124,9 @@ async def test_infra_statuses_are_never_the_variants(
     async def ends_as(_cluster: str, _job_id: int) -> JobStatus:
         return status
 
-    fake.job_status = ends_as  # type: ignore[method-assign]
+    fake.job_status = ends_as  # type: ignore[method-assign,assignment]
     b = backend(fake, tmp_path, tier(clusters=1))
-    out = await b.run(_job(tmp_path, "s-screen-0", source=source(EXIT=1)), lambda _l: None)  # type: ignore[arg-type]
+    out = await b.run(sky_job(tmp_path, "s-screen-0", source=source(EXIT=1)), lambda _l: None)
     assert out.infra_failure and out.exit_code is None and f"ended {status}" in out.infra_reason
 
 
@@ -141,17 +136,17 @@ async def test_a_killed_run_script_is_infra_not_a_crash(fake: FakeSky, tmp_path:
         "import prepare_check", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)"
     )
     b = backend(fake, tmp_path, tier(clusters=1))
-    out = await b.run(_job(tmp_path, "k-screen-0", source=killer), lambda _l: None)  # type: ignore[arg-type]
+    out = await b.run(sky_job(tmp_path, "k-screen-0", source=killer), lambda _l: None)
     assert out.infra_failure and "ended FAILED" in out.infra_reason
 
 
 async def test_cancel_and_timeout(fake: FakeSky, tmp_path: Path) -> None:
     b = backend(fake, tmp_path, tier(clusters=2))
     started = asyncio.Event()
-    slow = _job(tmp_path, "c-screen-0", source=source(SLEEP=30.0), slot=0)
-    run = asyncio.create_task(b.run(slow, lambda _l: started.set()))  # type: ignore[arg-type]
-    timed = _job(tmp_path, "t-screen-0", source=source(SLEEP=30.0), slot=1, timeout_s=0.5)
-    timed_out = await b.run(timed, lambda _l: None)  # type: ignore[arg-type]
+    slow = sky_job(tmp_path, "c-screen-0", source=source(SLEEP=30.0), slot=0)
+    run = asyncio.create_task(b.run(slow, lambda _l: started.set()))
+    timed = sky_job(tmp_path, "t-screen-0", source=source(SLEEP=30.0), slot=1, timeout_s=0.5)
+    timed_out = await b.run(timed, lambda _l: None)
     assert timed_out.timed_out and not timed_out.infra_failure
     await asyncio.wait_for(started.wait(), 10)
     await b.cancel("c-screen-0", "campaign stopped")
@@ -163,8 +158,8 @@ async def test_cancel_and_timeout(fake: FakeSky, tmp_path: Path) -> None:
 async def test_down_tears_down_the_tier(fake: FakeSky, tmp_path: Path) -> None:
     b = backend(fake, tmp_path, tier(clusters=2))
     await asyncio.gather(
-        *(b.run(_job(tmp_path, f"z{i}-screen-0", slot=i), lambda _l: None) for i in range(2))
-    )  # type: ignore[arg-type]
+        *(b.run(sky_job(tmp_path, f"z{i}-screen-0", slot=i), lambda _l: None) for i in range(2))
+    )
     assert sorted(await b.down()) == ["t-screen-0", "t-screen-1"]
     await eventually(lambda: fake.clusters_by_name == {})
 
@@ -177,14 +172,13 @@ async def test_nightshift_down_tears_down_only_the_configured_tiers(
         await asyncio.gather(
             *(
                 backend(fake, tmp_path, t).run(
-                    _job(tmp_path, f"d{i}-{t.name}-0", slot=i),  # type: ignore[arg-type]
-                    lambda _l: None,
+                    sky_job(tmp_path, f"d{i}-{t.name}-0", slot=i), lambda _l: None
                 )
                 for i in range(t.clusters)
             )
         )
     other = tier("other", clusters=1)  # another deployment's cluster, not ours to touch
-    await backend(fake, tmp_path, other).run(_job(tmp_path, "o-other-0"), lambda _l: None)  # type: ignore[arg-type]
+    await backend(fake, tmp_path, other).run(sky_job(tmp_path, "o-other-0"), lambda _l: None)
     settings = Settings(skypilot_tiers=[screen, validate], skypilot_cluster_prefix="t")
     out = io.StringIO()
     assert await down(settings, confirm=False, adapter=fake, out=out, ask=lambda _q: "n") == 0
@@ -216,8 +210,8 @@ async def test_a_cancelled_caller_does_not_leave_its_job_running(
 ) -> None:
     b = backend(fake, tmp_path, tier(clusters=1))
     started = asyncio.Event()
-    slow = _job(tmp_path, "q-screen-0", source=source(SLEEP=30.0))
-    run = asyncio.create_task(b.run(slow, lambda _l: started.set()))  # type: ignore[arg-type]
+    slow = sky_job(tmp_path, "q-screen-0", source=source(SLEEP=30.0))
+    run = asyncio.create_task(b.run(slow, lambda _l: started.set()))
     await asyncio.wait_for(started.wait(), 10)
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -234,7 +228,7 @@ async def test_a_failing_setup_job_replaces_the_cluster_with_its_output(
     broken = harness(tmp_path / "broken")
     (broken / "prepare.py").write_text("print('no space left on device')\nraise SystemExit(1)\n")
     b = backend(fake, tmp_path, tier(clusters=2), replace_delay_s=30.0)
-    out = await b.run(_job(tmp_path, "s-screen-0", harness_dir=broken), lambda _l: None)  # type: ignore[arg-type]
+    out = await b.run(sky_job(tmp_path, "s-screen-0", harness_dir=broken), lambda _l: None)
     assert out.infra_failure and out.exit_code is None
     assert "ended FAILED_SETUP: no space left on device" in out.infra_reason
     assert "t-screen-0 could not be launched or set up" in out.infra_reason

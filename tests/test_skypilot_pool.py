@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from services.launcher.backend import Job, RunOutcome
+from services.launcher.backend import RunOutcome
 from services.launcher.skypilot_adapter import ApiUnreachable, LaunchFailed, ManagedJob
 from services.launcher.skypilot_fake import FakeSky
 from services.launcher.skypilot_fake_pool import FakePool
@@ -20,8 +20,7 @@ from services.launcher.skypilot_pool import SkyPoolBackend
 from services.launcher.skypilot_teardown import down
 from services.settings import Settings
 from tests.eventually import eventually
-from tests.launcher_helpers import job
-from tests.skypilot_helpers import TEMPLATE, backend, harness, source, tier
+from tests.skypilot_helpers import TEMPLATE, backend, sky_job, source, tier
 
 
 @pytest.fixture
@@ -36,11 +35,6 @@ def _backend(pool: FakePool, tmp: Path, workers: int = 2, **kw: Any) -> SkyPoolB
     return SkyPoolBackend(pool, t, TEMPLATE, tmp / "runs", prefix="t", poll_s=0.01, **kw)
 
 
-def _job(tmp_path: Path, run_id: str, **kw: Any) -> Job:
-    kw.setdefault("harness_dir", harness(tmp_path / "harness"))
-    return job(str(kw.pop("source", source())), run_id, **kw)
-
-
 async def test_runs_as_managed_jobs_one_per_worker_with_true_exit_codes(
     pool: FakePool, tmp_path: Path
 ) -> None:
@@ -49,7 +43,7 @@ async def test_runs_as_managed_jobs_one_per_worker_with_true_exit_codes(
     placed: list[tuple[str, str]] = []
     sources = [source(LR=0.04, SLEEP=0.2), source(SLEEP=0.2), source(EXIT=3)]
     jobs = [
-        _job(tmp_path, f"v{i}-screen-0", source=s, on_placed=lambda *p: placed.append(p))
+        sky_job(tmp_path, f"v{i}-screen-0", source=s, on_placed=lambda *p: placed.append(p))
         for i, s in enumerate(sources)
     ]
     outcomes: list[RunOutcome] = await asyncio.gather(*(b.run(j, lambda _l: None) for j in jobs))
@@ -78,7 +72,7 @@ async def test_a_preempted_worker_is_recovered_by_skypilot_and_the_run_is_not_lo
     b = _backend(pool, tmp_path, workers=1)
     started = asyncio.Event()
     run = asyncio.create_task(
-        b.run(_job(tmp_path, "p-screen-0", source=source(SLEEP=1.0)), lambda _l: started.set())
+        b.run(sky_job(tmp_path, "p-screen-0", source=source(SLEEP=1.0)), lambda _l: started.set())
     )
     await asyncio.wait_for(started.wait(), 10)
     await pool.sky.preempt("t-screen-0")  # the jobs controller recovers it on a new worker
@@ -100,7 +94,7 @@ async def test_infra_statuses_are_never_the_variants(
 
     pool.jobs_status = ends_as  # type: ignore[method-assign,assignment]
     b = _backend(pool, tmp_path)
-    out = await b.run(_job(tmp_path, "s-screen-0", source=source(EXIT=1)), lambda _l: None)
+    out = await b.run(sky_job(tmp_path, "s-screen-0", source=source(EXIT=1)), lambda _l: None)
     assert out.infra_failure and out.exit_code is None
     assert f"ended {status}" in out.infra_reason and "injected" in out.infra_reason
 
@@ -110,10 +104,10 @@ async def test_failures_of_skypilot_itself_are_infra_and_the_pool_is_applied_aga
 ) -> None:
     b = _backend(pool, tmp_path)
     pool.sky.fail_next("pool_apply", LaunchFailed("CloudError: catalog unreachable"))
-    out = await b.run(_job(tmp_path, "a-screen-0"), lambda _l: None)
+    out = await b.run(sky_job(tmp_path, "a-screen-0"), lambda _l: None)
     assert out.infra_failure and "could not be applied: CloudError" in out.infra_reason
     pool.sky.fail_next("jobs_status", ApiUnreachable("Could not connect to SkyPilot API server"))
-    out = await b.run(_job(tmp_path, "b-screen-0"), lambda _l: None)
+    out = await b.run(sky_job(tmp_path, "b-screen-0"), lambda _l: None)
     assert out.infra_failure and "Could not connect" in out.infra_reason
     assert pool.sky.calls["pool_apply"] == 2
 
@@ -121,24 +115,24 @@ async def test_failures_of_skypilot_itself_are_infra_and_the_pool_is_applied_aga
         return None
 
     pool.jobs_status = unknown  # type: ignore[method-assign,assignment]
-    out = await b.run(_job(tmp_path, "c-screen-0"), lambda _l: None)
+    out = await b.run(sky_job(tmp_path, "c-screen-0"), lambda _l: None)
     assert out.infra_failure and "unknown to the jobs controller" in out.infra_reason
 
 
 async def test_cancel_timeout_and_a_job_that_never_starts(pool: FakePool, tmp_path: Path) -> None:
     b = _backend(pool, tmp_path, workers=1, start_timeout_s=0.3)
     started = asyncio.Event()
-    slow = _job(tmp_path, "c-screen-0", source=source(SLEEP=30.0))
+    slow = sky_job(tmp_path, "c-screen-0", source=source(SLEEP=30.0))
     run = asyncio.create_task(b.run(slow, lambda _l: started.set()))
     await asyncio.wait_for(started.wait(), 10)
     # The only worker is busy: a second job waits for it, past its start timeout.
-    waiting = await b.run(_job(tmp_path, "w-screen-0"), lambda _l: None)
+    waiting = await b.run(sky_job(tmp_path, "w-screen-0"), lambda _l: None)
     assert waiting.infra_failure and "did not start within 0s" in waiting.infra_reason
     assert pool.jobs[2].status == "CANCELLED"
     await b.cancel("c-screen-0", "campaign stopped")
     out = await asyncio.wait_for(run, 10)
     assert out.cancelled and not out.infra_failure and "campaign stopped" in out.read_log()
-    timed = _job(tmp_path, "t-screen-0", source=source(SLEEP=30.0), timeout_s=0.5)
+    timed = sky_job(tmp_path, "t-screen-0", source=source(SLEEP=30.0), timeout_s=0.5)
     timed_out = await b.run(timed, lambda _l: None)
     assert timed_out.timed_out and not timed_out.infra_failure
     await eventually(lambda: pool.jobs[3].status == "CANCELLED", 5, "the job cancelled")
@@ -149,10 +143,10 @@ async def test_nightshift_down_tears_down_pools_and_clusters(
     pool: FakePool, tmp_path: Path
 ) -> None:
     b = _backend(pool, tmp_path)
-    assert (await b.run(_job(tmp_path, "a-screen-0"), lambda _l: None)).exit_code == 0
+    assert (await b.run(sky_job(tmp_path, "a-screen-0"), lambda _l: None)).exit_code == 0
     clusters = tier("validate", clusters=1)
     ran = await backend(pool.sky, tmp_path, clusters).run(
-        _job(tmp_path, "b-validate-0"), lambda _l: None
+        sky_job(tmp_path, "b-validate-0"), lambda _l: None
     )
     assert ran.exit_code == 0 and len(pool.sky.clusters_by_name) == 3
     settings = Settings(

@@ -7,16 +7,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from services.launcher.backend import Job, RunOutcome
+from services.launcher.backend import RunOutcome
 from services.launcher.skypilot import SkyPilotBackend
 from services.launcher.skypilot_adapter import LaunchFailed
 from services.launcher.skypilot_fake import FakeJob, FakeSky
-from tests.launcher_helpers import job
-from tests.skypilot_helpers import backend, harness, source, tier
+from tests.skypilot_helpers import backend, sky_job, source, tier
 
 
 @pytest.fixture
@@ -24,11 +22,6 @@ async def fake(tmp_path: Path) -> AsyncIterator[FakeSky]:
     sky = FakeSky(tmp_path / "clusters", time_scale=0.0)
     yield sky
     await sky.close()
-
-
-def _job(tmp_path: Path, run_id: str, **kw: Any) -> Job:
-    kw.setdefault("harness_dir", harness(tmp_path / "harness"))
-    return job(str(kw.pop("source", source())), run_id, **kw)
 
 
 def _runs(fake: FakeSky, cluster: str = "t-screen-0") -> list[FakeJob]:
@@ -40,7 +33,7 @@ def _runs(fake: FakeSky, cluster: str = "t-screen-0") -> list[FakeJob]:
 
 async def _measured(b: SkyPilotBackend, tmp_path: Path) -> None:
     """One run of 0.4 s, so the backend knows how long a run takes."""
-    first = await b.run(_job(tmp_path, "m-screen-0", source=source(SLEEP=0.4)), lambda _l: None)
+    first = await b.run(sky_job(tmp_path, "m-screen-0", source=source(SLEEP=0.4)), lambda _l: None)
     assert first.exit_code == 0
 
 
@@ -51,10 +44,10 @@ async def test_the_next_run_is_submitted_behind_the_ending_one_and_starts_at_onc
     assert (b.slots, b.intake) == (1, 2)
     await _measured(b, tmp_path)
     ahead = asyncio.create_task(
-        b.run(_job(tmp_path, "a-screen-0", source=source(SLEEP=0.4)), lambda _l: None)
+        b.run(sky_job(tmp_path, "a-screen-0", source=source(SLEEP=0.4)), lambda _l: None)
     )
     await asyncio.sleep(0.05)
-    behind = await b.run(_job(tmp_path, "b-screen-0", slot=1), lambda _l: None)
+    behind = await b.run(sky_job(tmp_path, "b-screen-0", slot=1), lambda _l: None)
     outcomes: list[RunOutcome] = [await ahead, behind]
     assert [o.exit_code for o in outcomes] == [0, 0]
     _, a, c = _runs(fake)
@@ -73,10 +66,10 @@ async def test_without_a_known_duration_or_with_presubmit_off_runs_wait_for_a_fr
     assert b.intake == 1
     await _measured(b, tmp_path)
     ahead = asyncio.create_task(
-        b.run(_job(tmp_path, "a-screen-0", source=source(SLEEP=0.4)), lambda _l: None)
+        b.run(sky_job(tmp_path, "a-screen-0", source=source(SLEEP=0.4)), lambda _l: None)
     )
     await asyncio.sleep(0.05)
-    await b.run(_job(tmp_path, "b-screen-0", slot=1), lambda _l: None)
+    await b.run(sky_job(tmp_path, "b-screen-0", slot=1), lambda _l: None)
     await ahead
     _, a, c = _runs(fake)
     assert c.submitted_at >= a.ended_at
@@ -89,10 +82,10 @@ async def test_a_presubmitted_run_that_must_stop_is_never_lost_nor_charged(
     b = backend(fake, tmp_path, tier(clusters=1, presubmit_s=5.0))
     await _measured(b, tmp_path)
     ahead = asyncio.create_task(
-        b.run(_job(tmp_path, "a-screen-0", source=source(SLEEP=2.0)), lambda _l: None)
+        b.run(sky_job(tmp_path, "a-screen-0", source=source(SLEEP=2.0)), lambda _l: None)
     )
     await asyncio.sleep(0.1)
-    behind = asyncio.create_task(b.run(_job(tmp_path, "b-screen-0", slot=1), lambda _l: None))
+    behind = asyncio.create_task(b.run(sky_job(tmp_path, "b-screen-0", slot=1), lambda _l: None))
     while len(_runs(fake)) < 3:  # the one behind is submitted (queued on the cluster)
         await asyncio.sleep(0.01)
     if stop == "cancel_behind":
@@ -109,7 +102,7 @@ async def test_a_presubmitted_run_that_must_stop_is_never_lost_nor_charged(
         assert a.cancelled and c.exit_code == 0
     else:  # both infrastructure failures: run again by the launcher, charged to no variant
         assert a.infra_failure and c.infra_failure and "cluster gone" in c.infra_reason
-        again = await b.run(_job(tmp_path, "b-screen-0"), lambda _l: None)
+        again = await b.run(sky_job(tmp_path, "b-screen-0"), lambda _l: None)
         assert again.exit_code == 0
 
 
@@ -120,12 +113,14 @@ async def test_run_started_names_the_cluster_that_really_runs_it(
     fake.fail_next("launch", LaunchFailed("CommandError: setup failed (injected)"))
     placed: list[tuple[str, str]] = []
     bad = await b.run(
-        _job(tmp_path, "x-screen-0", slot=0, on_placed=lambda *p: placed.append(p)), lambda _l: None
+        sky_job(tmp_path, "x-screen-0", slot=0, on_placed=lambda *p: placed.append(p)),
+        lambda _l: None,
     )
     assert bad.infra_failure and placed == [("t-screen-0", "H100:1")]
     # Slot 0's own cluster is being replaced: the run goes to the other one, and says so.
     ok = await b.run(
-        _job(tmp_path, "y-screen-0", slot=0, on_placed=lambda *p: placed.append(p)), lambda _l: None
+        sky_job(tmp_path, "y-screen-0", slot=0, on_placed=lambda *p: placed.append(p)),
+        lambda _l: None,
     )
     assert ok.exit_code == 0 and placed[1] == ("t-screen-1", "H100:1")
     assert b.placement(0)[0] == "t-screen-0"  # what the slot alone would have said

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import copy
 import threading
+import typing
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
@@ -52,16 +53,9 @@ ManagedStatus = Literal[
     "FAILED_NO_RESOURCE",
     "FAILED_CONTROLLER",
 ]
+# The terminal ones: those the Literal lists from SUCCEEDED on.
 MANAGED_TERMINAL: frozenset[str] = frozenset(
-    {
-        "SUCCEEDED",
-        "CANCELLED",
-        "FAILED",
-        "FAILED_SETUP",
-        "FAILED_PRECHECKS",
-        "FAILED_NO_RESOURCE",
-        "FAILED_CONTROLLER",
-    }
+    typing.get_args(ManagedStatus)[typing.get_args(ManagedStatus).index("SUCCEEDED") :]
 )
 
 

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,17 +155,16 @@ class FakeSky:
         job = found.jobs.get(job_id)
         if job is None:
             return
-        sent = 0
-        while True:
-            job.changed.clear()
-            while sent < len(job.lines):
-                yield job.lines[sent]
-                sent += 1
+
+        def ended() -> bool:
             if job.status in TERMINAL:
-                return
+                return True
             if self.clusters_by_name.get(cluster) is not found:
                 raise ClusterGone(f"ClusterNotUpError: cluster {cluster!r} is not up")
-            await job.changed.wait()
+            return False
+
+        async for line in follow(job.lines, job.changed, ended):
+            yield line
 
     async def job_status(self, cluster: str, job_id: int) -> JobStatus | None:
         await self._enter("job_status")
@@ -256,6 +255,21 @@ class FakeSky:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def follow(
+    lines: list[str], changed: asyncio.Event, ended: Callable[[], bool]
+) -> AsyncIterator[str]:
+    """A job's output as it grows (`changed` set on each line), until `ended()`."""
+    sent = 0
+    while True:
+        changed.clear()
+        while sent < len(lines):
+            yield lines[sent]
+            sent += 1
+        if ended():
+            return
+        await changed.wait()
 
 
 def _kill(job: FakeJob) -> None:

@@ -27,7 +27,7 @@ from services.launcher.skypilot_adapter import (
     SkyError,
     TaskConfig,
 )
-from services.launcher.skypilot_fake import FakeJob, FakeSky
+from services.launcher.skypilot_fake import FakeJob, FakeSky, follow
 
 # Our estimates (SkyPilot publishes none per call): a request through the API server to the
 # jobs controller; managed jobs were >20 s apart when 1,000 were submitted (issue 4294).
@@ -106,15 +106,10 @@ class FakePool:
         record = self.jobs.get(job_id)
         if record is None:
             return
-        sent = 0
-        while True:
-            record.changed.clear()
-            while sent < len(record.lines):
-                yield record.lines[sent]
-                sent += 1
-            if record.status in MANAGED_TERMINAL:
-                return
-            await record.changed.wait()
+        async for line in follow(
+            record.lines, record.changed, lambda: record.status in MANAGED_TERMINAL
+        ):
+            yield line
 
     async def jobs_cancel(self, job_id: int) -> None:
         await self.sky._enter("jobs_cancel")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,32 +65,32 @@ class PoolRun:
     gpu_from: float = 0.0
 
 
+@dataclass
 class SkyPoolBackend:
-    name = "skypilot"
+    """A tier's pool: `adapter` makes the calls, runs live under `runs_path`."""
+
+    name = "skypilot"  # not fields (no annotation)
     reports_placement = True
 
-    def __init__(
-        self,
-        adapter: PoolAdapter,
-        tier: SkyTier,
-        template: TaskConfig,
-        runs_path: Path,
-        *,
-        prefix: str = "ns",
-        poll_s: float = 5.0,
-        start_timeout_s: float = 1800.0,
-    ) -> None:
-        self.adapter = adapter
-        self.tier = tier
-        self.template = template
-        self.runs_path = Path(runs_path)
-        self.poll_s = poll_s
-        self.start_timeout_s = start_timeout_s
-        self.pool = st.pool_name(prefix, tier)
-        self.gpus = st.accelerator_parts(tier.accelerator)[1]
-        self._harness: Path | None = None  # the workdir the pool was applied with
-        self._applying = asyncio.Lock()
-        self._active: dict[str, PoolRun] = {}
+    adapter: PoolAdapter
+    tier: SkyTier
+    template: TaskConfig
+    runs_path: Path
+    _: KW_ONLY
+    prefix: str = "ns"
+    poll_s: float = 5.0
+    start_timeout_s: float = 1800.0  # a job not RUNNING by then is cancelled, as infra
+    _harness: Path | None = field(default=None, init=False)  # the pool's workdir, once applied
+    _applying: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _active: dict[str, PoolRun] = field(default_factory=dict, init=False)
+
+    @property
+    def pool(self) -> str:
+        return st.pool_name(self.prefix, self.tier)
+
+    @property
+    def gpus(self) -> int:
+        return st.accelerator_parts(self.tier.accelerator)[1]
 
     @property
     def slots(self) -> int:

@@ -156,3 +156,17 @@ async def test_nightshift_down_tears_down_pools_and_clusters(
     assert await down(settings, confirm=True, adapter=pool.sky, pools=pool, out=out) == 0
     assert "pools torn down: 1 of 1" in out.getvalue() and "torn down: 1 of 1" in out.getvalue()
     assert pool.sky.clusters_by_name == {} and pool.workers == {}
+
+
+async def test_a_cancelled_caller_does_not_leave_its_job_on_a_worker(
+    pool: FakePool, tmp_path: Path
+) -> None:
+    b = _backend(pool, tmp_path, workers=1)
+    started = asyncio.Event()
+    slow = sky_job(tmp_path, "q-screen-0", source=source(SLEEP=30.0))
+    run = asyncio.create_task(b.run(slow, lambda _l: started.set()))
+    await asyncio.wait_for(started.wait(), 10)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    await eventually(lambda: pool.jobs[1].status == "CANCELLED", 5, "the managed job cancelled")

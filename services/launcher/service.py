@@ -3,7 +3,8 @@
 Wiring only. runs.py turns VariantProposed / RunRequested into runs and reports them;
 fleet.py publishes FleetStatus and cancels runs; factory.py picks the backend. The work
 comes through the durable `launcher-<tier>`, shared by this tier's launchers, one message
-in hand per slot; RunCancel comes over core NATS. When `stop` is set, the runs in hand are
+in hand per slot (per `intake`: twice the GPUs on skypilot with pre-submission); RunCancel
+comes over core NATS. When `stop` is set, the runs in hand are
 handed back for redelivery and the consumer drains.
 """
 

@@ -83,6 +83,7 @@ class SkyPoolBackend:
     _harness: Path | None = field(default=None, init=False)  # the pool's workdir, once applied
     _applying: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _active: dict[str, PoolRun] = field(default_factory=dict, init=False)
+    _cancels: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
     @property
     def pool(self) -> str:
@@ -116,7 +117,9 @@ class SkyPoolBackend:
             rl.mark_infra(out, job.run_id, str(exc), active.cancel_reason)
         except asyncio.CancelledError:  # our caller stops: the job must not hold its worker
             if active.job_id is not None:
-                asyncio.get_running_loop().create_task(self._cancel_job(active.job_id))
+                task = asyncio.get_running_loop().create_task(self._cancel_job(active.job_id))
+                self._cancels.add(task)
+                task.add_done_callback(self._cancels.discard)
             raise
         finally:
             self._active.pop(job.run_id, None)

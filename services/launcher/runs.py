@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Coroutine
@@ -206,7 +205,7 @@ class Launcher:
                 if not placed.done():
                     placed.set_result((host, accelerator))
 
-            job = dataclasses.replace(job, on_placed=on_placed)
+            job = replace(job, on_placed=on_placed)
         else:
             placed.set_result(self.backend.placement(job.slot))
         running = asyncio.ensure_future(self.backend.run(job, self.progress_reporter(job)))

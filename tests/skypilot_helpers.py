@@ -3,10 +3,15 @@ the fake pool."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from services.launcher.backend import Job
+import pytest
+
+from services.launcher.backend import Backend, Job
 from services.launcher.skypilot import SkyPilotBackend
 from services.launcher.skypilot_fake import FakeSky
 from services.settings import SkyTier
@@ -15,7 +20,6 @@ from tests.launcher_helpers import job
 # prepare.py counts its runs in the cluster's workdir: setup must run it once per launch.
 PREPARE = """\
 from pathlib import Path
-from typing import Any
 marker = Path("prepared.count")
 marker.write_text(str(int(marker.read_text()) + 1 if marker.exists() else 1))
 """
@@ -87,3 +91,24 @@ def sky_job(tmp: Path, run_id: str, **kw: Any) -> Job:
 
 def backend(fake: FakeSky, tmp: Path, t: SkyTier, **kw: float) -> SkyPilotBackend:
     return SkyPilotBackend(fake, t, TEMPLATE, tmp / "runs", prefix="t", poll_s=0.01, **kw)
+
+
+async def cancel_the_caller_mid_run(b: Backend, tmp: Path) -> None:
+    """Start a 30 s run, cancel the task awaiting it once it prints, see it raise."""
+    started = asyncio.Event()
+    slow = sky_job(tmp, "q-screen-0", source=source(SLEEP=30.0))
+    run = asyncio.create_task(b.run(slow, lambda _l: started.set()))
+    await asyncio.wait_for(started.wait(), 10)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+
+@contextlib.asynccontextmanager
+async def fake_sky(tmp: Path) -> AsyncIterator[FakeSky]:
+    """A FakeSky without latencies under `tmp/clusters`, its jobs killed at the end."""
+    sky = FakeSky(tmp / "clusters", time_scale=0.0)
+    try:
+        yield sky
+    finally:
+        await sky.close()

@@ -17,14 +17,21 @@ from services.launcher.skypilot_fake import PUBLISHED_LATENCY_S, FakeSky
 from services.launcher.skypilot_teardown import down
 from services.settings import Settings
 from tests.eventually import eventually
-from tests.skypilot_helpers import backend, harness, sky_job, source, tier
+from tests.skypilot_helpers import (
+    backend,
+    cancel_the_caller_mid_run,
+    fake_sky,
+    harness,
+    sky_job,
+    source,
+    tier,
+)
 
 
 @pytest.fixture
 async def fake(tmp_path: Path) -> AsyncIterator[FakeSky]:
-    sky = FakeSky(tmp_path / "clusters", time_scale=0.0)
-    yield sky
-    await sky.close()
+    async with fake_sky(tmp_path) as sky:
+        yield sky
 
 
 async def test_lazy_clusters_setup_once_own_run_dirs_true_exit_codes(
@@ -208,14 +215,7 @@ async def test_bench_counts_requests_and_the_idle_gpu_time_pre_submission_hides(
 async def test_a_cancelled_caller_does_not_leave_its_job_running(
     fake: FakeSky, tmp_path: Path
 ) -> None:
-    b = backend(fake, tmp_path, tier(clusters=1))
-    started = asyncio.Event()
-    slow = sky_job(tmp_path, "q-screen-0", source=source(SLEEP=30.0))
-    run = asyncio.create_task(b.run(slow, lambda _l: started.set()))
-    await asyncio.wait_for(started.wait(), 10)
-    run.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await run
+    await cancel_the_caller_mid_run(backend(fake, tmp_path, tier(clusters=1)), tmp_path)
     jobs = fake.clusters_by_name["t-screen-0"].jobs  # the setup job, then the run
     job = jobs[max(jobs)]
     await eventually(lambda: job.status == "CANCELLED", 5, "the job cancelled on the cluster")

@@ -14,25 +14,24 @@ import pytest
 
 from services.launcher.backend import RunOutcome
 from services.launcher.skypilot_adapter import ApiUnreachable, LaunchFailed, ManagedJob
-from services.launcher.skypilot_fake import FakeSky
 from services.launcher.skypilot_fake_pool import FakePool
 from services.launcher.skypilot_pool import SkyPoolBackend
 from services.launcher.skypilot_teardown import down
 from services.settings import Settings
+from tests import skypilot_helpers as sh
 from tests.eventually import eventually
-from tests.skypilot_helpers import TEMPLATE, backend, sky_job, source, tier
+from tests.skypilot_helpers import sky_job, source, tier
 
 
 @pytest.fixture
 async def pool(tmp_path: Path) -> AsyncIterator[FakePool]:
-    sky = FakeSky(tmp_path / "clusters", time_scale=0.0)
-    yield FakePool(sky)
-    await sky.close()
+    async with sh.fake_sky(tmp_path) as sky:
+        yield FakePool(sky)
 
 
 def _backend(pool: FakePool, tmp: Path, workers: int = 2, **kw: Any) -> SkyPoolBackend:
     t = tier(clusters=workers, mode="pool")
-    return SkyPoolBackend(pool, t, TEMPLATE, tmp / "runs", prefix="t", poll_s=0.01, **kw)
+    return SkyPoolBackend(pool, t, sh.TEMPLATE, tmp / "runs", prefix="t", poll_s=0.01, **kw)
 
 
 async def test_runs_as_managed_jobs_one_per_worker_with_true_exit_codes(
@@ -145,7 +144,7 @@ async def test_nightshift_down_tears_down_pools_and_clusters(
     b = _backend(pool, tmp_path)
     assert (await b.run(sky_job(tmp_path, "a-screen-0"), lambda _l: None)).exit_code == 0
     clusters = tier("validate", clusters=1)
-    ran = await backend(pool.sky, tmp_path, clusters).run(
+    ran = await sh.backend(pool.sky, tmp_path, clusters).run(
         sky_job(tmp_path, "b-validate-0"), lambda _l: None
     )
     assert ran.exit_code == 0 and len(pool.sky.clusters_by_name) == 3
@@ -161,12 +160,5 @@ async def test_nightshift_down_tears_down_pools_and_clusters(
 async def test_a_cancelled_caller_does_not_leave_its_job_on_a_worker(
     pool: FakePool, tmp_path: Path
 ) -> None:
-    b = _backend(pool, tmp_path, workers=1)
-    started = asyncio.Event()
-    slow = sky_job(tmp_path, "q-screen-0", source=source(SLEEP=30.0))
-    run = asyncio.create_task(b.run(slow, lambda _l: started.set()))
-    await asyncio.wait_for(started.wait(), 10)
-    run.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await run
+    await sh.cancel_the_caller_mid_run(_backend(pool, tmp_path, workers=1), tmp_path)
     await eventually(lambda: pool.jobs[1].status == "CANCELLED", 5, "the managed job cancelled")

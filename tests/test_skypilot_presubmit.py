@@ -14,14 +14,13 @@ from services.launcher.backend import RunOutcome
 from services.launcher.skypilot import SkyPilotBackend
 from services.launcher.skypilot_adapter import LaunchFailed
 from services.launcher.skypilot_fake import FakeJob, FakeSky
-from tests.skypilot_helpers import backend, sky_job, source, tier
+from tests.skypilot_helpers import backend, fake_sky, sky_job, source, tier
 
 
 @pytest.fixture
 async def fake(tmp_path: Path) -> AsyncIterator[FakeSky]:
-    sky = FakeSky(tmp_path / "clusters", time_scale=0.0)
-    yield sky
-    await sky.close()
+    async with fake_sky(tmp_path) as sky:
+        yield sky
 
 
 def _runs(fake: FakeSky, cluster: str = "t-screen-0") -> list[FakeJob]:

@@ -156,7 +156,7 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     sky.add_argument(
         "--time-scale", type=float, default=0.05, help="wall seconds per simulated second"
     )
-    sky.add_argument("--json", action="store_true", help="print one JSON object")
+    sky.add_argument("--json", action="store_true", help="print the reports as one JSON list")
     decisions = bench_sub.add_parser(
         "decisions", help="keep decisions against the sim's known truth, at equal GPU budget"
     )

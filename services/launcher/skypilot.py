@@ -258,7 +258,7 @@ class SkyPilotBackend:
             wake_at = min(wake_at, retry) if retry > now else wake_at
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max(0.05, wake_at - now))
+                await asyncio.wait_for(self._changed.wait(), max(0.01, wake_at - now))
         return None
 
     def _ending_run(self, job: Job, now: float) -> tuple[ActiveRun | None, float]:

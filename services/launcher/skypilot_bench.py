@@ -61,6 +61,8 @@ async def skypilot_bench(
     presubmit_s: float = 15.0,
     mode: Literal["clusters", "pool"] = "clusters",
 ) -> SkyBenchReport:
+    if runs_per_cluster < 3:  # a cluster's first gap is warm-up: two more are the least
+        raise ValueError(f"runs per cluster must be 3 or more, not {runs_per_cluster}")
     with tempfile.TemporaryDirectory(prefix="ns-bench-sky-") as tmp:
         root = Path(tmp)
         fake = FakeSky(root / "clusters", time_scale=time_scale)

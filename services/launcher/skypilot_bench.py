@@ -152,7 +152,7 @@ def format_report(r: SkyBenchReport) -> str:
         f"{r.run_s:.0f}s, SkyPilot's published latencies, {how}):\n"
         f"  control-plane requests per run: {r.requests_per_run:.1f} "
         f"({', '.join(OUR_CALLS[r.mode])}); {r.launches} launches\n"
-        f"  GPU idle between two runs on a cluster: mean {r.idle_s_mean:.1f}s, "
+        f"  GPU idle between two runs on a cluster: mean {r.idle_s_mean:.2f}s, "
         f"p95 {r.idle_s_p95:.2f}s -> {r.utilization:.2%} of a cluster's time is training\n"
         f"  a cluster's first run starts {r.launch_s_mean:.0f}s in (its launch and setup)"
     )

@@ -81,6 +81,20 @@ class RunOutcome:
         return RunFinished(**keys, **reported, log_key=keys["run_id"], log_tail=log_tail)
 
 
+class FixedSlots:
+    """`slots` and `intake` of a backend that runs one job per slot and queues none."""
+
+    _slots: int
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def intake(self) -> int:
+        return self._slots
+
+
 class Backend(Protocol):
     name: str
     # True: the backend calls job.on_placed before the run starts, and RunStarted waits for

@@ -36,7 +36,14 @@ from services.contracts import (
     infra_failure_line,
     timed_out_line,
 )
-from services.launcher.backend import Job, LineCallback, RunOutcome, log_tail, scrubbed_env
+from services.launcher.backend import (
+    FixedSlots,
+    Job,
+    LineCallback,
+    RunOutcome,
+    log_tail,
+    scrubbed_env,
+)
 from services.launcher.output import CappedLog, OutputLimits, pump, redact_file, redact_text
 from services.launcher.sandbox import Bubblewrap, RunMounts
 from services.process_lifetime import RUN_TOKEN_VAR, kill_descendants, popen_kwargs
@@ -58,7 +65,7 @@ def _copied(name: str) -> bool:
     return not any(fnmatch.fnmatch(name, pattern) for pattern in NOT_COPIED)
 
 
-class LocalBackend:
+class LocalBackend(FixedSlots):
     name = "local"
     reports_placement = False
 
@@ -93,14 +100,6 @@ class LocalBackend:
         self._active: set[str] = set()
         self._cancelled: dict[str, str] = {}
         self._prepare_locks: dict[Path, asyncio.Lock] = {}
-
-    @property
-    def slots(self) -> int:
-        return self._slots
-
-    @property
-    def intake(self) -> int:
-        return self._slots
 
     def placement(self, slot: int) -> tuple[str, str]:
         if self.gpus:

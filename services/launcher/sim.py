@@ -21,7 +21,7 @@ import msgspec
 
 from services.contracts import cancelled_line, format_summary, knob_values_only, timed_out_line
 from services.launcher import landscape as ls
-from services.launcher.backend import Job, LineCallback, RunOutcome
+from services.launcher.backend import FixedSlots, Job, LineCallback, RunOutcome
 
 OVERHEAD_S = 25.0  # simulated start-up + evaluation seconds beyond the training budget
 PROGRESS_LINES = 5
@@ -39,7 +39,7 @@ class SimParams(msgspec.Struct, frozen=True, kw_only=True):
     sim_memory_gb: float = 141.0
 
 
-class SimBackend:
+class SimBackend(FixedSlots):
     name = "sim"
     reports_placement = False
 
@@ -50,14 +50,6 @@ class SimBackend:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancelled: dict[str, str] = {}
         self._landscapes: dict[tuple[str, str], ls.Landscape] = {}
-
-    @property
-    def slots(self) -> int:
-        return self._slots
-
-    @property
-    def intake(self) -> int:
-        return self._slots
 
     def placement(self, _slot: int) -> tuple[str, str]:
         return self.host, "sim"  # every slot is on the one simulated host

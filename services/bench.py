@@ -13,11 +13,10 @@ sim backend, measuring how much of the fleet's time goes to training.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,10 +26,29 @@ from pathlib import Path
 
 import msgspec
 
+from services.bench_stats import (
+    Span,
+    busy_fraction,
+    overheads,
+    percentile,
+    rate_of_first,
+    read_peak_rss_mb,
+    sampled_rate,
+    split_slots,
+    time_to_full,
+)
 from services.broker import EmbeddedNats
 from services.bus import Bus, Delivery, Handlers, handlers_of
+from services.bus.errors import NATS_FAILURES
 from services.campaign import start_campaign
-from services.contracts import CampaignStopped, ResultEvaluated, RunFinished, RunStarted
+from services.contracts import (
+    CampaignStopped,
+    ResultEvaluated,
+    RunFinished,
+    RunStarted,
+    VariantProposed,
+)
+from services.runner import PROFILE_DIR_ENV
 from services.settings import Settings
 from services.supervisor import run_services, wait_until_consumed
 
@@ -45,20 +63,34 @@ class FleetReport:
     utilization_with_drain: float  # first start to last finish
     overhead_p50_s: float
     overhead_p95_s: float
-    events_per_s: float
+    events_per_s: float  # the ledger's replay (kept under its first name)
     live_events_per_s: float
     run_seconds: float
     wall_s: float
     stream_events: int
+    time_to_full_s: float | None = None  # campaign start -> every slot busy at once
+    proposals_per_s: float = 0.0  # the first wave's proposals (the first `slots` of them)
+    run_starts_per_s: float = 0.0  # the first wave's run starts (the first `slots` of them)
+    ledger_live_events_per_s: float = 0.0  # the ledger's acks while the fleet ran
+    ledger_replay_events_per_s: float = 0.0
+    ledger_lag_max: int = 0  # events stored but not yet applied by the ledger, at most
+    proposers: int = 1
+    launchers: int = 1
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # each process's VmHWM
 
 
 @dataclass
 class _Observed:
     campaign: str
     slot_of: dict[str, tuple[str, int]] = field(default_factory=dict)
-    spans: list[tuple[tuple[str, int], float, float]] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
+    proposed_at: list[float] = field(default_factory=list)
     results: int = 0
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def on_variant_proposed(self, event: VariantProposed, _: Delivery) -> None:
+        if event.campaign == self.campaign:
+            self.proposed_at.append(event.ts)
 
     async def on_run_started(self, event: RunStarted, _: Delivery) -> None:
         if event.campaign == self.campaign:
@@ -79,35 +111,12 @@ class _Observed:
 
     def handlers(self) -> Handlers:
         return handlers_of(
-            self.on_run_started, self.on_run_finished, self.on_result_evaluated, self.on_stopped
+            self.on_variant_proposed,
+            self.on_run_started,
+            self.on_run_finished,
+            self.on_result_evaluated,
+            self.on_stopped,
         )
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
-
-
-def _busy_fraction(spans: list[tuple[float, float]], slots: int, t0: float, t1: float) -> float:
-    """Share of slots x [t0, t1] spent inside runs."""
-    if t1 <= t0:
-        return 0.0
-    busy = sum(max(0.0, min(e, t1) - max(s, t0)) for s, e in spans)
-    return busy / (slots * (t1 - t0))
-
-
-def _overheads(spans: list[tuple[tuple[str, int], float, float]]) -> list[float]:
-    by_slot: dict[tuple[str, int], list[tuple[float, float]]] = {}
-    for slot, start, end in spans:
-        by_slot.setdefault(slot, []).append((start, end))
-    gaps: list[float] = []
-    for runs in by_slot.values():
-        runs.sort()
-        gaps.extend(max(0.0, nxt[0] - prev[1]) for prev, nxt in itertools.pairwise(runs))
-    return gaps
 
 
 def bench_settings(home: Path, url: str, slots: int, experiments: int, run_s: float) -> Settings:
@@ -140,68 +149,140 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-class ServiceProcesses:
-    """The four services as separate processes, as a distributed deployment runs them."""
+@dataclass(frozen=True)
+class Topology:
+    """How many processes of each service the benchmark starts (launchers split the slots)."""
 
-    def __init__(self, settings: Settings) -> None:
-        env = settings_env(settings)
+    proposers: int = 1
+    launchers: int = 1
+    profile_dir: str = ""  # each service writes its cProfile statistics here when set
+
+    def processes(self, settings: Settings) -> list[tuple[str, str, Settings]]:
+        """(label, service, settings) of each process."""
+        named: list[tuple[str, str, Settings]] = [
+            ("ledger", "ledger", settings),
+            ("evaluator", "evaluator", settings),
+        ]
+        for i, slots in enumerate(split_slots(settings.slots, self.launchers)):
+            label = "launcher" if self.launchers == 1 else f"launcher-{i}"
+            replaced = msgspec.structs.replace(settings, slots=slots, launcher_id=f"bench-{i}")
+            named.append((label, "launcher", replaced))
+        for i in range(max(1, self.proposers)):
+            named.append(
+                ("proposer" if self.proposers <= 1 else f"proposer-{i}", "proposer", settings)
+            )
+        return named
+
+
+class ServiceProcesses:
+    """The services as separate processes, as a distributed deployment runs them."""
+
+    def __init__(self, settings: Settings, topology: Topology | None = None) -> None:
+        topology = topology or Topology()
         logs = Path(settings.home)
-        self.procs = [
-            subprocess.Popen(
+        if topology.profile_dir:
+            Path(topology.profile_dir).mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        for label, name, own in topology.processes(settings):
+            env = settings_env(own)
+            if topology.profile_dir:
+                env[PROFILE_DIR_ENV] = topology.profile_dir
+            self.procs[label] = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}"],
                 env=env,
-                stdout=(logs / f"{name}.log").open("wb"),
+                stdout=(logs / f"{label}.log").open("wb"),
                 stderr=subprocess.STDOUT,
             )
-            for name in ("ledger", "evaluator", "launcher", "proposer")
-        ]
+
+    def pids(self) -> dict[str, int]:
+        return {label: proc.pid for label, proc in self.procs.items()}
 
     def stop(self) -> None:
-        for proc in self.procs:
+        for proc in self.procs.values():
             proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
+        for proc in self.procs.values():
             try:
-                proc.wait(30)
+                proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
 
 
 async def fleet_bench(
-    slots: int, experiments: int = 0, run_seconds: float = 0.0, processes: bool = True
+    slots: int,
+    experiments: int = 0,
+    run_seconds: float = 0.0,
+    processes: bool = True,
+    topology: Topology | None = None,
 ) -> FleetReport:
     experiments = experiments or slots * 6
-    # Runs are compressed from 300 s to run_seconds: the fleet then needs slots/run_seconds
-    # runs per second from two cores. Keep that near 8/s at every fleet size.
-    run_seconds = run_seconds or max(2.0, slots / 8.0)
+    run_seconds = run_seconds or default_run_seconds(slots)
     with tempfile.TemporaryDirectory(prefix="nightshift-bench-") as tmp:
         home = Path(tmp)
         server = EmbeddedNats(home / "nats").start()
         try:
-            return await _bench(home, server.url, slots, experiments, run_seconds, processes)
+            return await _bench(
+                home, server, slots, experiments, run_seconds, processes, topology or Topology()
+            )
         finally:
             server.stop()
 
 
+def default_run_seconds(slots: int) -> float:
+    """How long one simulated run takes by default: the fleet asks for ~8 runs per second
+    up to 256 slots, and for more at larger sizes so a benchmark stays within ~10 minutes
+    (1,024 slots: 64 s runs, 16 runs/s; 4,096 slots: 128 s runs, 32 runs/s)."""
+    return max(2.0, slots / 8.0)
+
+
+async def _sample_ledger(
+    bus: Bus, samples: list[tuple[float, int, int]], stop: asyncio.Event
+) -> None:
+    """Every 0.5 s: (time, the ledger's ack floor, events stored but not yet applied)."""
+    while not stop.is_set():
+        with contextlib.suppress(*NATS_FAILURES):
+            lag = await bus.consumer_lag("ledger")
+            if lag is not None:
+                samples.append((time.monotonic(), lag.acked_seq, lag.pending + lag.ack_pending))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+
+
 async def _bench(
-    home: Path, url: str, slots: int, experiments: int, run_s: float, processes: bool
+    home: Path,
+    server: EmbeddedNats,
+    slots: int,
+    experiments: int,
+    run_s: float,
+    processes: bool,
+    topology: Topology,
 ) -> FleetReport:
+    url = server.url
     settings = bench_settings(home, url, slots, experiments, run_s)
     stop = asyncio.Event()
     children: ServiceProcesses | None = None
     if processes:
         buses: list[Bus] = []
         tasks: list[asyncio.Task[None]] = []
-        children = ServiceProcesses(settings)
+        children = ServiceProcesses(settings, topology)
     else:
         buses, tasks = await run_services(settings, url, stop)
     bus = await Bus.from_settings(settings, "bench")
     observed = _Observed(settings.campaign)
     follower = asyncio.create_task(bus.follow(observed.handlers(), stop=stop))
-    t0 = time.monotonic()
+    samples: list[tuple[float, int, int]] = []
+    sampling = asyncio.Event()
+    sampler = asyncio.create_task(_sample_ledger(bus, samples, sampling))
+    t0, t0_wall = time.monotonic(), time.time()
     await start_campaign(bus, settings)
     await observed.stopped.wait()
     await wait_until_consumed(bus, "ledger", timeout_s=120)
     live_s = time.monotonic() - t0
+    sampling.set()
+    await sampler
+    pids = children.pids() if children is not None else {"services": os.getpid()}
+    if server.proc is not None:
+        pids["nats-server"] = server.proc.pid
+    peaks = read_peak_rss_mb(pids)
     stop.set()
     if children is not None:
         await asyncio.to_thread(children.stop)
@@ -212,22 +293,49 @@ async def _bench(
     replay_rate = await _ledger_replay(bus, settings)
     for b in (bus, *buses):
         await b.close()
+    return _report(
+        observed, settings, topology, events, live_s, replay_rate, samples, peaks, t0_wall
+    )
+
+
+def _report(
+    observed: _Observed,
+    settings: Settings,
+    topology: Topology,
+    events: int,
+    live_s: float,
+    replay_rate: float,
+    samples: list[tuple[float, int, int]],
+    peaks: dict[str, float],
+    t0_wall: float,
+) -> FleetReport:
+    slots = settings.slots
     spans = [(s, e) for _, s, e in observed.spans]
     first, last = min(s for s, _ in spans), max(e for _, e in spans)
     last_start = max(s for s, _ in spans)
-    gaps = _overheads(observed.spans)
+    gaps = overheads(observed.spans)
+    to_full = time_to_full(spans, slots, t0_wall)
     return FleetReport(
         slots=slots,
         experiments=observed.results,
-        utilization=round(_busy_fraction(spans, slots, first, last_start), 4),
-        utilization_with_drain=round(_busy_fraction(spans, slots, first, last), 4),
-        overhead_p50_s=round(_percentile(gaps, 50), 4),
-        overhead_p95_s=round(_percentile(gaps, 95), 4),
+        utilization=round(busy_fraction(spans, slots, first, last_start), 4),
+        utilization_with_drain=round(busy_fraction(spans, slots, first, last), 4),
+        overhead_p50_s=round(percentile(gaps, 50), 4),
+        overhead_p95_s=round(percentile(gaps, 95), 4),
         events_per_s=round(replay_rate, 1),
         live_events_per_s=round(events / live_s, 1),
-        run_seconds=run_s,
+        run_seconds=settings.sim_time_scale * settings.sim_budget_s,
         wall_s=round(last - first, 2),
         stream_events=events,
+        time_to_full_s=round(to_full, 2) if to_full is not None else None,
+        proposals_per_s=round(rate_of_first(observed.proposed_at, slots), 1),
+        run_starts_per_s=round(rate_of_first([s for s, _ in spans], slots), 1),
+        ledger_live_events_per_s=round(sampled_rate([(t, n) for t, n, _ in samples]), 1),
+        ledger_replay_events_per_s=round(replay_rate, 1),
+        ledger_lag_max=max((lag for _, _, lag in samples), default=0),
+        proposers=topology.proposers,
+        launchers=topology.launchers,
+        peak_rss_mb=peaks,
     )
 
 
@@ -266,14 +374,21 @@ def print_report(report: FleetReport, as_json: bool = False) -> None:
     if as_json:
         print(json.dumps(asdict(report)))
         return
+    to_full = "never" if report.time_to_full_s is None else f"{report.time_to_full_s:.1f} s"
+    memory = ", ".join(f"{name} {mb:.0f}" for name, mb in sorted(report.peak_rss_mb.items()))
     print(
         f"slots {report.slots}: {report.experiments} experiments in {report.wall_s:.1f} s "
-        f"(simulated runs of {report.run_seconds:.1f} s)\n"
+        f"(simulated runs of {report.run_seconds:.1f} s; {report.proposers} proposer(s), "
+        f"{report.launchers} launcher(s))\n"
         f"  slot utilization   {report.utilization * 100:.1f}% while work remained, "
         f"{report.utilization_with_drain * 100:.1f}% with the final drain "
         "(published 16-GPU run: ~59%)\n"
         f"  overhead per run   p50 {report.overhead_p50_s * 1000:.0f} ms, "
         f"p95 {report.overhead_p95_s * 1000:.0f} ms (a run's end to the next start on its slot)\n"
+        f"  first wave         full after {to_full}; {report.proposals_per_s:.0f} proposals/s, "
+        f"{report.run_starts_per_s:.0f} run starts/s\n"
         f"  ledger             {report.events_per_s:.0f} events/s (replay), "
-        f"{report.live_events_per_s:.0f} events/s live ({report.stream_events} events)"
+        f"{report.ledger_live_events_per_s:.0f} events/s live, at most "
+        f"{report.ledger_lag_max} behind ({report.stream_events} events)\n"
+        f"  peak memory (MiB)  {memory or 'not measured'}"
     )

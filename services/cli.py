@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
@@ -139,6 +140,20 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="run the services in this process (as `up` does), not one each",
     )
+    fleet.add_argument(
+        "--proposers",
+        type=int,
+        default=1,
+        help="proposer processes (more than one needs the proposers' campaign lease)",
+    )
+    fleet.add_argument(
+        "--launchers", type=int, default=1, help="launcher processes; they split the slots"
+    )
+    fleet.add_argument(
+        "--profile-dir",
+        default="",
+        help="write each service process's cProfile statistics (<name>-<pid>.prof) here",
+    )
     fleet.add_argument("--json", action="store_true", help="print one JSON object")
     chaos = bench_sub.add_parser(
         "chaos", help="a sim campaign while every service and nats-server are SIGKILLed"
@@ -268,11 +283,20 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print_decisions(found, as_json=args.json)
         return 0
     if args.command == "bench":
-        from services.bench import fleet_bench, print_report
+        from services.bench import Topology, fleet_bench, print_report
 
+        topology = Topology(
+            args.proposers,
+            args.launchers,
+            os.path.abspath(args.profile_dir) if args.profile_dir else "",
+        )
         report = asyncio.run(
             fleet_bench(
-                args.slots, args.experiments, args.run_seconds, processes=not args.in_process
+                args.slots,
+                args.experiments,
+                args.run_seconds,
+                processes=not args.in_process,
+                topology=topology,
             )
         )
         print_report(report, as_json=args.json)

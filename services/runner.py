@@ -9,6 +9,8 @@ finish, then the connection drains). Configuration comes from the environment
 from __future__ import annotations
 
 import asyncio
+import cProfile
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -18,6 +20,10 @@ from services.bus import Bus
 from services.metrics import configure_metrics
 from services.settings import Settings, SettingsError, load_settings
 from services.telemetry import configure_logging, configure_tracing, get_logger
+
+# A diagnostic, not a setting: a folder where each service process writes its cProfile
+# statistics (`<name>-<pid>.prof`) when it stops (`nightshift bench fleet --profile-dir`).
+PROFILE_DIR_ENV = "NIGHTSHIFT_CPROFILE_DIR"
 
 # A service: its handlers run on `bus` until `stop` is set.
 ServiceMain = Callable[[Settings, Bus, asyncio.Event], Coroutine[Any, Any, None]]
@@ -48,7 +54,15 @@ def run_service(name: str, run: ServiceMain) -> None:
     configure_logging(name, settings.log_format, settings.log_level)
     configure_tracing(name)
     configure_metrics(name)
+    profile_dir = os.environ.get(PROFILE_DIR_ENV, "")
+    profiler = cProfile.Profile() if profile_dir else None
+    if profiler is not None:
+        profiler.enable()
     try:
         asyncio.run(serve(name, run, settings))
     except ConnectionError as exc:
         sys.exit(f"{name}: {exc}")
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"{name}-{os.getpid()}.prof"))

@@ -40,6 +40,8 @@ from services.proposer.strategy import Proposal, ProposalRequest, StrategyExhaus
 MAX_FACTORS = 3  # 2x2x2 at most
 RERUN_TOP = 3  # the top candidates (tried, within the noise) re-run on a new best
 
+ID_CACHE = 50_000  # candidate variant ids remembered (some 20 MB at most)
+
 _MOVE = re.compile(r"([A-Z][A-Z0-9_]*) (\S+) -> (\S+)")
 
 
@@ -302,13 +304,24 @@ class GridStrategy:
 
     def __init__(self, profile: str = "") -> None:
         self.profile = profile
+        # (campaign, parent, moves) -> the candidate's variant id, or None when it rewrites
+        # to its parent: a wave re-reads the same candidates for as long as the best holds,
+        # and rewriting and hashing each again was most of a wave's time at 1,000 slots.
+        self._ids: dict[tuple[str, str, tuple[Move, ...]], str | None] = {}
+        self._constants: tuple[str, list[Constant]] | None = None
 
     async def propose(self, request: ProposalRequest) -> list[Proposal]:
         return self.plan(request)
 
+    def constants_of(self, source: str) -> list[Constant]:
+        """find_constants of the parent, kept while the parent stays the same."""
+        if self._constants is None or self._constants[0] != source:
+            self._constants = (source, find_constants(source))
+        return list(self._constants[1])
+
     def plan(self, request: ProposalRequest) -> list[Proposal]:
         try:
-            found = find_constants(request.parent_source)
+            found = self.constants_of(request.parent_source)
             consts = tunable(found, self.profile)
         except SyntaxError as exc:
             raise StrategyExhausted(
@@ -325,8 +338,14 @@ class GridStrategy:
                 break
             if _rejected(moves, values, domains, self.profile):
                 continue  # a value no trainer accepts (a batch that is no whole number of rows)
+            key = (request.campaign, request.parent_id, moves)
+            if key in self._ids and (self._ids[key] is None or self._ids[key] in known):
+                continue  # known (or the parent itself) without rewriting the parent
             source = rewrite(request.parent_source, {m.name: m.new for m in moves}, found)
             variant_id = variant_id_for(request.campaign, source)
+            if len(self._ids) >= ID_CACHE:
+                self._ids.clear()
+            self._ids[key] = None if source == request.parent_source else variant_id
             if source == request.parent_source or variant_id in known:
                 continue
             known.add(variant_id)

@@ -15,6 +15,7 @@ from services.bus.connection import AuthenticationError, Bus, ConsumerLag, Crede
 from services.bus.consume import Delivery, Handler, Handlers, handlers_of
 from services.bus.errors import BROKER_AWAY, PoisonError, TransientError
 from services.bus.follow import FollowMark
+from services.bus.publish import gather_limited
 from services.bus.store import CampaignRegistry, LeaseEntry, ObjectBucket
 
 __all__ = [
@@ -32,5 +33,6 @@ __all__ = [
     "ObjectBucket",
     "PoisonError",
     "TransientError",
+    "gather_limited",
     "handlers_of",
 ]

@@ -13,8 +13,8 @@ from typing import Any
 
 from opentelemetry import trace
 
-from services.bus import Bus
-from services.contracts import VariantProposed, variant_id_for, variant_keys
+from services.bus import Bus, gather_limited
+from services.contracts import VariantProposed, source_digest, variant_id_for, variant_keys
 from services.metrics import record_llm_cost
 from services.proposer.factory import build_strategy
 from services.proposer.lease import LeaseLost
@@ -208,12 +208,18 @@ class WaveMaker:
         strategy = await self.load_strategy(state, rt)
         proposals = await strategy.propose(request)
         known = set(request.known_ids)
+        accepted = [
+            (proposal, event)
+            for proposal in proposals[:k]
+            if (event := self.accept(state, rt, request, proposal, strategy.name, known))
+        ]
         published = 0
-        for proposal in proposals[:k]:
-            if not state.running:
-                break  # stopped while the strategy was thinking
-            if await self.publish_proposal(state, rt, request, proposal, strategy.name, known):
-                published += 1
+        if accepted and state.running:  # not stopped while the strategy was thinking
+            # Every source first (the launcher reads it when the variant reaches it), then
+            # every event; each batch pipelined, its acknowledgements awaited together.
+            await gather_limited(self.bus.put_source(p.source) for p, _ in accepted)
+            await gather_limited(self.publish_variant(rt, event) for _, event in accepted)
+            published = len(accepted)
         rt.idle_on = signature(state) if published == 0 else None
         rt.log.info(
             "wave_proposed",
@@ -224,7 +230,7 @@ class WaveMaker:
             strategy=strategy.name,
         )
 
-    async def publish_proposal(
+    def accept(
         self,
         state: CampaignState,
         rt: CampaignRuntime,
@@ -232,8 +238,8 @@ class WaveMaker:
         proposal: Proposal,
         strategy: str,
         known: set[str],
-    ) -> bool:
-        """Validate, store and publish one proposal; False when it was rejected."""
+    ) -> VariantProposed | None:
+        """The event of a proposal that passes validation; None when it was rejected."""
         reasons = validate_source(
             proposal.source,
             campaign=state.name,
@@ -243,25 +249,20 @@ class WaveMaker:
         )
         if reasons:
             rt.log.warning("proposal_rejected", title=proposal.title, reasons=reasons)
-            return False
+            return None
         variant_id = variant_id_for(state.name, proposal.source)
         known.add(variant_id)
-        digest = await self.bus.put_source(proposal.source)
-        await self.publish_variant(
-            rt,
-            VariantProposed(
-                **variant_keys(state.name, variant_id),
-                parent_id=proposal.parent_id,
-                source_digest=digest,
-                diff=unified_diff(request.parent_source, proposal.source, state.config.edit_file),
-                title=proposal.title,
-                rationale=proposal.rationale,
-                proposer=strategy,
-                wave=request.wave,
-                llm_cost=proposal.llm_cost,
-            ),
+        return VariantProposed(
+            **variant_keys(state.name, variant_id),
+            parent_id=proposal.parent_id,
+            source_digest=source_digest(proposal.source),
+            diff=unified_diff(request.parent_source, proposal.source, state.config.edit_file),
+            title=proposal.title,
+            rationale=proposal.rationale,
+            proposer=strategy,
+            wave=request.wave,
+            llm_cost=proposal.llm_cost,
         )
-        return True
 
     async def publish_variant(self, rt: CampaignRuntime, event: VariantProposed) -> None:
         """Publish, and fold the variant in at once (the replay will bring it again);

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -131,30 +131,44 @@ class Launcher:
         log = self.log.bind(
             campaign=work.campaign.campaign, variant_id=work.variant_id, run_id=work.run_id
         )
-        if await self.bus.campaigns.is_stopped(work.campaign.campaign):
-            log.info("run_skipped", reason="campaign stopped")
-            return
         if work.run_id in self.running:
             log.info("run_already_running")
             return
-        if await self.bus.campaigns.is_finished(work.campaign.campaign, work.run_id):
-            log.info("run_already_finished", attempt=attempt)  # a message published again
-            return
-        if not self.free_slots:
-            raise TransientError(f"run {work.run_id}: no free slot on {self.launcher_id}")
-        slot = self.free_slots.pop(0)
-        self.running[work.run_id] = work.campaign.campaign
+        # The reads a run needs go out together (one round trip, not one after another);
+        # the source is read ahead, and used only if the run goes ahead.
+        source = asyncio.ensure_future(self.bus.get_source(work.source_digest))
         try:
-            await self.execute(work, attempt, slot, log)
+            stopped, finished = await asyncio.gather(
+                self.bus.campaigns.is_stopped(work.campaign.campaign),
+                self.bus.campaigns.is_finished(work.campaign.campaign, work.run_id),
+            )
+            if stopped:
+                log.info("run_skipped", reason="campaign stopped")
+                return
+            if finished:
+                log.info("run_already_finished", attempt=attempt)  # a message published again
+                return
+            if not self.free_slots:
+                raise TransientError(f"run {work.run_id}: no free slot on {self.launcher_id}")
+            slot = self.free_slots.pop(0)
+            self.running[work.run_id] = work.campaign.campaign
+            try:
+                await self.execute(work, attempt, slot, log, source)
+            finally:
+                self.running.pop(work.run_id, None)
+                self.free_slots.append(slot)
         finally:
-            self.running.pop(work.run_id, None)
-            self.free_slots.append(slot)
+            if not source.done():
+                source.cancel()
+            source.add_done_callback(_retrieve)
 
     # --- one run --------------------------------------------------------------------------
 
-    async def execute(self, work: Work, attempt: int, slot: int, log: Any) -> None:
+    async def execute(
+        self, work: Work, attempt: int, slot: int, log: Any, source: Awaitable[str]
+    ) -> None:
         try:
-            job = await self.fetch_job(work, slot)
+            job = await self.fetch_job(work, slot, source)
         except (KeyError, HarnessError) as exc:
             now = time.time()
             reason = missing_reason(work, exc)
@@ -224,10 +238,10 @@ class Launcher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await running
 
-    async def fetch_job(self, work: Work, slot: int) -> Job:
+    async def fetch_job(self, work: Work, slot: int, source_read: Awaitable[str]) -> Job:
         """The job with its source, harness and reference; KeyError or HarnessError if gone."""
         camp = work.campaign
-        source = await self.bus.get_source(work.source_digest)
+        source = await source_read
         harness_dir = await self.harness.get(camp.harness_key)
         reference = await self.load_reference(camp)
         return Job(
@@ -305,6 +319,12 @@ class Launcher:
             )
 
         return on_line
+
+
+def _retrieve(task: asyncio.Future[str]) -> None:
+    """Mark a read-ahead's failure as seen (the run did not go ahead, or reported it)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def missing_reason(work: Work, exc: KeyError | HarnessError) -> str:

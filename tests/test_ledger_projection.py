@@ -26,7 +26,7 @@ from services.contracts.events import event_id_for, run_id_for
 from services.ledger import keep, queries
 from services.ledger.apply import Unreferenced
 from services.ledger.db import open_db
-from services.ledger.projection import apply_event, projected_types
+from services.ledger.projection import Pending, apply_event, apply_events, projected_types
 from tests.synthetic import SEED_SOURCE, Item, campaign_started, proposal_of, synthetic_campaign
 from tests.synthetic import run_events as synthetic_run
 
@@ -117,6 +117,38 @@ def test_apply_twice_changes_nothing_and_returns_same_outbox(tmp_path: Path) -> 
     top = bests(out_once)[0]
     assert isinstance(top, BestUpdated)
     assert top.event_id == event_id_for("best", "synthetic", top.variant_id)
+
+
+def test_a_batch_in_one_transaction_is_the_same_as_one_event_at_a_time(tmp_path: Path) -> None:
+    """apply_events (the live ledger's batches) leaves the same tables and outboxes as
+    apply_event on each in turn: repeats inside a batch and across batches count once,
+    and a refused event (a result of a variant never proposed) is rolled back alone."""
+    items = synthetic_campaign(variants=12, seed=4)
+    forged = _result("f" * 16, "ok", 0.0001)[2][0]  # names a variant no one proposed
+    stream: list[Item] = []
+    for i, item in enumerate(items):
+        stream.append(item)
+        if i % 5 == 2:
+            stream.append(item)  # delivered again
+        if i == len(items) // 2:
+            stream.append((forged, None, None))
+    one_by_one = open_db(tmp_path / "serial.db")
+    serial: list[list[Event] | str] = []
+    for event, source, log in stream:
+        try:
+            serial.append(apply_event(one_by_one, event, source_text=source, log_text=log))
+        except Unreferenced as exc:
+            serial.append(exc.reason)
+    batched = open_db(tmp_path / "batched.db")
+    together: list[list[Event] | str] = []
+    for start in range(0, len(stream), 7):  # batches of 7: repeats straddle their edges
+        chunk = [Pending(e, s, t) for e, s, t in stream[start : start + 7]]
+        for result in apply_events(batched, chunk):
+            together.append(result.reason if isinstance(result, Unreferenced) else result)  # type: ignore[arg-type]
+    assert together == serial
+    assert sum(isinstance(r, str) for r in serial) == 1
+    assert dump(batched) == dump(one_by_one)
+    assert not batched.in_transaction
 
 
 def test_event_without_id_is_applied_once(conn: sqlite3.Connection) -> None:

@@ -182,9 +182,20 @@ def measured_noise(conn: sqlite3.Connection, campaign: str, tier: str) -> tuple[
 
 
 def measure_noise(
-    conn: sqlite3.Connection, campaign: str, tier: str, ts: float
+    conn: sqlite3.Connection, campaign: str, tier: str, ts: float, variant_id: str = ""
 ) -> list[NoiseMeasured]:
-    """Pool the spread of every variant run more than once on the tier; an event when it moved."""
+    """Pool the spread of every variant run more than once on the tier; an event when it moved.
+
+    After a result of `variant_id`: a variant with one run on the tier is in no group,
+    before its result or after, so the pool cannot have moved (and is not scanned again:
+    a scan of every result per result grew with the campaign).
+    """
+    if variant_id:
+        runs = conn.execute(
+            "SELECT COUNT(*) FROM results WHERE variant_id = ? AND tier = ?", (variant_id, tier)
+        ).fetchone()[0]
+        if runs < 2:
+            return []
     rows = conn.execute(
         "SELECT variant_id, value FROM results WHERE campaign = ? AND tier = ? AND status = 'ok' "
         "AND value IS NOT NULL AND variant_id IN (SELECT variant_id FROM results "

@@ -34,8 +34,9 @@ from services.contracts import (
 from services.ledger import queries
 from services.ledger.api import create_app
 from services.ledger.apply import Unreferenced
+from services.ledger.batcher import Batcher
 from services.ledger.db import open_db
-from services.ledger.projection import apply_event, seen
+from services.ledger.projection import Pending, seen
 from services.settings import Settings
 from services.telemetry import fields_of, get_logger, tracer
 
@@ -74,8 +75,8 @@ class Projector:
     """Fetches the objects an event names, applies it, publishes what it decided.
 
     Several deliveries may be in hand at once so that their objects are fetched in
-    parallel, but events are applied (and their outbox published) one at a time, in the
-    order they were delivered: each handler waits for the one delivered before it.
+    parallel; each handler submits its event once the one delivered before it has, so the
+    batcher applies them (and publishes their outboxes) in the order they were delivered.
     """
 
     def __init__(self, conn: sqlite3.Connection, bus: Bus) -> None:
@@ -84,6 +85,7 @@ class Projector:
         # Loggers are made after logging is configured (a module-level one would not be).
         self.log = get_logger(service="ledger")
         self._tail: asyncio.Future[None] | None = None
+        self.batcher = Batcher(conn, bus, on_published=self._log_published)
 
     def handlers(self) -> dict[type[Event], Handler]:
         """The consumer's mapping: every stored event type; the two that name an object
@@ -108,31 +110,32 @@ class Projector:
         delivery: Delivery,
         fetch: Callable[[EventT], Awaitable[Objects]] | None,
     ) -> None:
-        """Fetch (in parallel with the others in hand), then apply and publish in order."""
-        prev, done = self._tail, asyncio.get_running_loop().create_future()
-        self._tail = done
+        """Fetch (in parallel with the others in hand), then submit in delivery order to
+        the batcher, which applies and publishes; refused: wait or dead-letter."""
+        prev, queued = self._tail, asyncio.get_running_loop().create_future()
+        self._tail = queued
         try:
             fetched = NO_OBJECTS
             if fetch is not None and not seen(self.conn, event):
                 fetched = await fetch(event)
             if prev is not None:
                 await asyncio.shield(prev)
-            try:
-                with tracer().start_as_current_span(
-                    "record and decide" if isinstance(event, ResultEvaluated) else "record"
-                ) as span:
-                    outbox = apply_event(
-                        self.conn, event, source_text=fetched.source_text, log_text=fetched.log_text
-                    )
-                    kept = any(isinstance(published, BestUpdated) for published in outbox)
+            with tracer().start_as_current_span(
+                "record and decide" if isinstance(event, ResultEvaluated) else "record"
+            ) as span:
+                pending = Pending(event, fetched.source_text, fetched.log_text)
+                answer = self.batcher.submit(pending)
+                _release_after(queued, prev)  # queued: the next one may follow it
+                result = await asyncio.shield(answer)
+                if not isinstance(result, Exception):
+                    kept = any(isinstance(published, BestUpdated) for published in result)
                     span.set_attribute("best_updated", kept)
-            except Unreferenced as exc:
-                await self._refuse(exc, delivery)
-            for published in outbox:
-                await self.bus.publish(published)
-                self._log_published(published)
         finally:
-            _release_after(done, prev)
+            _release_after(queued, prev)
+        if isinstance(result, Unreferenced):
+            await self._refuse(result, delivery)
+        if isinstance(result, Exception):
+            raise result
 
     def _log_published(self, event: Event) -> None:
         if isinstance(event, BestUpdated):

@@ -61,7 +61,7 @@ def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> Outbox:
         "UPDATE variants SET value = ?, ok_runs = ? WHERE variant_id = ?",
         (keep.mean(ok_top) if ok_top else None, len(ok_top), ev.variant_id),
     )
-    out: Outbox = list(measure_noise(conn, ev.campaign, ev.tier, ev.ts))
+    out: Outbox = list(measure_noise(conn, ev.campaign, ev.tier, ev.ts, ev.variant_id))
     if camp["best_variant_id"] == ev.variant_id:
         best_ok = ok_values(conn, ev.variant_id, ev.tier) if ev.tier == tiers[-1] else []
         if best_ok:  # a replicate of the best on the deciding tier refines its mean

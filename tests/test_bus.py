@@ -17,6 +17,7 @@ from services.bus import (
     Delivery,
     PoisonError,
     TransientError,
+    gather_limited,
     handlers_of,
 )
 from services.contracts import BestUpdated, CampaignStopped, DeadLettered, ProposerHalted
@@ -271,3 +272,46 @@ async def test_credentials_from_settings(tmp_path: Any) -> None:
         assert time.monotonic() - started < 5
     finally:
         server.stop()
+
+
+async def test_gather_limited_keeps_order_and_the_limit_and_raises_after_all() -> None:
+    running, peak, finished = [0], [0], []
+
+    async def call(i: int) -> int:
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await asyncio.sleep(0.001 * (i % 3))
+        running[0] -= 1
+        finished.append(i)
+        if i == 4:
+            raise TransientError("broker away")
+        return i * 10
+
+    assert await gather_limited((call(i) for i in range(4)), limit=2) == [0, 10, 20, 30]
+    assert peak[0] == 2
+    finished.clear()
+    with pytest.raises(TransientError, match="broker away"):
+        await gather_limited((call(i) for i in range(10)), limit=3)
+    assert sorted(finished) == list(range(10))  # the failure did not stop the others
+
+
+async def test_a_pipelined_batch_of_publishes_is_stored_in_order(bus: Bus) -> None:
+    events = [
+        ProposerHalted(campaign="order", event_id=f"halt-{i}", reason="budget", detail=str(i))
+        for i in range(300)
+    ]
+    first = await bus.last_seq()
+    await gather_limited(bus.publish(e) for e in events)
+    assert await bus.last_seq() == first + 300
+    seen: list[str] = []
+
+    async def on_halt(event: ProposerHalted, _: Delivery) -> None:
+        if event.campaign == "order":
+            seen.append(event.detail)
+
+    stop = asyncio.Event()
+    follow = asyncio.create_task(bus.follow({ProposerHalted: on_halt}, stop=stop))
+    await eventually(lambda: len(seen) == 300)
+    stop.set()
+    await follow
+    assert seen == [str(i) for i in range(300)]

@@ -296,3 +296,18 @@ def test_grid_beats_the_seed_on_the_sim_landscape() -> None:
         )
         gained = truth(seed) - truth(best)
         assert gained > noise, f"sim seed {sim_seed}: gained only {gained:.5f}"
+
+
+def test_a_thousand_slot_fleet_gets_a_first_wave_of_wider_screens() -> None:
+    """Before any result the list holds some 400 points of the seed; a fleet of 1,024
+    slots (plus its look-ahead) asks for 1,280: 2x2 screens of finer steps and 2x2x2
+    screens fill it, every one distinct and valid. A small fleet never sees them."""
+    seed = (Path(__file__).resolve().parents[1] / "trainer" / "train.py").read_text()
+    wave = GridStrategy("cpu").plan(request(seed, k=1280))
+    ids = {variant_id_for("c", p.source) for p in wave}
+    assert len(wave) == len(ids) == 1280
+    assert max(len(parse_title(p.title) or ()) for p in wave) == 3
+    assert all(p.title.count("+") == len(parse_title(p.title) or ()) - 1 for p in wave)
+    small = GridStrategy("cpu").plan(request(seed, k=200))
+    assert len(small) == 200 and max(p.title.count("+") for p in small) <= 1
+    assert [p.title for p in small] == [p.title for p in wave[:200]]

@@ -15,6 +15,9 @@ Every wave is planned from the request alone (deterministic, restart-safe):
 4. The top candidates: moves tried before that came out within the noise of their parent,
    re-run on the current parent (the best first), then the other neutral ones.
 5. Last: a 2x2 screen over pairs of coarse moves that neither failed nor lost, then losers.
+6. Only for a fleet wider than that whole list (a thousand slots or more: the variants in
+   flight and asked for outnumber every candidate above), after all of it:
+   2x2 screens of the next finer steps, then 2x2x2 screens of coarse moves.
 
 Every candidate is checked against the knobs' domains and the trainer's batch rule on the
 profile; a move that failed is never combined again. A move is written in the title as
@@ -28,19 +31,20 @@ import hashlib
 import itertools
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.contracts import variant_id_for
 from services.contracts.knobs import Domain, domain_of, invalid_reason
 from services.proposer.constants import Constant, find_constants, format_value, rewrite
 from services.proposer.refine import Minimum, Sample, minimum_of, move_to, offset_of, text_value
-from services.proposer.steps import COARSE, FINEST, LEVELS, step_values, tunable
+from services.proposer.steps import FINEST, LEVELS, step_values, tunable
 from services.proposer.strategy import Proposal, ProposalRequest, StrategyExhausted
 
 MAX_FACTORS = 3  # 2x2x2 at most
 RERUN_TOP = 3  # the top candidates (tried, within the noise) re-run on a new best
 
-ID_CACHE = 50_000  # candidate variant ids remembered (some 20 MB at most)
+WIDE_FLEET = 256  # variants in flight and asked for, beyond which wider screens may be drawn
+ID_CACHE = 100_000  # candidates remembered (some 40 MB at most)
 
 _MOVE = re.compile(r"([A-Z][A-Z0-9_]*) (\S+) -> (\S+)")
 
@@ -211,27 +215,39 @@ def _refinements(
 
 
 def _pairwise(
-    consts: list[Constant], outcomes: _Outcomes, rng: random.Random
+    consts: list[Constant], outcomes: _Outcomes, rng: random.Random, level: int = 0, size: int = 2
 ) -> list[tuple[Move, ...]]:
-    """Two-factor screening points (coarse steps of two constants at once), the last
-    resort once the one-factor neighbourhood and the refinement are used up: a move that
-    failed or lost is not combined again."""
+    """Screening points (steps of `size` constants at once, at the steps of `level`: coarse
+    by default), the last resort once the one-factor neighbourhood and the refinement are
+    used up: a move that failed or lost is not combined again."""
     head = _head_dim(consts)
     singles = [
         move
         for c in consts
-        for v in step_values(c, head, COARSE, 0)
+        for v in step_values(c, head, LEVELS[level], level)
         for move in (Move(c.name, c.text, format_value(c, v)),)
         if move not in outcomes.failed and outcomes.gains.get(move, 0.0) >= 0
     ]
-    pairs = [
-        tuple(sorted((a, b), key=lambda m: m.name))
-        for i, a in enumerate(singles)
-        for b in singles[i + 1 :]
-        if a.name != b.name
+    points = [
+        tuple(sorted(group, key=lambda m: m.name))
+        for group in itertools.combinations(singles, size)
+        if len({m.name for m in group}) == size
     ]
-    rng.shuffle(pairs)
-    return pairs
+    rng.shuffle(points)
+    return points
+
+
+def _wide_screens(
+    consts: list[Constant], outcomes: _Outcomes, rng: random.Random
+) -> list[tuple[Move, ...]]:
+    """For a fleet larger than every other candidate (a first wave of 1,000 slots or more):
+    2x2 screens of the next finer steps, then 2x2x2 screens of the coarse ones, then of
+    the finer ones."""
+    return [
+        *_pairwise(consts, outcomes, rng, level=1),
+        *_pairwise(consts, outcomes, rng, size=3),
+        *_pairwise(consts, outcomes, rng, level=1, size=3),
+    ]
 
 
 def _rationale(
@@ -241,7 +257,7 @@ def _rationale(
     where += f", {request.metric} {request.best_value:.6f})" if request.best_value else ")"
     labels = " and ".join(m.label for m in moves)
     if kind == "screen":
-        return f"two-factor screening point around {where}: {labels}"
+        return f"{len(moves)}-factor screening point around {where}: {labels}"
     if kind == "refine":
         return (
             f"refinement around {where}: {labels}, towards where the parabola fitted to the "
@@ -278,8 +294,9 @@ def _rejected(
 
 def _candidates(
     request: ProposalRequest, consts: list[Constant], domains: dict[str, Domain]
-) -> tuple[list[tuple[tuple[Move, ...], str]], _Outcomes]:
-    """Every candidate in the order the grid proposes them, with its kind."""
+) -> tuple[list[tuple[tuple[Move, ...], str]], _Outcomes, random.Random]:
+    """Every candidate in the order the grid proposes them, with its kind (and the random
+    order's generator, for the wide screens drawn after them when a fleet needs more)."""
     outcomes = _outcomes(request, domains)
     busy = {m for title in request.in_flight_titles for m in parse_title(title) or ()}
     seed = hashlib.sha256(f"{request.campaign}\0{request.parent_id}".encode()).digest()
@@ -294,7 +311,20 @@ def _candidates(
         (_pairwise(consts, outcomes, rng), "screen"),
         (losers, "single"),
     ]
-    return [(moves, kind) for group, kind in ordered for moves in group], outcomes
+    return [(moves, kind) for group, kind in ordered for moves in group], outcomes, rng
+
+
+@dataclass
+class _Wave:
+    """One plan in the making: what it reads, and the proposals so far."""
+
+    request: ProposalRequest
+    found: list[Constant]
+    values: dict[str, int | float]
+    domains: dict[str, Domain]
+    outcomes: _Outcomes
+    known: set[str]
+    proposals: list[Proposal] = field(default_factory=list)
 
 
 class GridStrategy:
@@ -304,14 +334,40 @@ class GridStrategy:
 
     def __init__(self, profile: str = "") -> None:
         self.profile = profile
-        # (campaign, parent, moves) -> the candidate's variant id, or None when it rewrites
-        # to its parent: a wave re-reads the same candidates for as long as the best holds,
+        # (campaign, parent, moves) -> the candidate's variant id, or None when it is invalid
+        # or rewrites to its parent: a wave re-reads the same candidates for as long as the best holds,
         # and rewriting and hashing each again was most of a wave's time at 1,000 slots.
         self._ids: dict[tuple[str, str, tuple[Move, ...]], str | None] = {}
         self._constants: tuple[str, list[Constant]] | None = None
 
     async def propose(self, request: ProposalRequest) -> list[Proposal]:
         return self.plan(request)
+
+    def _take(self, wave: _Wave, moves: tuple[Move, ...], kind: str) -> None:
+        """Add the candidate to the wave unless it is known, the parent, or invalid."""
+        request = wave.request
+        key = (request.campaign, request.parent_id, moves)
+        if key in self._ids and (self._ids[key] is None or self._ids[key] in wave.known):
+            return  # known, invalid or the parent itself, without rewriting the parent
+        if len(self._ids) >= ID_CACHE:
+            self._ids.clear()
+        if _rejected(moves, wave.values, wave.domains, self.profile):
+            self._ids[key] = None
+            return  # a value no trainer accepts (a batch that is no whole number of rows)
+        source = rewrite(request.parent_source, {m.name: m.new for m in moves}, wave.found)
+        variant_id = variant_id_for(request.campaign, source)
+        self._ids[key] = None if source == request.parent_source else variant_id
+        if source == request.parent_source or variant_id in wave.known:
+            return
+        wave.known.add(variant_id)
+        wave.proposals.append(
+            Proposal(
+                title=title_of(moves),
+                source=source,
+                parent_id=request.parent_id,
+                rationale=_rationale(moves, kind, request, wave.outcomes),
+            )
+        )
 
     def constants_of(self, source: str) -> list[Constant]:
         """find_constants of the parent, kept while the parent stays the same."""
@@ -330,33 +386,22 @@ class GridStrategy:
             ) from exc
         domains = {c.name: domain_of(c.name, c.value) for c in consts}
         values = {c.name: c.value for c in consts}
-        candidates, outcomes = _candidates(request, consts, domains)
-        known = set(request.known_ids)
-        proposals: list[Proposal] = []
+        candidates, outcomes, rng = _candidates(request, consts, domains)
+        wave = _Wave(request, found, values, domains, outcomes, set(request.known_ids))
         for moves, kind in candidates:
-            if len(proposals) >= request.k:
+            if len(wave.proposals) >= request.k:
                 break
-            if _rejected(moves, values, domains, self.profile):
-                continue  # a value no trainer accepts (a batch that is no whole number of rows)
-            key = (request.campaign, request.parent_id, moves)
-            if key in self._ids and (self._ids[key] is None or self._ids[key] in known):
-                continue  # known (or the parent itself) without rewriting the parent
-            source = rewrite(request.parent_source, {m.name: m.new for m in moves}, found)
-            variant_id = variant_id_for(request.campaign, source)
-            if len(self._ids) >= ID_CACHE:
-                self._ids.clear()
-            self._ids[key] = None if source == request.parent_source else variant_id
-            if source == request.parent_source or variant_id in known:
-                continue
-            known.add(variant_id)
-            proposals.append(
-                Proposal(
-                    title=title_of(moves),
-                    source=source,
-                    parent_id=request.parent_id,
-                    rationale=_rationale(moves, kind, request, outcomes),
-                )
-            )
+            self._take(wave, moves, kind)
+        # A fleet wider than the grid's whole list (in flight and asked for: about its
+        # slots and look-ahead) draws on wider screens; a small one never does.
+        wanted = request.k + len(request.in_flight_titles)
+        wide = wanted > max(len(candidates), WIDE_FLEET)
+        if wide and len(wave.proposals) < request.k:
+            for moves in _wide_screens(consts, outcomes, rng):
+                if len(wave.proposals) >= request.k:
+                    break
+                self._take(wave, moves, "screen")
+        proposals = wave.proposals
         if not proposals and not request.in_flight_titles and request.k > 0:
             raise StrategyExhausted(
                 f"every grid point around {request.parent_id} has been tried "

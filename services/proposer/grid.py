@@ -27,6 +27,7 @@ the results back.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import random
@@ -64,8 +65,10 @@ def title_of(moves: tuple[Move, ...]) -> str:
     return " + ".join(m.label for m in moves)
 
 
+@functools.lru_cache(maxsize=65536)
 def parse_title(title: str) -> tuple[Move, ...] | None:
-    """The moves a grid title names; None for a title the grid did not write."""
+    """The moves a grid title names; None for a title the grid did not write (cached: every
+    wave reads the titles of every result and of every variant in flight)."""
     moves = []
     for part in title.split(" + "):
         match = _MOVE.fullmatch(part)

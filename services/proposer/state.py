@@ -76,6 +76,8 @@ class CampaignState:
     # was most of the proposer's time at 1,000 slots.
     unsettled: dict[str, None] = field(default_factory=dict)
     undecided_ids: dict[str, None] = field(default_factory=dict)
+    # Each finished variant's row as the strategy sees it, until its variant or results change.
+    row_cache: dict[str, ResultRow] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -134,6 +136,8 @@ class CampaignState:
         The value is the mean over the ok runs on replica 0's tier; among several attempts
         of replica 0 the latest non-infra one counts (infra only when nothing else came).
         """
+        if variant_id in self.row_cache:
+            return self.row_cache[variant_id]
         runs = self.results.get(variant_id)
         if not runs:
             return None
@@ -144,7 +148,7 @@ class CampaignState:
             for r in runs.values()
             if r.status == "ok" and r.value is not None and r.tier == primary.tier
         ]
-        return ResultRow(
+        row = self.row_cache[variant_id] = ResultRow(
             variant_id=variant_id,
             title=variant.title if variant else "",
             status="ok" if ok else primary.status,
@@ -153,6 +157,7 @@ class CampaignState:
             parent_id=variant.parent_id if variant else None,
             finished_at=max(r.ts for r in runs.values()),
         )
+        return row
 
     def rows(self) -> list[ResultRow]:
         """Every finished variant, oldest result first; a variant still undecided (the keep
@@ -272,6 +277,7 @@ class History:
             )
             if not state.settled(event.variant_id):  # its result may have come first
                 state.unsettled[event.variant_id] = None
+            state.row_cache.pop(event.variant_id, None)
             if event.llm_cost is not None:
                 state.llm_usd[event.variant_id] = event.llm_cost.usd
                 state.llm_waves.add(event.wave)
@@ -282,6 +288,7 @@ class History:
         if state is None:
             return None
         state.results.setdefault(event.variant_id, {})[(event.run_id, event.attempt)] = event
+        state.row_cache.pop(event.variant_id, None)
         if state.settled(event.variant_id):
             state.unsettled.pop(event.variant_id, None)
         state.last_change = max(state.last_change, event.ts)

@@ -156,6 +156,7 @@ class Topology:
     proposers: int = 1
     launchers: int = 1
     profile_dir: str = ""  # each service writes its cProfile statistics here when set
+    keep_dir: str = ""  # the ledger, logs and stream are kept here (a new folder) when set
 
     def processes(self, settings: Settings) -> list[tuple[str, str, Settings]]:
         """(label, service, settings) of each process."""
@@ -216,13 +217,13 @@ async def fleet_bench(
 ) -> FleetReport:
     experiments = experiments or slots * 6
     run_seconds = run_seconds or default_run_seconds(slots)
+    topology = topology or Topology()
     with tempfile.TemporaryDirectory(prefix="nightshift-bench-") as tmp:
-        home = Path(tmp)
+        home = Path(topology.keep_dir or tmp)
+        home.mkdir(parents=True, exist_ok=True)
         server = EmbeddedNats(home / "nats").start()
         try:
-            return await _bench(
-                home, server, slots, experiments, run_seconds, processes, topology or Topology()
-            )
+            return await _bench(home, server, slots, experiments, run_seconds, processes, topology)
         finally:
             server.stop()
 
@@ -235,16 +236,26 @@ def default_run_seconds(slots: int) -> float:
 
 
 async def _sample_ledger(
-    bus: Bus, samples: list[tuple[float, int, int]], stop: asyncio.Event
+    bus: Bus, samples: list[tuple[float, int, int]], stop: asyncio.Event, trace: Path | None
 ) -> None:
-    """Every 0.5 s: (time, the ledger's ack floor, events stored but not yet applied)."""
+    """Every 0.5 s: (time, the ledger's ack floor, events stored but not yet applied); with
+    `trace`, also the work queued for the launchers, one line per sample (a diagnostic)."""
+    lines: list[str] = []
     while not stop.is_set():
         with contextlib.suppress(*NATS_FAILURES):
             lag = await bus.consumer_lag("ledger")
             if lag is not None:
                 samples.append((time.monotonic(), lag.acked_seq, lag.pending + lag.ack_pending))
+            if trace is not None:
+                work = await bus.consumer_lag("launcher-default")
+                queued = (work.pending, work.ack_pending) if work is not None else (0, 0)
+                lines.append(
+                    f"{time.time():.2f}\t{samples[-1][2] if samples else 0}\t{queued[0]}\t{queued[1]}"
+                )
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=0.5)
+    if trace is not None:
+        trace.write_text("time\tledger_lag\twork_pending\twork_in_hand\n" + "\n".join(lines) + "\n")
 
 
 async def _bench(
@@ -271,7 +282,8 @@ async def _bench(
     follower = asyncio.create_task(bus.follow(observed.handlers(), stop=stop))
     samples: list[tuple[float, int, int]] = []
     sampling = asyncio.Event()
-    sampler = asyncio.create_task(_sample_ledger(bus, samples, sampling))
+    trace = home / "samples.tsv" if topology.keep_dir else None
+    sampler = asyncio.create_task(_sample_ledger(bus, samples, sampling, trace))
     t0, t0_wall = time.monotonic(), time.time()
     await start_campaign(bus, settings)
     await observed.stopped.wait()

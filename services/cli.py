@@ -154,6 +154,11 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default="",
         help="write each service process's cProfile statistics (<name>-<pid>.prof) here",
     )
+    fleet.add_argument(
+        "--keep-dir",
+        default="",
+        help="keep the ledger, the services' logs and the stream in this (new) folder",
+    )
     fleet.add_argument("--json", action="store_true", help="print one JSON object")
     chaos = bench_sub.add_parser(
         "chaos", help="a sim campaign while every service and nats-server are SIGKILLed"
@@ -289,6 +294,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             args.proposers,
             args.launchers,
             os.path.abspath(args.profile_dir) if args.profile_dir else "",
+            os.path.abspath(args.keep_dir) if args.keep_dir else "",
         )
         report = asyncio.run(
             fleet_bench(

@@ -175,6 +175,10 @@ async def test_small_objects_are_read_directly_and_agree_with_the_store(bus: Bus
         assert bytes((await store.get(key)).data or b"") == data
     await bus.logs.put("small", b"replaced")
     assert await bus.logs.get("small") == b"replaced"
+    assert bytes((await store.get("small")).data or b"") == b"replaced"
+    info = await bus.logs.js.stream_info("OBJ_logs", subjects_filter="$O.logs.C.>")
+    chunks = info.state.subjects or {}
+    assert len(chunks) == 2  # "small" (its first chunk purged when replaced) and "big"'s
     with pytest.raises(KeyError):
         await bus.logs.get("absent")
 

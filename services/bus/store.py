@@ -12,12 +12,15 @@ read for anything else (several chunks, a link).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import json
 import re
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 import nats.errors
@@ -32,6 +35,8 @@ from services.bus.errors import BROKER_AWAY, while_broker_away
 from services.contracts import CampaignStarted, ContractError
 
 H = TypeVar("H", ObjectStore, KeyValue)
+
+SMALL_OBJECT = 128 * 1024  # nats-py's chunk size: an object this small is one chunk
 
 # A lease call gives up (TransientError) this soon: an unrenewed lease lapses anyway.
 LEASE_CALL_S = 1.0
@@ -91,9 +96,57 @@ class ObjectBucket(Declared[ObjectStore]):
     async def put(self, key: str, data: bytes) -> None:
         async def put() -> None:
             store = await self.declare()
-            await store.put(key, data)
+            if len(data) <= SMALL_OBJECT:
+                await self._put_small(key, data)
+            else:
+                await store.put(key, data)
 
         await while_broker_away(put, what=f"put {self.name}/{key}")
+
+    async def _put_small(self, key: str, data: bytes) -> None:
+        """A one-chunk object as nats-py's put stores it (chunk, then meta rolling up the old
+        one, then the old chunk purged), with the old meta read while the chunk is stored:
+        two round trips instead of three, and no 128 KiB buffer per put."""
+        stream = f"OBJ_{self.name}"
+        meta_subject = f"$O.{self.name}.M.{base64.urlsafe_b64encode(key.encode()).decode()}"
+        nuid = uuid.uuid4().hex
+        chunk_subject = f"$O.{self.name}.C.{nuid}"
+        info = api.ObjectInfo(
+            name=key,
+            bucket=self.name,
+            nuid=nuid,
+            size=len(data),
+            chunks=1 if data else 0,
+            mtime=datetime.now(UTC).isoformat(),
+            digest="SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode(),
+            options=api.ObjectMetaOptions(max_chunk_size=SMALL_OBJECT),
+        )
+        old_meta, _ = await asyncio.gather(
+            self._last_meta(stream, meta_subject),
+            self.js.publish(chunk_subject, data) if data else asyncio.sleep(0),
+        )
+        try:
+            await self.js.publish(
+                meta_subject,
+                json.dumps(info.as_dict()).encode(),
+                headers={api.Header.ROLLUP: "sub"},
+            )
+        except BaseException:
+            with contextlib.suppress(*BROKER_AWAY, nats.js.errors.Error):
+                await self.js.purge_stream(stream, subject=chunk_subject)
+            raise
+        old = old_meta or {}
+        old_nuid = str(old.get("nuid") or "")
+        if old_nuid and old_nuid != nuid and not old.get("deleted"):
+            await self.js.purge_stream(stream, subject=f"$O.{self.name}.C.{old_nuid}")
+
+    async def _last_meta(self, stream: str, meta_subject: str) -> dict[str, object] | None:
+        try:
+            msg = await self.js.get_last_msg(stream, meta_subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        meta = json.loads(msg.data or b"{}")
+        return meta if isinstance(meta, dict) else None
 
     async def get(self, key: str) -> bytes:
         """Bytes of an object; KeyError if it does not exist."""

@@ -62,6 +62,10 @@ async def while_broker_away(
     Past the deadline the failure becomes a TransientError naming the operation, so a
     handler's message is redelivered instead of lost.
     """
+    try:  # the first try without the retry machinery (it costs ~0.1 ms of CPU per call)
+        return await op()
+    except BROKER_AWAY:
+        pass
     try:
         async for attempt in stamina.retry_context(
             on=BROKER_AWAY,

@@ -52,7 +52,7 @@ class Fleet:
     async def publish_status(self, leaving: bool = False) -> None:
         launcher = self.launcher
         slots = launcher.backend.slots  # runs queued behind a busy GPU (pre-submitted) are not busy
-        busy = min(slots, len(launcher.running))
+        busy = min(slots, launcher.slots.busy)
         if leaving:
             slots = busy = 0
         queued = await self.count_queued()

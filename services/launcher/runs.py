@@ -24,6 +24,7 @@ from services import contracts as c
 from services.bus import Bus, Delivery, PoisonError, TransientError
 from services.launcher.backend import Backend, Job, LineCallback, RunOutcome, log_tail
 from services.launcher.harness import HarnessCache, HarnessError
+from services.launcher.slots import Slot, SlotPool
 from services.metrics import record_gpu_cost, record_run_started
 from services.telemetry import annotate_span, get_logger
 
@@ -95,7 +96,7 @@ class Launcher:
         self.gpu_usd_per_hour = gpu_usd_per_hour
         self.log = get_logger(component="launcher", launcher_id=launcher_id)
         self.running: dict[str, str] = {}  # run_id -> campaign
-        self.free_slots = list(range(backend.intake))
+        self.slots = SlotPool(backend.intake)
         self.references: dict[str, str] = {}  # campaign -> its seed source (sim only)
         self.stopping = False  # set on shutdown: runs in hand are handed back, not reported
         self.background = Background()
@@ -138,35 +139,45 @@ class Launcher:
         # the source is read ahead, and used only if the run goes ahead.
         source = asyncio.ensure_future(self.bus.get_source(work.source_digest))
         try:
-            stopped, finished = await asyncio.gather(
-                self.bus.campaigns.is_stopped(work.campaign.campaign),
-                self.bus.campaigns.is_finished(work.campaign.campaign, work.run_id),
-            )
-            if stopped:
-                log.info("run_skipped", reason="campaign stopped")
+            if not await self.still_wanted(work, attempt, log):
                 return
-            if finished:
-                log.info("run_already_finished", attempt=attempt)  # a message published again
+            waited = not self.slots.free
+            slot = await self.slots.take(lambda: self.stopping, f"run {work.run_id}")
+            # Work that waited for a slot is checked again: it may have been run or stopped.
+            if work.run_id in self.running or (
+                waited and not await self.still_wanted(work, attempt, log)
+            ):
+                slot.release()
                 return
-            if not self.free_slots:
-                raise TransientError(f"run {work.run_id}: no free slot on {self.launcher_id}")
-            slot = self.free_slots.pop(0)
             self.running[work.run_id] = work.campaign.campaign
             try:
                 await self.execute(work, attempt, slot, log, source)
             finally:
                 self.running.pop(work.run_id, None)
-                self.free_slots.append(slot)
+                slot.release()
         finally:
             if not source.done():
                 source.cancel()
             source.add_done_callback(_retrieve)
 
+    async def still_wanted(self, work: Work, attempt: int, log: Any) -> bool:
+        """Neither its campaign stopped nor the run reported finished (both asked at once)."""
+        stopped, finished = await asyncio.gather(
+            self.bus.campaigns.is_stopped(work.campaign.campaign),
+            self.bus.campaigns.is_finished(work.campaign.campaign, work.run_id),
+        )
+        if stopped:
+            log.info("run_skipped", reason="campaign stopped")
+        elif finished:
+            log.info("run_already_finished", attempt=attempt)  # a message published again
+        return not (stopped or finished)
+
     # --- one run --------------------------------------------------------------------------
 
     async def execute(
-        self, work: Work, attempt: int, slot: int, log: Any, source: Awaitable[str]
+        self, work: Work, attempt: int, taken: Slot, log: Any, source: Awaitable[str]
     ) -> None:
+        slot = taken.index
         try:
             job = await self.fetch_job(work, slot, source)
         except (KeyError, HarnessError) as exc:
@@ -176,6 +187,7 @@ class Launcher:
             await self.report(work, attempt, outcome)
             raise TransientError(f"run {work.run_id}: {outcome.infra_reason}") from exc
         outcome, accelerator = await self.run_placed(work, attempt, job, log)
+        taken.release()  # the run is over: the slot takes the next run while this one reports
         if outcome.cancelled and self.stopping:
             raise TransientError(f"run {work.run_id}: launcher stopping; it will run again")
         set_aside = outcome.cancelled and await self.bus.campaigns.is_stopped(

@@ -3,9 +3,9 @@
 Wiring only. runs.py turns VariantProposed / RunRequested into runs and reports them;
 fleet.py publishes FleetStatus and cancels runs; factory.py picks the backend. The work
 comes through the durable `launcher-<tier>`, shared by this tier's launchers, one message
-in hand per slot (per `intake`: twice the GPUs on skypilot with pre-submission); RunCancel
-comes over core NATS. When `stop` is set, the runs in hand are
-handed back for redelivery and the consumer drains.
+in hand per slot (per `intake`: twice the GPUs on skypilot with pre-submission) and a few
+more waiting for one (slots.py); RunCancel comes over core NATS. When `stop` is set, the
+runs in hand are handed back for redelivery and the consumer drains.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from services.launcher.factory import make_backend
 from services.launcher.fleet import Fleet
 from services.launcher.harness import HarnessCache
 from services.launcher.runs import Launcher
+from services.launcher.slots import prefetch
 from services.settings import Settings
 
 MAX_DELIVER = c.MAX_RUN_ATTEMPTS
@@ -73,7 +74,7 @@ async def serve_tier(settings: Settings, bus: Bus, stop: asyncio.Event, launcher
                 c.VariantProposed: launcher.on_variant_proposed,
                 c.RunRequested: launcher.on_run_requested,
             },
-            concurrency=backend.intake,
+            concurrency=backend.intake + prefetch(backend.slots),
             ack_wait_s=settings.ack_wait_s,
             max_deliver=MAX_DELIVER,
             stop=stop,

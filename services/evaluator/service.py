@@ -1,6 +1,6 @@
 """The evaluator service: one ResultEvaluated per RunFinished (see results.py).
 
-Wiring only: a shared durable consumer of RunFinished, eight evaluations at a time; a
+Wiring only: a shared durable consumer of RunFinished, 64 evaluations at a time; a
 campaign not yet in the campaigns KV is redelivered until it is.
 """
 
@@ -14,7 +14,7 @@ from services.evaluator.results import Evaluator
 from services.settings import Settings
 
 DURABLE = "evaluator"
-CONCURRENCY = 8
+CONCURRENCY = 64  # a wave of a thousand runs ends within a second or two
 MAX_DELIVER = 10
 
 

@@ -29,6 +29,7 @@ import msgspec
 from services.bench_stats import (
     Span,
     busy_fraction,
+    last_queued,
     overheads,
     percentile,
     rate_of_first,
@@ -69,6 +70,9 @@ class FleetReport:
     wall_s: float
     stream_events: int
     time_to_full_s: float | None = None  # campaign start -> every slot busy at once
+    # first start -> the last moment work waited for a slot: what the control plane costs
+    # while it has work, without the campaign's tail (too few experiments left to fill it)
+    utilization_while_queued: float = 0.0
     proposals_per_s: float = 0.0  # the first wave's proposals (the first `slots` of them)
     run_starts_per_s: float = 0.0  # the first wave's run starts (the first `slots` of them)
     ledger_live_events_per_s: float = 0.0  # the ledger's acks while the fleet ran
@@ -235,27 +239,29 @@ def default_run_seconds(slots: int) -> float:
     return max(2.0, slots / 8.0)
 
 
-async def _sample_ledger(
-    bus: Bus, samples: list[tuple[float, int, int]], stop: asyncio.Event, trace: Path | None
-) -> None:
-    """Every 0.5 s: (time, the ledger's ack floor, events stored but not yet applied); with
-    `trace`, also the work queued for the launchers, one line per sample (a diagnostic)."""
-    lines: list[str] = []
-    while not stop.is_set():
-        with contextlib.suppress(*NATS_FAILURES):
-            lag = await bus.consumer_lag("ledger")
-            if lag is not None:
-                samples.append((time.monotonic(), lag.acked_seq, lag.pending + lag.ack_pending))
-            if trace is not None:
+@dataclass
+class _Samples:
+    """Every 0.5 s while the campaign runs: the ledger's progress and the launchers' work."""
+
+    ledger: list[tuple[float, int, int]] = field(default_factory=list)  # (t, acked, behind)
+    work: list[tuple[float, int, int]] = field(default_factory=list)  # (wall t, queued, in hand)
+
+    async def collect(self, bus: Bus, stop: asyncio.Event, trace: Path | None) -> None:
+        """Until `stop`; with `trace`, also written out one line per sample (a diagnostic)."""
+        while not stop.is_set():
+            with contextlib.suppress(*NATS_FAILURES):
+                lag = await bus.consumer_lag("ledger")
+                if lag is not None:
+                    behind = lag.pending + lag.ack_pending
+                    self.ledger.append((time.monotonic(), lag.acked_seq, behind))
                 work = await bus.consumer_lag("launcher-default")
-                queued = (work.pending, work.ack_pending) if work is not None else (0, 0)
-                lines.append(
-                    f"{time.time():.2f}\t{samples[-1][2] if samples else 0}\t{queued[0]}\t{queued[1]}"
-                )
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=0.5)
-    if trace is not None:
-        trace.write_text("time\tledger_lag\twork_pending\twork_in_hand\n" + "\n".join(lines) + "\n")
+                if work is not None:
+                    self.work.append((time.time(), work.pending, work.ack_pending))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+        if trace is not None:
+            lines = [f"{t:.2f}\t{queued}\t{in_hand}" for t, queued, in_hand in self.work]
+            trace.write_text("time\twork_queued\twork_in_hand\n" + "\n".join(lines) + "\n")
 
 
 async def _bench(
@@ -280,10 +286,10 @@ async def _bench(
     bus = await Bus.from_settings(settings, "bench")
     observed = _Observed(settings.campaign)
     follower = asyncio.create_task(bus.follow(observed.handlers(), stop=stop))
-    samples: list[tuple[float, int, int]] = []
+    samples = _Samples()
     sampling = asyncio.Event()
     trace = home / "samples.tsv" if topology.keep_dir else None
-    sampler = asyncio.create_task(_sample_ledger(bus, samples, sampling, trace))
+    sampler = asyncio.create_task(samples.collect(bus, sampling, trace))
     t0, t0_wall = time.monotonic(), time.time()
     await start_campaign(bus, settings)
     await observed.stopped.wait()
@@ -317,7 +323,7 @@ def _report(
     events: int,
     live_s: float,
     replay_rate: float,
-    samples: list[tuple[float, int, int]],
+    samples: _Samples,
     peaks: dict[str, float],
     t0_wall: float,
 ) -> FleetReport:
@@ -327,6 +333,7 @@ def _report(
     last_start = max(s for s, _ in spans)
     gaps = overheads(observed.spans)
     to_full = time_to_full(spans, slots, t0_wall)
+    queued_until = min(last_queued(samples.work, slots) or first, last_start)
     return FleetReport(
         slots=slots,
         experiments=observed.results,
@@ -342,9 +349,10 @@ def _report(
         time_to_full_s=round(to_full, 2) if to_full is not None else None,
         proposals_per_s=round(rate_of_first(observed.proposed_at, slots), 1),
         run_starts_per_s=round(rate_of_first([s for s, _ in spans], slots), 1),
-        ledger_live_events_per_s=round(sampled_rate([(t, n) for t, n, _ in samples]), 1),
+        utilization_while_queued=round(busy_fraction(spans, slots, first, queued_until), 4),
+        ledger_live_events_per_s=round(sampled_rate([(t, n) for t, n, _ in samples.ledger]), 1),
         ledger_replay_events_per_s=round(replay_rate, 1),
-        ledger_lag_max=max((lag for _, _, lag in samples), default=0),
+        ledger_lag_max=max((behind for _, _, behind in samples.ledger), default=0),
         proposers=topology.proposers,
         launchers=topology.launchers,
         peak_rss_mb=peaks,
@@ -393,7 +401,8 @@ def print_report(report: FleetReport, as_json: bool = False) -> None:
         f"(simulated runs of {report.run_seconds:.1f} s; {report.proposers} proposer(s), "
         f"{report.launchers} launcher(s))\n"
         f"  slot utilization   {report.utilization * 100:.1f}% while work remained, "
-        f"{report.utilization_with_drain * 100:.1f}% with the final drain "
+        f"{report.utilization_with_drain * 100:.1f}% with the final drain, "
+        f"{report.utilization_while_queued * 100:.1f}% while work waited for a slot "
         "(published 16-GPU run: ~59%)\n"
         f"  overhead per run   p50 {report.overhead_p50_s * 1000:.0f} ms, "
         f"p95 {report.overhead_p95_s * 1000:.0f} ms (a run's end to the next start on its slot)\n"

@@ -110,3 +110,10 @@ def split_slots(slots: int, launchers: int) -> list[int]:
     n = max(1, launchers)
     base, extra = divmod(slots, n)
     return [base + (1 if i < extra else 0) for i in range(n)]
+
+
+def last_queued(samples: Sequence[tuple[float, int, int]], slots: int) -> float | None:
+    """The last time work waited for a slot, from (time, work not yet delivered, work in
+    the launchers' hands) samples: some not delivered, or more in hand than slots."""
+    waiting = [t for t, pending, in_hand in samples if pending > 0 or in_hand > slots]
+    return max(waiting) if waiting else None

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.bench import FleetReport, Topology, _Observed, _report, bench_settings
+from services.bench import FleetReport, Topology, _Observed, _report, _Samples, bench_settings
 from services.bench_stats import (
     busy_fraction,
+    last_queued,
     overheads,
     peak_rss_mb,
     rate_of_first,
@@ -43,6 +44,13 @@ def test_sampled_rate_measures_growth_until_the_count_stops() -> None:
     samples = [(0.0, 0), (1.0, 50), (2.0, 150), (3.0, 250), (4.0, 250), (9.0, 250)]
     assert sampled_rate(samples) == pytest.approx(100.0)
     assert sampled_rate([(0.0, 0), (1.0, 7)]) == 0.0
+
+
+def test_last_queued_is_the_last_sample_with_work_waiting_for_a_slot() -> None:
+    # (time, not yet delivered, in the launchers' hands) with 4 slots.
+    samples = [(1.0, 3, 4), (2.0, 0, 5), (3.0, 0, 4), (4.0, 0, 2)]
+    assert last_queued(samples, 4) == 2.0  # one in hand beyond the slots: waiting
+    assert last_queued([(1.0, 0, 3)], 4) is None
 
 
 def test_peak_rss_is_read_from_vmhwm() -> None:
@@ -88,7 +96,10 @@ def test_report_computes_each_field_from_what_was_observed(tmp_path) -> None:  #
     ]
     observed.proposed_at = [1000.5, 1000.7, 1010.0]
     observed.results = 4
-    samples = [(0.0, 0, 3), (1.0, 10, 5), (2.0, 30, 1), (3.0, 30, 0)]
+    samples = _Samples(
+        ledger=[(0.0, 0, 3), (1.0, 10, 5), (2.0, 30, 1), (3.0, 30, 0)],
+        work=[(1001.0, 2, 2), (1005.0, 0, 3), (1010.0, 0, 2)],  # waiting until 1005
+    )
     report = _report(
         observed, settings, Topology(), 40, 20.0, 900.0, samples, {"ledger": 80.0}, 1000.0
     )
@@ -106,3 +117,6 @@ def test_report_computes_each_field_from_what_was_observed(tmp_path) -> None:  #
         busy_fraction([(s, e) for _, s, e in observed.spans], 2, 1001.0, 1012.0), abs=1e-4
     )
     assert sorted(overheads(observed.spans)) == [0.0, 0.5]
+    assert report.utilization_while_queued == pytest.approx(
+        busy_fraction([(s, e) for _, s, e in observed.spans], 2, 1001.0, 1005.0), abs=1e-4
+    )

@@ -127,7 +127,7 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--experiments",
         type=int,
         default=0,
-        help="experiments to run (default: 6 waves of the slots)",
+        help="experiments to run (default: 6 waves of the slots up to 256, 3 to 1,024, then 2)",
     )
     fleet.add_argument(
         "--run-seconds",

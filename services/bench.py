@@ -16,9 +16,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +23,7 @@ from pathlib import Path
 
 import msgspec
 
+from services.bench_processes import ServiceProcesses, Topology
 from services.bench_stats import (
     Span,
     busy_fraction,
@@ -35,7 +33,6 @@ from services.bench_stats import (
     rate_of_first,
     read_peak_rss_mb,
     sampled_rate,
-    split_slots,
     time_to_full,
 )
 from services.broker import EmbeddedNats
@@ -49,7 +46,6 @@ from services.contracts import (
     RunStarted,
     VariantProposed,
 )
-from services.runner import PROFILE_DIR_ENV
 from services.settings import Settings
 from services.supervisor import run_services, wait_until_consumed
 
@@ -140,76 +136,6 @@ def bench_settings(home: Path, url: str, slots: int, experiments: int, run_s: fl
         log_level="warning",
         noise_floor=7e-4,
     )
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a `python -m services.<name>` process these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NIGHTSHIFT_")}
-    for f in msgspec.structs.fields(Settings):
-        value = getattr(settings, f.name)
-        if value != f.default:
-            env[f"NIGHTSHIFT_{f.name.upper()}"] = str(value)
-    env["NATS_URL"] = settings.nats_url
-    return env
-
-
-@dataclass(frozen=True)
-class Topology:
-    """How many processes of each service the benchmark starts (launchers split the slots)."""
-
-    proposers: int = 1
-    launchers: int = 1
-    profile_dir: str = ""  # each service writes its cProfile statistics here when set
-    keep_dir: str = ""  # the ledger, logs and stream are kept here (a new folder) when set
-
-    def processes(self, settings: Settings) -> list[tuple[str, str, Settings]]:
-        """(label, service, settings) of each process."""
-        named: list[tuple[str, str, Settings]] = [
-            ("ledger", "ledger", settings),
-            ("evaluator", "evaluator", settings),
-        ]
-        for i, slots in enumerate(split_slots(settings.slots, self.launchers)):
-            label = "launcher" if self.launchers == 1 else f"launcher-{i}"
-            replaced = msgspec.structs.replace(settings, slots=slots, launcher_id=f"bench-{i}")
-            named.append((label, "launcher", replaced))
-        for i in range(max(1, self.proposers)):
-            named.append(
-                ("proposer" if self.proposers <= 1 else f"proposer-{i}", "proposer", settings)
-            )
-        return named
-
-
-class ServiceProcesses:
-    """The services as separate processes, as a distributed deployment runs them."""
-
-    def __init__(self, settings: Settings, topology: Topology | None = None) -> None:
-        topology = topology or Topology()
-        logs = Path(settings.home)
-        if topology.profile_dir:
-            Path(topology.profile_dir).mkdir(parents=True, exist_ok=True)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        for label, name, own in topology.processes(settings):
-            env = settings_env(own)
-            if topology.profile_dir:
-                env[PROFILE_DIR_ENV] = topology.profile_dir
-            self.procs[label] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}"],
-                env=env,
-                stdout=(logs / f"{label}.log").open("wb"),
-                stderr=subprocess.STDOUT,
-            )
-
-    def pids(self) -> dict[str, int]:
-        return {label: proc.pid for label, proc in self.procs.items()}
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 async def fleet_bench(

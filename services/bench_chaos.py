@@ -34,7 +34,8 @@ from pathlib import Path
 
 import msgspec
 
-from services.bench import bench_settings, settings_env
+from services.bench import bench_settings
+from services.bench_processes import settings_env
 from services.broker import EmbeddedNats, free_port
 from services.bus import Bus, Delivery
 from services.campaign import start_campaign

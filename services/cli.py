@@ -288,7 +288,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print_decisions(found, as_json=args.json)
         return 0
     if args.command == "bench":
-        from services.bench import Topology, fleet_bench, print_report
+        from services.bench import fleet_bench, print_report
+        from services.bench_processes import Topology
 
         topology = Topology(
             args.proposers,

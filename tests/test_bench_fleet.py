@@ -6,7 +6,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from services.bench import Topology, fleet_bench
+from services.bench import fleet_bench
+from services.bench_processes import Topology
 
 
 async def test_two_launchers_share_the_tiers_work_and_the_report_is_complete(

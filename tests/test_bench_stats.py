@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.bench import FleetReport, Topology, _Observed, _report, _Samples, bench_settings
+from services.bench import FleetReport, _Observed, _report, _Samples, bench_settings
+from services.bench_processes import Topology
 from services.bench_stats import (
     busy_fraction,
     last_queued,

@@ -27,16 +27,15 @@ the results back.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import random
-import re
 from dataclasses import dataclass, field
 
 from services.contracts import variant_id_for
 from services.contracts.knobs import Domain, domain_of, invalid_reason
 from services.proposer.constants import Constant, find_constants, format_value, rewrite
+from services.proposer.moves import Move, parse_title, title_of
 from services.proposer.refine import Minimum, Sample, minimum_of, move_to, offset_of, text_value
 from services.proposer.steps import FINEST, LEVELS, step_values, tunable
 from services.proposer.strategy import Proposal, ProposalRequest, StrategyExhausted
@@ -46,36 +45,6 @@ RERUN_TOP = 3  # the top candidates (tried, within the noise) re-run on a new be
 
 WIDE_FLEET = 256  # variants in flight and asked for, beyond which wider screens may be drawn
 ID_CACHE = 100_000  # candidates remembered (some 40 MB at most)
-
-_MOVE = re.compile(r"([A-Z][A-Z0-9_]*) (\S+) -> (\S+)")
-
-
-@dataclass(frozen=True)
-class Move:
-    name: str
-    old: str  # the value's text in the source the move starts from
-    new: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} {self.old} -> {self.new}"
-
-
-def title_of(moves: tuple[Move, ...]) -> str:
-    return " + ".join(m.label for m in moves)
-
-
-@functools.lru_cache(maxsize=65536)
-def parse_title(title: str) -> tuple[Move, ...] | None:
-    """The moves a grid title names; None for a title the grid did not write (cached: every
-    wave reads the titles of every result and of every variant in flight)."""
-    moves = []
-    for part in title.split(" + "):
-        match = _MOVE.fullmatch(part)
-        if match is None:
-            return None
-        moves.append(Move(*match.groups()))
-    return tuple(moves)
 
 
 def gain(direction: str, base: float, value: float) -> float:

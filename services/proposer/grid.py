@@ -214,11 +214,13 @@ def _wide_screens(
 ) -> list[tuple[Move, ...]]:
     """For a fleet larger than every other candidate (a first wave of 1,000 slots or more):
     2x2 screens of the next finer steps, then 2x2x2 screens of the coarse ones, then of
-    the finer ones."""
+    the finer ones, then both of the finest one-factor steps."""
     return [
         *_pairwise(consts, outcomes, rng, level=1),
         *_pairwise(consts, outcomes, rng, size=3),
         *_pairwise(consts, outcomes, rng, level=1, size=3),
+        *_pairwise(consts, outcomes, rng, level=2),
+        *_pairwise(consts, outcomes, rng, level=2, size=3),
     ]
 
 

@@ -66,7 +66,7 @@ class FleetReport:
     wall_s: float
     stream_events: int
     time_to_full_s: float | None = None  # campaign start -> every slot busy at once
-    # first start -> the last moment work waited for a slot: what the control plane costs
+    # first start -> the last moment work waited to be delivered: what the control plane costs
     # while it has work, without the campaign's tail (too few experiments left to fill it)
     utilization_while_queued: float = 0.0
     proposals_per_s: float = 0.0  # the first wave's proposals (the first `slots` of them)
@@ -266,7 +266,7 @@ def _report(
     last_start = max(s for s, _ in spans)
     gaps = overheads(observed.spans)
     to_full = time_to_full(spans, slots, t0_wall)
-    queued_until = min(last_queued(samples.work, slots) or first, last_start)
+    queued_until = min(last_queued(samples.work) or first, last_start)
     return FleetReport(
         slots=slots,
         experiments=observed.results,
@@ -335,7 +335,7 @@ def print_report(report: FleetReport, as_json: bool = False) -> None:
         f"{report.launchers} launcher(s))\n"
         f"  slot utilization   {report.utilization * 100:.1f}% while work remained, "
         f"{report.utilization_with_drain * 100:.1f}% with the final drain, "
-        f"{report.utilization_while_queued * 100:.1f}% while work waited for a slot "
+        f"{report.utilization_while_queued * 100:.1f}% while work waited to be delivered "
         "(published 16-GPU run: ~59%)\n"
         f"  overhead per run   p50 {report.overhead_p50_s * 1000:.0f} ms, "
         f"p95 {report.overhead_p95_s * 1000:.0f} ms (a run's end to the next start on its slot)\n"

@@ -112,8 +112,9 @@ def split_slots(slots: int, launchers: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(n)]
 
 
-def last_queued(samples: Sequence[tuple[float, int, int]], slots: int) -> float | None:
-    """The last time work waited for a slot, from (time, work not yet delivered, work in
-    the launchers' hands) samples: some not delivered, or more in hand than slots."""
-    waiting = [t for t, pending, in_hand in samples if pending > 0 or in_hand > slots]
+def last_queued(samples: Sequence[tuple[float, int, int]]) -> float | None:
+    """The last time work waited to be delivered to a launcher, from (time, work not yet
+    delivered, work in the launchers' hands) samples. (Work in hand is not counted: it holds
+    the runs, the few read ahead, and work naked for a later retry alike.)"""
+    waiting = [t for t, pending, _ in samples if pending > 0]
     return max(waiting) if waiting else None

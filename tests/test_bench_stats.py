@@ -47,11 +47,11 @@ def test_sampled_rate_measures_growth_until_the_count_stops() -> None:
     assert sampled_rate([(0.0, 0), (1.0, 7)]) == 0.0
 
 
-def test_last_queued_is_the_last_sample_with_work_waiting_for_a_slot() -> None:
-    # (time, not yet delivered, in the launchers' hands) with 4 slots.
-    samples = [(1.0, 3, 4), (2.0, 0, 5), (3.0, 0, 4), (4.0, 0, 2)]
-    assert last_queued(samples, 4) == 2.0  # one in hand beyond the slots: waiting
-    assert last_queued([(1.0, 0, 3)], 4) is None
+def test_last_queued_is_the_last_sample_with_work_not_yet_delivered() -> None:
+    # (time, not yet delivered, in the launchers' hands).
+    samples = [(1.0, 3, 4), (2.0, 1, 5), (3.0, 0, 9), (4.0, 0, 2)]
+    assert last_queued(samples) == 2.0
+    assert last_queued([(1.0, 0, 3)]) is None
 
 
 def test_peak_rss_is_read_from_vmhwm() -> None:
@@ -99,7 +99,7 @@ def test_report_computes_each_field_from_what_was_observed(tmp_path) -> None:  #
     observed.results = 4
     samples = _Samples(
         ledger=[(0.0, 0, 3), (1.0, 10, 5), (2.0, 30, 1), (3.0, 30, 0)],
-        work=[(1001.0, 2, 2), (1005.0, 0, 3), (1010.0, 0, 2)],  # waiting until 1005
+        work=[(1001.0, 2, 2), (1005.0, 1, 3), (1010.0, 0, 2)],  # waiting until 1005
     )
     report = _report(
         observed, settings, Topology(), 40, 20.0, 900.0, samples, {"ledger": 80.0}, 1000.0

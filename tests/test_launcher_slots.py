@@ -38,4 +38,4 @@ async def test_work_waiting_when_the_launcher_stops_is_handed_back() -> None:
 
 
 def test_small_launchers_hold_no_more_than_their_slots() -> None:
-    assert [prefetch(n) for n in (1, 4, 7, 8, 256, 1024)] == [0, 0, 0, 1, 32, 128]
+    assert [prefetch(n) for n in (1, 4, 7, 8, 256, 1024)] == [0, 0, 0, 1, 32, 64]

@@ -6,7 +6,6 @@ each (`Topology`: launchers split the slots, proposers share campaigns by their 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 import msgspec
 
 from services.bench_stats import split_slots
+from services.process_lifetime import stop_all
 from services.runner import PROFILE_DIR_ENV
 from services.settings import Settings
 
@@ -80,10 +80,4 @@ class ServiceProcesses:
         return {label: proc.pid for label, proc in self.procs.items()}
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(self.procs.values(), timeout_s=60)

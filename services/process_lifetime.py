@@ -5,6 +5,7 @@
   `nightshift up` and for every trainer and prepare.py.
 - `kill_descendants(token)`: SIGKILL every process whose environment carries a run's token,
   which its descendants inherit, also those that left its process group (setsid).
+- `stop_all(procs, timeout_s)`: SIGTERM a set of service processes, then wait for them.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import ctypes
 import functools
 import os
 import signal
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +76,16 @@ def popen_kwargs() -> dict[str, Any]:
     """What every trainer or prepare process is started with: its own process group, and
     death with its launcher where the platform allows."""
     return {"start_new_session": True, "preexec_fn": die_with_parent()}
+
+
+def stop_all(procs: Iterable[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    """SIGTERM every process still running, then wait for each (SIGKILL past `timeout_s`)."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()

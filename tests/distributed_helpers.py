@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 
+from services.process_lifetime import stop_all
 from tests.e2e_helpers import REPO
 from tests.eventually import eventually
 
@@ -43,14 +44,7 @@ class Fleet:
         proc.wait(10)
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(self.procs.values(), timeout_s=20)
 
 
 def start_campaign_cli(env: dict[str, str], *args: str) -> str:

@@ -36,7 +36,7 @@ from services.bench_stats import (
     time_to_full,
 )
 from services.broker import EmbeddedNats
-from services.bus import Bus, Delivery, Handlers, handlers_of
+from services.bus import Bus, Delivery, Handlers, handlers_on
 from services.bus.errors import NATS_FAILURES
 from services.campaign import start_campaign
 from services.contracts import (
@@ -110,13 +110,7 @@ class _Observed:
             self.stopped.set()
 
     def handlers(self) -> Handlers:
-        return handlers_of(
-            self.on_variant_proposed,
-            self.on_run_started,
-            self.on_run_finished,
-            self.on_result_evaluated,
-            self.on_stopped,
-        )
+        return handlers_on(self)  # its on_* methods
 
 
 def bench_settings(home: Path, url: str, slots: int, experiments: int, run_s: float) -> Settings:

@@ -19,7 +19,7 @@ import msgspec
 import stamina
 
 from services.broker import EmbeddedNats
-from services.bus import Bus, Delivery, Handlers, handlers_of
+from services.bus import Bus, Delivery, Handlers, handlers_on
 from services.campaign import start_campaign
 from services.contracts import (
     BestUpdated,
@@ -70,15 +70,7 @@ class LiveView:
     verdicts: dict[str, str] = field(default_factory=dict)  # variant -> latest decision
 
     def handlers(self) -> Handlers:
-        return handlers_of(
-            self.on_campaign_started,
-            self.on_variant_proposed,
-            self.on_best_updated,
-            self.on_variant_decided,
-            self.on_result_evaluated,
-            self.on_proposer_halted,
-            self.on_campaign_stopped,
-        )
+        return handlers_on(self)  # its on_* methods
 
     async def on_campaign_started(self, event: CampaignStarted, _: Delivery) -> None:
         pass  # followed so that the history is read up to the campaign's (re)start

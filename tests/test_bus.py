@@ -19,6 +19,7 @@ from services.bus import (
     TransientError,
     gather_limited,
     handlers_of,
+    handlers_on,
 )
 from services.contracts import BestUpdated, CampaignStopped, DeadLettered, ProposerHalted
 from services.settings import Settings
@@ -41,6 +42,7 @@ def test_handlers_of_keys_each_handler_by_the_event_type_in_its_signature() -> N
     watcher = _Watcher()
     table = handlers_of(watcher.on_stopped, watcher.on_halted)
     assert table == {CampaignStopped: watcher.on_stopped, ProposerHalted: watcher.on_halted}
+    assert handlers_on(watcher) == table  # every on_* method
 
 
 async def consume_in_background(

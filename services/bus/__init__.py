@@ -12,7 +12,7 @@ touches nats-py's JetStream API.
 """
 
 from services.bus.connection import AuthenticationError, Bus, ConsumerLag, Credentials
-from services.bus.consume import Delivery, Handler, Handlers, handlers_of
+from services.bus.consume import Delivery, Handler, Handlers, handlers_of, handlers_on
 from services.bus.errors import BROKER_AWAY, PoisonError, TransientError
 from services.bus.follow import FollowMark
 from services.bus.publish import gather_limited
@@ -35,4 +35,5 @@ __all__ = [
     "TransientError",
     "gather_limited",
     "handlers_of",
+    "handlers_on",
 ]

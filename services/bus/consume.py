@@ -63,6 +63,12 @@ def handlers_of(*handlers: Handler) -> dict[type[Event], Handler]:
     return table
 
 
+def handlers_on(obj: object) -> dict[type[Event], Handler]:
+    """`handlers_of` every `on_*` method of `obj`: a recorder or view whose handlers are
+    all its `on_*` methods declares them once, by defining them."""
+    return handlers_of(*(getattr(obj, name) for name in dir(obj) if name.startswith("on_")))
+
+
 def filter_subjects(handlers: Handlers, prefix: str) -> list[str]:
     """The subjects a consumer of these event types listens on."""
     return [event_type.subject_filter(prefix) for event_type in handlers]

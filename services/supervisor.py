@@ -158,15 +158,18 @@ def close_call_line(event: VariantDecided, title: str) -> str:
 
 
 def verdict_line(event: VariantDecided, title: str) -> str:
-    """The live view's line for the verdict on a close call."""
+    """The live view's line for the verdict on a close call (and the runs it cancelled)."""
+    cancelled = len(event.cancelled_runs)
     return (
         f"       {event.decision} after replicates: {title}: mean {event.mean_candidate or 0:.6f} "
         f"(n {event.n_candidate}) vs best {event.mean_best or 0:.6f} (n {event.n_best}): "
-        f"{event.reason}"
+        f"{event.reason}" + (f"; {cancelled} run(s) still out cancelled" if cancelled else "")
     )
 
 
 def replicate_line(event: ResultEvaluated, metric: str) -> str:
+    if event.crash_reason.startswith("cancelled"):  # a decision made it useless mid-run
+        return f"       replicate {event.run_id}: {event.crash_reason}"
     value = f"{event.value:.6f}" if event.value is not None else "-"
     return f"       replicate {event.run_id}: {event.status} {metric} {value}"
 

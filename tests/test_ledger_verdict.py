@@ -15,6 +15,7 @@ from services.contracts import (
     Event,
     NoiseMeasured,
     ResultEvaluated,
+    RunCancel,
     RunRequested,
     VariantDecided,
     VariantProposed,
@@ -336,3 +337,28 @@ def test_a_win_that_waited_for_the_bests_runs_is_judged_once_they_are_back(
     assert queries.variant(conn, clear.variant_id)["status"] == "pending"  # type: ignore[index]
     out = apply_result(conn, result(seed, 1.0, replica=3, ts=22.0))
     assert [e.variant_id for e in of(BestUpdated, out)] == [clear.variant_id]  # type: ignore[attr-defined]
+
+
+def test_a_discard_cancels_the_replicates_still_out(conn: sqlite3.Connection) -> None:
+    seed, vid = with_candidate(conn)
+    first = apply_result(conn, result(vid, 0.95, ts=20.0))
+    asked = {r.run_id for r in of(RunRequested, first)}  # type: ignore[attr-defined]
+    assert run_id_for(vid, "default", 3) in asked
+    # Its first replicate says it is no better after all: discarded at once, and the
+    # replicates still out (2 and 3; not the seed's, which refines the best) cancelled.
+    out = apply_result(conn, result(vid, 1.2, replica=1, ts=21.0))
+    [decided] = of(VariantDecided, out)
+    assert decided.decision == "discard"  # type: ignore[attr-defined]
+    cancelled = [run_id_for(vid, "default", k) for k in (2, 3)]
+    assert decided.cancelled_runs == cancelled  # type: ignore[attr-defined]
+    assert [c.run_id for c in of(RunCancel, out)] == cancelled  # type: ignore[attr-defined]
+    # A cancelled run that finished anyway decides nothing more.
+    late = apply_result(conn, result(vid, 0.9, replica=2, ts=22.0))
+    assert not of(VariantDecided, late) and not of(BestUpdated, late)
+    detail = queries.decisions(conn, vid)
+    assert detail[-1]["decision"] == "discard" and detail[-1]["runs_cancelled"] == 2
+    # The seed's replicate the close call asked for is still out, not cancelled.
+    row = conn.execute(
+        "SELECT cancel_requested_at FROM runs WHERE run_id = ?", (run_id_for(seed, "default", 3),)
+    ).fetchone()
+    assert row is not None and row["cancel_requested_at"] is None

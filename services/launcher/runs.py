@@ -133,8 +133,12 @@ class Launcher:
         if work.run_id in self.running:
             log.info("run_already_running")
             return
-        if await self.bus.campaigns.is_finished(work.campaign.campaign, work.run_id):
+        settled = await self.bus.campaigns.settled(work.campaign.campaign, work.run_id)
+        if settled == "finished":
             log.info("run_already_finished", attempt=attempt)  # a message published again
+            return
+        if settled is not None:  # a replicate a decision made useless before it started
+            log.info("run_skipped", reason=settled)
             return
         if not self.free_slots:
             raise TransientError(f"run {work.run_id}: no free slot on {self.launcher_id}")

@@ -26,6 +26,7 @@ from services.contracts import (
     FleetStatus,
     NoiseMeasured,
     ResultEvaluated,
+    RunCancel,
     RunFinished,
     RunRequested,
     VariantDecided,
@@ -129,6 +130,10 @@ class Projector:
             except Unreferenced as exc:
                 await self._refuse(exc, delivery)
             for published in outbox:
+                if isinstance(published, RunCancel):  # durable for a run not started yet
+                    await self.bus.campaigns.mark_cancelled(
+                        published.campaign, published.run_id, published.reason
+                    )
                 await self.bus.publish(published)
                 self._log_published(published)
         finally:
@@ -142,10 +147,17 @@ class Projector:
             fields = fields_of(
                 event, "campaign", "variant_id", "decision", "n_candidate", "n_best", "margin"
             )
-            self.log.info("variant_decided", **fields, replicates=event.replicates_requested)
+            self.log.info(
+                "variant_decided",
+                **fields,
+                replicates=event.replicates_requested,
+                cancelled=len(event.cancelled_runs),
+            )
         elif isinstance(event, RunRequested):
             fields = fields_of(event, "campaign", "run_id", "reason")
             self.log.info("replicate_requested", **fields)
+        elif isinstance(event, RunCancel):
+            self.log.info("run_cancelled", **fields_of(event, "campaign", "run_id", "reason"))
         elif isinstance(event, NoiseMeasured):
             self.log.info("noise_measured", **fields_of(event, "campaign", "tier", "noise", "dof"))
 

@@ -24,6 +24,7 @@ from services.contracts import (
     NoiseMeasured,
     ProposerHalted,
     ResultEvaluated,
+    RunRequested,
     VariantDecided,
     VariantProposed,
 )
@@ -63,6 +64,9 @@ class CampaignState:
     last_change: float = 0.0  # ts of the latest result or best seen
     decisions: dict[str, VariantDecided] = field(default_factory=dict)  # latest per variant
     measured_noise: dict[str, NoiseMeasured] = field(default_factory=dict)  # per tier
+    requested: dict[str, RunRequested] = field(default_factory=dict)  # the ledger's runs
+    settled_runs: set[str] = field(default_factory=set)  # runs with a result that counts
+    cancelled_runs: set[str] = field(default_factory=set)  # runs a decision cancelled
 
     @property
     def name(self) -> str:
@@ -82,6 +86,17 @@ class CampaignState:
     def _settled(self, variant_id: str) -> bool:
         results = self.results.get(variant_id, {}).values()
         return any(r.status != "infra" or r.attempt >= MAX_RUN_ATTEMPTS for r in results)
+
+    @property
+    def runs_out(self) -> list[RunRequested]:
+        """The runs the ledger requested (replicates, promotions) that are still to come:
+        no result yet (an infrastructure failure runs again), not cancelled. Each holds a
+        slot, so they count against the fleet like variants in flight."""
+        return [
+            r
+            for run_id, r in self.requested.items()
+            if run_id not in self.settled_runs and run_id not in self.cancelled_runs
+        ]
 
     @property
     def undecided(self) -> list[str]:
@@ -200,6 +215,7 @@ class History:
             BestUpdated: self.apply_best_updated,
             VariantDecided: self.apply_variant_decided,
             NoiseMeasured: self.apply_noise_measured,
+            RunRequested: self.apply_run_requested,
         }
 
     def _first_time(self, event: CampaignStarted | CampaignStopped | ProposerHalted) -> bool:
@@ -257,6 +273,8 @@ class History:
         if state is None:
             return None
         state.results.setdefault(event.variant_id, {})[(event.run_id, event.attempt)] = event
+        if event.status != "infra" or event.attempt >= MAX_RUN_ATTEMPTS:
+            state.settled_runs.add(event.run_id)
         state.last_change = max(state.last_change, event.ts)
         return state
 
@@ -276,6 +294,14 @@ class History:
         latest = state.decisions.get(event.variant_id)
         if latest is None or (event.ts, event.n_candidate) >= (latest.ts, latest.n_candidate):
             state.decisions[event.variant_id] = event
+        state.cancelled_runs.update(event.cancelled_runs)
+        return state
+
+    def apply_run_requested(self, event: RunRequested) -> CampaignState | None:
+        state = self.campaigns.get(event.campaign)
+        if state is None:
+            return None
+        state.requested.setdefault(event.run_id, event)
         return state
 
     def apply_noise_measured(self, event: NoiseMeasured) -> CampaignState | None:
@@ -328,13 +354,16 @@ class Fleet:
 def to_propose(state: CampaignState, slots: int, default_lookahead: int) -> int:
     """How many new variants keep the fleet fed: slots + lookahead - in flight, capped.
 
-    Lookahead 0 is automatic: a quarter of the slots (at least 2), so the runs that end
-    while a proposal round trip is under way find their successors already queued.
+    In flight: the variants without a result and the runs the ledger requested still to
+    come (each replicate holds a slot: counting a replicated variant once would queue new
+    variants ahead of its replicates, and its decision would wait behind them). Lookahead 0
+    is automatic: a quarter of the slots (at least 2), so the runs that end while a
+    proposal round trip is under way find their successors already queued.
     """
     lookahead = state.config.proposer.lookahead or default_lookahead
     if lookahead <= 0:
         lookahead = max(2, -(-slots // 4))
-    want = slots + lookahead - len(state.in_flight) - len(state.undecided)
+    want = slots + lookahead - len(state.in_flight) - len(state.runs_out)
     limit = state.config.max_experiments
     if limit > 0:
         want = min(want, limit - len(state.variants))

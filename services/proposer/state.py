@@ -154,6 +154,7 @@ class CampaignState:
             crash_reason=primary.crash_reason,
             parent_id=variant.parent_id if variant else None,
             finished_at=max(r.ts for r in runs.values()),
+            runs=max(1, len(ok)),
         )
 
     def rows(self) -> list[ResultRow]:

@@ -27,6 +27,7 @@ class ResultRow:
     crash_reason: str = ""
     parent_id: str | None = None
     finished_at: float = 0.0
+    runs: int = 1  # the ok runs behind the value (replicates of a close call)
 
 
 @dataclass(frozen=True)

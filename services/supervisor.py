@@ -148,11 +148,14 @@ class LiveView:
 
 
 def close_call_line(event: VariantDecided, title: str) -> str:
-    """The live view's line for a candidate inside the margin: the replicates requested."""
+    """The live view's line for a candidate inside the margin (or past it on a single run
+    while the noise is measured on few degrees of freedom): the replicates requested."""
     gain = abs((event.mean_best or 0.0) - (event.mean_candidate or 0.0))
+    margin = event.margin or 0.0
+    why = "" if gain < margin else f", {event.reason}"
     return (
-        f"       close call: {title}: better by {gain:.6f} < margin {event.margin or 0:.6f} "
-        f"(n {event.n_candidate} vs {event.n_best}); "
+        f"       close call: {title}: better by {gain:.6f} {'<' if gain < margin else '>'} "
+        f"margin {margin:.6f} (n {event.n_candidate} vs {event.n_best}{why}); "
         f"{event.replicates_requested} replicate run(s) requested"
     )
 

@@ -39,6 +39,21 @@ def sim_settings(home: Path, url: str, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
+def close_call_settings(home: Path, url: str, **overrides: object) -> Settings:
+    """A noise-aware sim campaign with many close calls: a spread of 0.004 is large beside
+    the landscape's steps; no failures; the seed runs 3 times."""
+    values: dict[str, object] = {
+        "max_experiments": 24,
+        "slots": 4,
+        "sim_noise": 0.004,
+        "sim_failure_rate": 0.0,
+        "keep_rule": "noise-aware",
+        "noise_runs": 3,
+        "noise_floor": 0.0,
+    }
+    return sim_settings(home, url, **(values | overrides))
+
+
 def spawn_service(name: str, env: dict[str, str], capture: bool = False) -> subprocess.Popen[str]:
     """`python -m services.<name>` as its own process with exactly this environment; its
     output (stdout and stderr together) in `.stdout` when `capture`, else discarded."""

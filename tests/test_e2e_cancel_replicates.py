@@ -11,25 +11,14 @@ from services.bus import Bus
 from services.campaign import start_campaign
 from services.contracts import ResultEvaluated, RunRequested, RunStarted, VariantDecided
 from services.supervisor import wait_until_consumed
-from tests.e2e_helpers import history, ledger_rows, services_running, sim_settings
+from tests.e2e_helpers import close_call_settings, history, ledger_rows, services_running
 from tests.eventually import eventually
 
 
 async def test_runs_a_decision_made_useless_are_cancelled_and_counted(
     tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
 ) -> None:
-    settings = sim_settings(
-        tmp_path,
-        nats_server.url,
-        campaign="cancel",
-        max_experiments=24,
-        slots=4,
-        sim_noise=0.004,  # large beside the landscape's steps: many close calls
-        sim_failure_rate=0.0,
-        keep_rule="noise-aware",
-        noise_runs=3,
-        noise_floor=0.0,
-    )
+    settings = close_call_settings(tmp_path, nats_server.url, campaign="cancel")
 
     async def completed() -> bool:
         rows = ledger_rows(

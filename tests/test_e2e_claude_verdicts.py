@@ -14,7 +14,7 @@ from services.bus import Bus
 from services.campaign import start_campaign
 from services.supervisor import wait_until_consumed
 from tests.anthropic_requests import user_texts
-from tests.e2e_helpers import ledger_rows, services_running, sim_settings
+from tests.e2e_helpers import close_call_settings, ledger_rows, services_running
 from tests.eventually import eventually
 from tests.fake_anthropic import FakeAnthropic
 
@@ -22,18 +22,8 @@ from tests.fake_anthropic import FakeAnthropic
 async def test_the_claude_requests_carry_noise_pending_replicates_and_verdicts(
     tmp_path: Path, nats_server: EmbeddedNats, bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = sim_settings(
-        tmp_path,
-        nats_server.url,
-        strategy="claude",
-        campaign="truth",
-        slots=4,
-        max_experiments=20,
-        sim_noise=0.004,  # many close calls
-        sim_failure_rate=0.0,
-        keep_rule="noise-aware",
-        noise_runs=3,
-        noise_floor=0.0,
+    settings = close_call_settings(
+        tmp_path, nats_server.url, strategy="claude", campaign="truth", max_experiments=20
     )
     with FakeAnthropic(auto=True) as fake:
         monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-real-key")

@@ -22,7 +22,14 @@ from services.contracts import (
 )
 from services.launcher.landscape import true_val_bpb
 from services.supervisor import up, wait_until_consumed
-from tests.e2e_helpers import SEED, history, ledger_rows, services_running, sim_settings
+from tests.e2e_helpers import (
+    SEED,
+    close_call_settings,
+    history,
+    ledger_rows,
+    services_running,
+    sim_settings,
+)
 from tests.eventually import eventually
 
 SIM_NOISE = 0.004  # large beside the landscape's steps: many close calls
@@ -31,18 +38,7 @@ SIM_NOISE = 0.004  # large beside the landscape's steps: many close calls
 async def test_replicates_are_run_and_no_truly_worse_variant_becomes_the_best(
     tmp_path: Path, nats_server: EmbeddedNats, bus: Bus
 ) -> None:
-    settings = sim_settings(
-        tmp_path,
-        nats_server.url,
-        campaign="honest",
-        max_experiments=24,
-        slots=4,
-        sim_noise=SIM_NOISE,
-        sim_failure_rate=0.0,
-        keep_rule="noise-aware",
-        noise_runs=3,
-        noise_floor=0.0,
-    )
+    settings = close_call_settings(tmp_path, nats_server.url, campaign="honest")
     close_call: asyncio.Future[RunRequested] = asyncio.get_running_loop().create_future()
 
     async def on_request(event: RunRequested, _: Delivery) -> None:

@@ -9,6 +9,7 @@ the runs still out, and the RunRequested of replicates: deterministic run ids
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 from services import contracts
 from services.contracts import (
@@ -105,14 +106,7 @@ def cancel_outstanding(
             (ts, reason, run_id),
         )
     return [
-        RunCancel(
-            campaign=campaign,
-            event_id=contracts.event_id_for("cancel", campaign, run_id),
-            ts=ts,
-            run_id=run_id,
-            reason=reason,
-        )
-        for run_id in found
+        RunCancel(**_run_keys("cancel", campaign, run_id, ts), reason=reason) for run_id in found
     ]
 
 
@@ -174,10 +168,7 @@ def request_runs(
         )
         found.append(
             RunRequested(
-                campaign=campaign,
-                event_id=contracts.event_id_for("requested", campaign, run_id),
-                ts=ts,
-                run_id=run_id,
+                **_run_keys("requested", campaign, run_id, ts),
                 variant_id=variant_id,
                 source_digest=var["source_digest"],
                 tier=tier,
@@ -186,6 +177,12 @@ def request_runs(
             )
         )
     return found
+
+
+def _run_keys(kind: str, campaign: str, run_id: str, ts: float) -> dict[str, Any]:
+    """The keys of a `kind` event about one run the ledger asks for or cancels."""
+    event_id = contracts.event_id_for(kind, campaign, run_id)
+    return {"campaign": campaign, "event_id": event_id, "ts": ts, "run_id": run_id}
 
 
 def seed_replicates(conn: sqlite3.Connection, ev: VariantProposed) -> list[AnyEvent]:

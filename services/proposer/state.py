@@ -300,9 +300,8 @@ class History:
 
     def apply_run_requested(self, event: RunRequested) -> CampaignState | None:
         state = self.campaigns.get(event.campaign)
-        if state is None:
-            return None
-        state.requested.setdefault(event.run_id, event)
+        if state is not None:
+            state.requested.setdefault(event.run_id, event)
         return state
 
     def apply_noise_measured(self, event: NoiseMeasured) -> CampaignState | None:

@@ -7,6 +7,8 @@ VariantDecided); pure.
 
 from __future__ import annotations
 
+import dataclasses
+
 from services.proposer.state import CampaignState
 from services.proposer.strategy import PendingRuns, TierNoise, VerdictRow
 
@@ -39,18 +41,9 @@ def pending_runs(state: CampaignState) -> list[PendingRuns]:
 def recent_verdicts(state: CampaignState, limit: int = RECENT_VERDICTS) -> list[VerdictRow]:
     """The latest decision of the `limit` most recently decided variants, oldest first."""
     latest = sorted(state.decisions.values(), key=lambda d: d.ts)[-limit:]
+    shown = [f.name for f in dataclasses.fields(VerdictRow) if f.name != "title"]
     return [
-        VerdictRow(
-            title=_title(state, d.variant_id),
-            decision=d.decision,
-            tier=d.tier,
-            n_candidate=d.n_candidate,
-            n_best=d.n_best,
-            mean_candidate=d.mean_candidate,
-            mean_best=d.mean_best,
-            margin=d.margin,
-            reason=d.reason,
-        )
+        VerdictRow(_title(state, d.variant_id), **{name: getattr(d, name) for name in shown})
         for d in latest
     ]
 

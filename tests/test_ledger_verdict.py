@@ -358,6 +358,10 @@ def test_a_discard_cancels_the_replicates_still_out(conn: sqlite3.Connection) ->
     cancelled = [run_id_for(vid, "default", k) for k in (2, 3)]
     assert decided.cancelled_runs == cancelled  # type: ignore[attr-defined]
     assert [c.run_id for c in of(RunCancel, out)] == cancelled  # type: ignore[attr-defined]
+    states = conn.execute(
+        "SELECT state FROM runs WHERE run_id IN (?, ?)", (cancelled[0], cancelled[1])
+    ).fetchall()
+    assert [s["state"] for s in states] == ["cancelled", "cancelled"]  # never started
     # A cancelled run that finished anyway decides nothing more.
     late = apply_result(conn, result(vid, 0.9, replica=2, ts=22.0))
     assert not of(VariantDecided, late) and not of(BestUpdated, late)

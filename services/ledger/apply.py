@@ -290,7 +290,8 @@ def run_started(ev: RunStarted, ctx: Ctx) -> Outbox:
         )
     conn.execute(
         "UPDATE runs SET attempt = ?, backend = ?, host = ?, accelerator = ?, slot = ?, "
-        "started_at = ?, state = CASE WHEN state = 'requested' THEN 'running' ELSE state END "
+        "started_at = ?, "
+        "state = CASE WHEN state IN ('requested', 'cancelled') THEN 'running' ELSE state END "
         "WHERE run_id = ?",
         (ev.attempt, ev.backend, ev.host, ev.accelerator, ev.slot, ev.ts, ev.run_id),
     )

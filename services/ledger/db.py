@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS runs (
     replica INTEGER NOT NULL DEFAULT 0,
     attempt INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'requested',  -- requested | running | finished | evaluated
+                                        -- | cancelled (by the ledger before it started)
     requested_at REAL,
     request_reason TEXT,
     backend TEXT,

@@ -102,7 +102,9 @@ def cancel_outstanding(
     found = _out(conn, variant_ids, None)
     for run_id in found:
         conn.execute(
-            "UPDATE runs SET cancel_requested_at = ?, cancel_reason = ? WHERE run_id = ?",
+            "UPDATE runs SET cancel_requested_at = ?, cancel_reason = ?, "
+            "state = CASE WHEN state = 'requested' THEN 'cancelled' ELSE state END "
+            "WHERE run_id = ?",
             (ts, reason, run_id),
         )
     return [

@@ -15,7 +15,7 @@ from services.contracts import Status
 
 VariantStatus = Literal["pending", "keep", "discard", "crash"]
 CampaignStatus = Literal["running", "stopped", "completed"]
-RunState = Literal["requested", "running", "finished", "evaluated"]
+RunState = Literal["requested", "running", "finished", "evaluated", "cancelled"]
 
 
 class ErrorBody(BaseModel):

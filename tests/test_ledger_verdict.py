@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from services.contracts import (
     BestUpdated,
     CampaignStarted,
+    CampaignStopped,
     Event,
     NoiseMeasured,
     ResultEvaluated,
@@ -372,3 +373,15 @@ def test_a_discard_cancels_the_replicates_still_out(conn: sqlite3.Connection) ->
         "SELECT cancel_requested_at FROM runs WHERE run_id = ?", (run_id_for(seed, "default", 3),)
     ).fetchone()
     assert row is not None and row["cancel_requested_at"] is None
+
+
+def test_a_stop_cancels_the_runs_not_started(conn: sqlite3.Connection) -> None:
+    """Launchers skip a stopped campaign's runs: the replicates not started never will be."""
+    _, vid = with_candidate(conn)
+    asked = [r.run_id for r in of(RunRequested, apply_result(conn, result(vid, 0.95, ts=20.0)))]  # type: ignore[attr-defined]
+    apply_event(conn, CampaignStopped(campaign=CAMPAIGN, event_id="stop", ts=21.0, reason="user"))
+    states = {
+        r["run_id"]: r["state"]
+        for r in conn.execute("SELECT run_id, state FROM runs WHERE cancel_reason IS NOT NULL")
+    }
+    assert states == dict.fromkeys(asked, "cancelled")

@@ -171,6 +171,12 @@ def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> Outbox:
         "WHERE name = ?",
         (status, ev.ts, ev.reason, ev.detail, ev.campaign),
     )
+    # Launchers skip the runs of a stopped campaign: those not started never will be.
+    conn.execute(
+        "UPDATE runs SET state = 'cancelled', cancel_requested_at = ?, cancel_reason = ? "
+        "WHERE campaign = ? AND state = 'requested'",
+        (ev.ts, f"campaign {status}", ev.campaign),
+    )
     return []
 
 

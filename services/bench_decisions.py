@@ -15,7 +15,7 @@ as long), replicates included. Per seed and configuration, from the ledger:
   the budget; one cancelled before it started cost nothing and is not among the runs, one
   stopped mid-run counts as a whole run there;
 - time_to_target_ratio: (a)'s wall time to reach the true value (a) ends with, divided by
-  this configuration's (0 when it does not reach it; None when (a) never improved on the
+  this configuration's, each from its first run's start (0 when it does not reach it; None when (a) never improved on the
   seed). For this figure a fleet runs on past the equal budget, up to twice (a)'s GPU time
   (twice the runs); every other figure stops at the budget.
 
@@ -78,7 +78,7 @@ class CampaignTruth:
     runs: int
     replicates: int
     cancelled: int  # runs the ledger cancelled by the budget's last result
-    t0: float  # first result
+    t0: float  # the first run's start
     reached: list[tuple[float, float]]  # (ts, true value of the new best), in order
 
 
@@ -159,6 +159,11 @@ def read_truth(db: Path, campaign: str, budget: int, noise: float, sim_seed: int
         ).fetchall()
         bests = [b for b in every_best if b["ts"] <= cut]
         final = _final_decisions(conn, campaign, cut)
+        # From the first run's start, not its result: a fleet whose first results already
+        # reach the target would otherwise divide by almost nothing.
+        started = conn.execute(
+            "SELECT MIN(started_at) FROM runs WHERE campaign = ?", (campaign,)
+        ).fetchone()[0]
         cancelled = conn.execute(
             "SELECT COUNT(*) FROM runs WHERE campaign = ? AND cancel_requested_at <= ?",
             (campaign, cut),
@@ -178,7 +183,7 @@ def read_truth(db: Path, campaign: str, budget: int, noise: float, sim_seed: int
         runs=len(results),
         replicates=sum(r["replica"] > 0 or r["tier"] != first_tier for r in results),
         cancelled=int(cancelled),
-        t0=results[0]["evaluated_at"],
+        t0=float(started),
         # beyond the budget too: a fleet may run on to twice (a)'s GPU time to reach its level
         reached=[(b["ts"], truth[b["variant_id"]]) for b in every_best if b["variant_id"] in truth],
     )

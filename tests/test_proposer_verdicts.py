@@ -123,3 +123,14 @@ def test_completion_waits_for_the_ledger_to_decide_an_ok_result() -> None:
     assert state.awaiting_verdict == ["v1"] and completion(state) is None
     h.apply_variant_decided(decided("v1", "discard", ts=11.0))
     assert completion(state) is not None
+
+
+def test_runs_out_on_a_later_tier_do_not_hold_the_first_tiers_slots() -> None:
+    tiered = msgspec.structs.replace(started(lookahead=2), tiers=["screen", "validate"])
+    on_screen = msgspec.structs.replace(replicate("v1", 1), tier="screen", run_id="v1-s-1")
+    promoted = msgspec.structs.replace(replicate("v1", 0), tier="validate", run_id="v1-v-0")
+    h = history_with(tiered, proposed("v1"), on_screen, promoted)
+    state = h.campaigns["c"]
+    # v1 (in flight) and its screen replicate count; its run on validate does not
+    assert state.first_tier == "screen" and len(state.runs_out) == 2
+    assert to_propose(state, slots=4, default_lookahead=2) == 4 + 2 - 1 - 1

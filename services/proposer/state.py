@@ -88,6 +88,11 @@ class CampaignState:
         return any(r.status != "infra" or r.attempt >= MAX_RUN_ATTEMPTS for r in results)
 
     @property
+    def first_tier(self) -> str:
+        """The tier new variants run on (replica 0): the campaign's first."""
+        return (self.config.tiers or ["default"])[0]
+
+    @property
     def runs_out(self) -> list[RunRequested]:
         """The runs the ledger requested (replicates, promotions) that are still to come:
         no result yet (an infrastructure failure runs again), not cancelled. Each holds a
@@ -354,16 +359,19 @@ class Fleet:
 def to_propose(state: CampaignState, slots: int, default_lookahead: int) -> int:
     """How many new variants keep the fleet fed: slots + lookahead - in flight, capped.
 
-    In flight: the variants without a result and the runs the ledger requested still to
-    come (each replicate holds a slot: counting a replicated variant once would queue new
-    variants ahead of its replicates, and its decision would wait behind them). Lookahead 0
+    `slots` are those of the campaign's first tier, where new variants run. In flight: the
+    variants without a result and the runs the ledger requested there still to come (each
+    replicate holds a slot: counting a replicated variant once would queue new variants
+    ahead of its replicates, and its decision would wait behind them; runs on a later tier
+    hold that tier's slots, not these). Lookahead 0
     is automatic: a quarter of the slots (at least 2), so the runs that end while a
     proposal round trip is under way find their successors already queued.
     """
     lookahead = state.config.proposer.lookahead or default_lookahead
     if lookahead <= 0:
         lookahead = max(2, -(-slots // 4))
-    want = slots + lookahead - len(state.in_flight) - len(state.runs_out)
+    first = [r for r in state.runs_out if r.tier == state.first_tier]
+    want = slots + lookahead - len(state.in_flight) - len(first)
     limit = state.config.max_experiments
     if limit > 0:
         want = min(want, limit - len(state.variants))

@@ -11,8 +11,11 @@ as long), replicates included. Per seed and configuration, from the ledger:
 - final_true_val_bpb: the true value of the final best;
 - replicate_fraction: the share of runs that were replicates or promotions (runs beyond a
   variant's first on the first tier; the seed's included);
+- cancelled_fraction: runs the ledger cancelled (a decision made them useless) per run of
+  the budget; one cancelled before it started cost nothing and is not among the runs, one
+  stopped mid-run counts as a whole run there;
 - time_to_target_ratio: (a)'s wall time to reach the true value (a) ends with, divided by
-  this configuration's (0 when it does not reach it; None when (a) never improved on the
+  this configuration's, each from its first run's start (0 when it does not reach it; None when (a) never improved on the
   seed). For this figure a fleet runs on past the equal budget, up to twice (a)'s GPU time
   (twice the runs); every other figure stops at the budget.
 
@@ -60,6 +63,7 @@ class DecisionFigures:
     final_true_val_bpb: float
     replicate_fraction: float
     time_to_target_ratio: float | None
+    cancelled_fraction: float = 0.0
 
 
 @dataclass
@@ -73,7 +77,8 @@ class CampaignTruth:
     final_true: float
     runs: int
     replicates: int
-    t0: float  # first result
+    cancelled: int  # runs the ledger cancelled by the budget's last result
+    t0: float  # the first run's start
     reached: list[tuple[float, float]]  # (ts, true value of the new best), in order
 
 
@@ -154,6 +159,15 @@ def read_truth(db: Path, campaign: str, budget: int, noise: float, sim_seed: int
         ).fetchall()
         bests = [b for b in every_best if b["ts"] <= cut]
         final = _final_decisions(conn, campaign, cut)
+        # From the first run's start, not its result: a fleet whose first results already
+        # reach the target would otherwise divide by almost nothing.
+        started = conn.execute(
+            "SELECT MIN(started_at) FROM runs WHERE campaign = ?", (campaign,)
+        ).fetchone()[0]
+        cancelled = conn.execute(
+            "SELECT COUNT(*) FROM runs WHERE campaign = ? AND cancel_requested_at <= ?",
+            (campaign, cut),
+        ).fetchone()[0]
     finally:
         conn.close()
     replaced = [b for b in bests if b["previous_variant_id"] in truth]
@@ -168,7 +182,8 @@ def read_truth(db: Path, campaign: str, budget: int, noise: float, sim_seed: int
         final_true=truth[bests[-1]["variant_id"]] if bests else true_val_bpb(seed_text),
         runs=len(results),
         replicates=sum(r["replica"] > 0 or r["tier"] != first_tier for r in results),
-        t0=results[0]["evaluated_at"],
+        cancelled=int(cancelled),
+        t0=float(started),
         # beyond the budget too: a fleet may run on to twice (a)'s GPU time to reach its level
         reached=[(b["ts"], truth[b["variant_id"]]) for b in every_best if b["variant_id"] in truth],
     )
@@ -208,6 +223,7 @@ def figures(runs: list[CampaignTruth], baseline: list[CampaignTruth]) -> Decisio
         final_true_val_bpb=round(statistics.fmean(r.final_true for r in runs), 6),
         replicate_fraction=round(_rate([(r.replicates, r.runs) for r in runs]), 4),
         time_to_target_ratio=round(statistics.fmean(ratios), 2) if ratios else None,
+        cancelled_fraction=round(_rate([(r.cancelled, r.runs) for r in runs]), 4),
     )
 
 
@@ -258,11 +274,12 @@ def print_decisions(report: dict[str, DecisionFigures], as_json: bool = False) -
         return
     print(
         f"{'configuration':<18} {'false keeps':>11} {'missed wins':>11} {'final true':>11} "
-        f"{'replicates':>10} {'time to target':>14}"
+        f"{'replicates':>10} {'cancelled':>9} {'time to target':>14}"
     )
     for name, f in report.items():
         ratio = "-" if f.time_to_target_ratio is None else f"x{f.time_to_target_ratio:.2f}"
         print(
             f"{name:<18} {f.false_keep_rate:>11.3f} {f.missed_win_rate:>11.3f} "
-            f"{f.final_true_val_bpb:>11.6f} {f.replicate_fraction:>10.3f} {ratio:>14}"
+            f"{f.final_true_val_bpb:>11.6f} {f.replicate_fraction:>10.3f} "
+            f"{f.cancelled_fraction:>9.3f} {ratio:>14}"
         )

@@ -140,25 +140,31 @@ class LiveView:
 
 
 def close_call_line(event: VariantDecided, title: str) -> str:
-    """The live view's line for a candidate inside the margin: the replicates requested."""
+    """The live view's line for a candidate inside the margin (or past it on a single run
+    while the noise is measured on few degrees of freedom): the replicates requested."""
     gain = abs((event.mean_best or 0.0) - (event.mean_candidate or 0.0))
+    margin = event.margin or 0.0
+    why = "" if gain < margin else f", {event.reason}"
     return (
-        f"       close call: {title}: better by {gain:.6f} < margin {event.margin or 0:.6f} "
-        f"(n {event.n_candidate} vs {event.n_best}); "
+        f"       close call: {title}: better by {gain:.6f} {'<' if gain < margin else '>'} "
+        f"margin {margin:.6f} (n {event.n_candidate} vs {event.n_best}{why}); "
         f"{event.replicates_requested} replicate run(s) requested"
     )
 
 
 def verdict_line(event: VariantDecided, title: str) -> str:
-    """The live view's line for the verdict on a close call."""
+    """The live view's line for the verdict on a close call (and the runs it cancelled)."""
+    cancelled = len(event.cancelled_runs)
     return (
         f"       {event.decision} after replicates: {title}: mean {event.mean_candidate or 0:.6f} "
         f"(n {event.n_candidate}) vs best {event.mean_best or 0:.6f} (n {event.n_best}): "
-        f"{event.reason}"
+        f"{event.reason}" + (f"; {cancelled} run(s) still out cancelled" if cancelled else "")
     )
 
 
 def replicate_line(event: ResultEvaluated, metric: str) -> str:
+    if event.crash_reason.startswith("cancelled"):  # a decision made it useless mid-run
+        return f"       replicate {event.run_id}: {event.crash_reason}"
     value = f"{event.value:.6f}" if event.value is not None else "-"
     return f"       replicate {event.run_id}: {event.status} {metric} {value}"
 

@@ -44,6 +44,17 @@ def sim_settings(home: Path, url: str, **overrides: object) -> Settings:
 SINGLE_RUN: dict[str, object] = {"keep_rule": "strict", "noise_runs": 1}
 
 
+# Many close calls (a spread of 0.004 is large beside the landscape's steps), no failures,
+# and the noise measured from the seed's runs alone.
+CLOSE_CALLS: dict[str, object] = {"sim_noise": 0.004, "sim_failure_rate": 0.0, "noise_floor": 0.0}
+
+
+def close_call_settings(home: Path, url: str, **overrides: object) -> Settings:
+    """A noise-aware sim campaign of 24 on 4 slots with CLOSE_CALLS; the seed runs 3 times."""
+    values = {"max_experiments": 24, "slots": 4, "keep_rule": "noise-aware", "noise_runs": 3}
+    return sim_settings(home, url, **(values | CLOSE_CALLS | overrides))
+
+
 def spawn_service(name: str, env: dict[str, str], capture: bool = False) -> subprocess.Popen[str]:
     """`python -m services.<name>` as its own process with exactly this environment; its
     output (stdout and stderr together) in `.stdout` when `capture`, else discarded."""

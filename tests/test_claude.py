@@ -10,7 +10,7 @@ import pytest
 from services.contracts import variant_id_for
 from services.proposer.claude import ClaudeUnavailable, build_claude_strategy
 from services.proposer.prompt import TOOL_NAME
-from services.proposer.strategy import ResultRow
+from services.proposer.strategy import PendingRuns, ResultRow, TierNoise, VerdictRow
 from services.settings import Settings
 from tests.anthropic_requests import request_text
 from tests.claude_helpers import CAMPAIGN, PARENT, Make, campaign, depth, lr, make_request
@@ -84,6 +84,40 @@ async def test_tool_answer_becomes_proposals_and_request_carries_context(
         "the current best",
     ):
         assert expected in state, expected
+
+
+async def test_the_request_carries_the_measured_noise_pending_runs_and_verdicts(
+    fake: FakeAnthropic, make: Make
+) -> None:
+    fake.push(tool_answer([lr("0.06")]))
+    request = make_request(
+        k=1,
+        keep_rule="noise-aware",
+        measured_noise=[TierNoise("screen", 0.0031, 6), TierNoise("validate", 0.0024, 2)],
+        pending_runs=[PendingRuns("MATRIX_LR -> 0.08", "screen", 3, "replicate: a close call")],
+        verdicts=[
+            VerdictRow("DEPTH -> 6", "discard", "screen", 1, 3, 1.02, 1.0, 0.0, "not better"),
+            VerdictRow(
+                "MATRIX_LR -> 0.08", "undecided", "screen", 1, 3, 0.995, 1.0, 0.0189, "replicate"
+            ),
+        ],
+    )
+    await make().propose(request)
+    state = fake.requests[0]["messages"][0]["content"][1]["text"]
+    for expected in (
+        "measured noise per tier: screen 0.003100 (6 degrees of freedom), "
+        "validate 0.002400 (2 degrees of freedom)",
+        "rule noise-aware: a variant replaces the best only when",
+        "DEPTH -> 6 | discard | screen | n 1 vs 3 | 1.020000 vs 1.000000 | 0.000000 | not better",
+        "MATRIX_LR -> 0.08 | undecided | screen | n 1 vs 3 | 0.995000 vs 1.000000 | 0.018900",
+        "- MATRIX_LR -> 0.08: 3 run(s) on screen (replicate: a close call)",
+    ):
+        assert expected in state, expected
+    fake.push(tool_answer([lr("0.02")]))
+    await make().propose(make_request(k=1))  # nothing measured or decided yet
+    state = fake.requests[1]["messages"][0]["content"][1]["text"]
+    assert "measured noise per tier: not measured yet" in state
+    assert "Pending replicate and promotion runs (results not in yet):\n(none)" in state
 
 
 async def test_forced_tool_choice_for_models_that_take_it(fake: FakeAnthropic, make: Make) -> None:

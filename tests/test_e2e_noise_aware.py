@@ -23,16 +23,15 @@ from services.contracts import (
 from services.launcher.landscape import true_val_bpb
 from services.settings import Settings
 from services.supervisor import up, wait_until_consumed
-from tests.e2e_helpers import SEED, history, ledger_rows, services_running, wait_completed
+from tests.e2e_helpers import (
+    CLOSE_CALLS,
+    SEED,
+    history,
+    ledger_rows,
+    services_running,
+    wait_completed,
+)
 from tests.eventually import eventually
-
-SIM_NOISE = 0.004  # large beside the landscape's steps: many close calls
-# Many close calls, no failures, and the noise measured from the seed's runs alone.
-CLOSE_CALLS: dict[str, object] = {
-    "sim_noise": SIM_NOISE,
-    "sim_failure_rate": 0.0,
-    "noise_floor": 0.0,
-}
 
 
 async def test_replicates_are_run_and_no_truly_worse_variant_becomes_the_best(

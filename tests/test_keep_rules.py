@@ -165,3 +165,15 @@ def test_a_keep_and_a_discard_at_the_cap_wait_for_the_runs_requested() -> None:
     assert noise_aware(Evidence([0.99] * 5, [1.0] * 5, "minimize", SIGMA, P)).wait_for_runs
     assert not noise_aware(Evidence([1.02], [1.0], "minimize", SIGMA, P)).wait_for_runs
     assert not strict(Evidence([0.9], [1.0], "minimize", SIGMA, P)).wait_for_runs
+
+
+def test_a_single_run_is_kept_only_on_a_noise_with_enough_degrees_of_freedom() -> None:
+    """Far past the margin on one run: with the seed's 2 degrees of freedom (its 3 runs may
+    have agreed by luck) one replicate first; with 6 the single run is enough."""
+    few = noise_aware(Evidence([0.90], [1.0] * 3, "minimize", SIGMA, P, noise_dof=2))
+    assert few.decision == "undecided" and "degrees of freedom" in few.reason
+    assert (few.want_candidate, few.want_best) == (2, 3)
+    enough = noise_aware(Evidence([0.90], [1.0] * 3, "minimize", SIGMA, P, noise_dof=6))
+    assert enough.decision == "keep"
+    two_runs = noise_aware(Evidence([0.90, 0.91], [1.0] * 3, "minimize", SIGMA, P, noise_dof=2))
+    assert two_runs.decision == "keep"

@@ -13,7 +13,14 @@ from services.ledger.db import open_db
 from services.ledger.projection import apply_event
 from services.ledger.resume import RESUME_REASON
 from tests.synthetic import run_events
-from tests.test_ledger_verdict import CAMPAIGN, proposal, started
+from tests.test_ledger_verdict import (
+    CAMPAIGN,
+    apply_result,
+    proposal,
+    result,
+    started,
+    with_candidate,
+)
 
 
 @pytest.fixture
@@ -73,3 +80,29 @@ def test_a_first_start_and_a_running_campaign_request_nothing(conn: sqlite3.Conn
     apply_event(conn, event, source_text=source)
     # Started again without a stop (new limits while it runs): its runs are still queued.
     assert apply_event(conn, started(keep_rule="strict", noise_runs=1, event_id="cs2", ts=9)) == []
+
+
+def test_a_resume_asks_again_for_a_close_calls_replicates_but_not_cancelled_ones(
+    conn: sqlite3.Connection,
+) -> None:
+    seed, vid = with_candidate(conn)
+    asked = {
+        e.run_id  # type: ignore[attr-defined]
+        for e in apply_result(conn, result(vid, 0.95, ts=20.0))
+        if isinstance(e, RunRequested)
+    }
+    stop = CampaignStopped(campaign=CAMPAIGN, event_id="stop", ts=30.0, reason="stopped")
+    apply_event(conn, stop)
+    again = apply_event(conn, started(event_id="cs2", ts=40.0))
+    assert {e.run_id for e in again} == asked  # type: ignore[attr-defined]
+    states = {
+        r[0] for r in conn.execute("SELECT state FROM runs WHERE run_id LIKE ?", (vid + "%",))
+    }
+    assert "cancelled" not in states  # requested again
+    # Its first replicate discards it: the ones still out are cancelled, and a later stop
+    # and resume leaves them be.
+    apply_result(conn, result(vid, 1.2, replica=1, ts=50.0))
+    apply_event(conn, CampaignStopped(campaign=CAMPAIGN, event_id="stop2", ts=60.0, reason="x"))
+    later = apply_event(conn, started(event_id="cs3", ts=70.0))
+    assert not {e.run_id for e in later} & {run_id_for(vid, "default", k) for k in (2, 3)}  # type: ignore[attr-defined]
+    assert run_id_for(seed, "default", 3) in {e.run_id for e in later}  # type: ignore[attr-defined]

@@ -12,9 +12,11 @@ from fastapi.testclient import TestClient
 from services.contracts import (
     BestUpdated,
     CampaignStarted,
+    CampaignStopped,
     Event,
     NoiseMeasured,
     ResultEvaluated,
+    RunCancel,
     RunRequested,
     VariantDecided,
     VariantProposed,
@@ -309,7 +311,54 @@ def test_a_win_that_waited_for_the_bests_runs_is_judged_once_they_are_back(
     out = apply_result(conn, result(close.variant_id, 0.95, ts=20.0))  # a close call
     asked = {(e.variant_id, e.replica) for e in of(RunRequested, out)}  # type: ignore[attr-defined]
     assert (seed, 3) in asked  # ... asks for another run of the best too
-    assert not of(BestUpdated, apply_result(conn, result(clear.variant_id, 0.80, ts=21.0)))
+    out = apply_result(conn, result(clear.variant_id, 0.80, ts=21.0))
+    # separated on its one run, but with the noise measured on 2 degrees of freedom a
+    # single run is not enough: one replicate first
+    asked = {(e.variant_id, e.replica) for e in of(RunRequested, out)}  # type: ignore[attr-defined]
+    assert asked == {(clear.variant_id, 1)} and not of(BestUpdated, out)
+    out = apply_result(conn, result(clear.variant_id, 0.81, replica=1, ts=22.0))
+    assert not of(BestUpdated, out)  # the best's run the close call asked for is still out
     assert queries.variant(conn, clear.variant_id)["status"] == "pending"  # type: ignore[index]
-    out = apply_result(conn, result(seed, 1.0, replica=3, ts=22.0))
+    out = apply_result(conn, result(seed, 1.0, replica=3, ts=23.0))
     assert [e.variant_id for e in of(BestUpdated, out)] == [clear.variant_id]  # type: ignore[attr-defined]
+
+
+def test_a_discard_cancels_the_replicates_still_out(conn: sqlite3.Connection) -> None:
+    seed, vid = with_candidate(conn)
+    first = apply_result(conn, result(vid, 0.95, ts=20.0))
+    asked = {r.run_id for r in of(RunRequested, first)}  # type: ignore[attr-defined]
+    assert run_id_for(vid, "default", 3) in asked
+    # Its first replicate says it is no better after all: discarded at once, and the
+    # replicates still out (2 and 3; not the seed's, which refines the best) cancelled.
+    out = apply_result(conn, result(vid, 1.2, replica=1, ts=21.0))
+    [decided] = of(VariantDecided, out)
+    assert decided.decision == "discard"  # type: ignore[attr-defined]
+    cancelled = [run_id_for(vid, "default", k) for k in (2, 3)]
+    assert decided.cancelled_runs == cancelled  # type: ignore[attr-defined]
+    assert [c.run_id for c in of(RunCancel, out)] == cancelled  # type: ignore[attr-defined]
+    states = conn.execute(
+        "SELECT state FROM runs WHERE run_id IN (?, ?)", (cancelled[0], cancelled[1])
+    ).fetchall()
+    assert [s["state"] for s in states] == ["cancelled", "cancelled"]  # never started
+    # A cancelled run that finished anyway decides nothing more.
+    late = apply_result(conn, result(vid, 0.9, replica=2, ts=22.0))
+    assert not of(VariantDecided, late) and not of(BestUpdated, late)
+    detail = queries.decisions(conn, vid)
+    assert detail[-1]["decision"] == "discard" and detail[-1]["runs_cancelled"] == 2
+    # The seed's replicate the close call asked for is still out, not cancelled.
+    row = conn.execute(
+        "SELECT cancel_requested_at FROM runs WHERE run_id = ?", (run_id_for(seed, "default", 3),)
+    ).fetchone()
+    assert row is not None and row["cancel_requested_at"] is None
+
+
+def test_a_stop_cancels_the_runs_not_started(conn: sqlite3.Connection) -> None:
+    """Launchers skip a stopped campaign's runs: the replicates not started never will be."""
+    _, vid = with_candidate(conn)
+    asked = [r.run_id for r in of(RunRequested, apply_result(conn, result(vid, 0.95, ts=20.0)))]  # type: ignore[attr-defined]
+    apply_event(conn, CampaignStopped(campaign=CAMPAIGN, event_id="stop", ts=21.0, reason="user"))
+    states = {
+        r["run_id"]: r["state"]
+        for r in conn.execute("SELECT run_id, state FROM runs WHERE cancel_reason IS NOT NULL")
+    }
+    assert states == dict.fromkeys(asked, "cancelled")

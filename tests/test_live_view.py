@@ -51,3 +51,17 @@ async def test_waiting_for_the_seed_is_no_close_call() -> None:
     await view.on_variant_decided(decided("v", "undecided", reason="waiting"), DELIVERY)
     await view.on_variant_decided(decided("v", "discard"), DELIVERY)
     assert out.getvalue() == ""
+
+
+async def test_a_verdict_shows_the_runs_it_cancelled_and_a_single_run_past_the_margin() -> None:
+    out = io.StringIO()
+    view = LiveView("c", out=out, live=True, titles={"v": "LR x2"})
+    few_dof = decided("v", "undecided", replicates=1, mean_candidate=0.95, reason="noise on 2 dof")
+    await view.on_variant_decided(few_dof, DELIVERY)
+    cancelling = decided(
+        "v", "discard", n_candidate=2, reason="not better", cancelled_runs=["v-default-2"]
+    )
+    await view.on_variant_decided(cancelling, DELIVERY)
+    first, second = out.getvalue().splitlines()
+    assert "better by 0.050000 > margin 0.020000 (n 1 vs 3, noise on 2 dof)" in first
+    assert second.endswith("not better; 1 run(s) still out cancelled")

@@ -196,6 +196,9 @@ class ObjectBucket(Declared[ObjectStore]):
 _KV_KEY = re.compile(r"[-_=a-zA-Z0-9]+")
 
 
+CANCELLED = "cancelled: "  # the value of a `finished.` key the ledger wrote
+
+
 def _finished_key(campaign: str, run_id: str) -> str:
     """`finished.<campaign>.<run id>` (a run id with characters a key may not hold: hashed)."""
     if not _KV_KEY.fullmatch(run_id):
@@ -209,10 +212,11 @@ class CampaignRegistry(Declared[KeyValue]):
 
     Keys: `campaign.<name>` holds the encoded CampaignStarted; `stopped.<name>` exists while
     the campaign is stopped (its value is the reason); `finished.<name>.<run id>` once a
-    launcher reported the run finished (its value: the RunFinished's id); `lease.<name>` names
-    the proposer that tops the campaign up (services.proposer.lease: written only by
-    compare-and-set on its revision). Names are checked by the CLI to be letters, digits,
-    '-' and '_', so they are valid KV keys.
+    launcher reported the run finished (its value: the RunFinished's id), or once the ledger
+    cancelled it (`cancelled: <reason>`: a replicate a decision made useless): either way no
+    launcher starts it again; `lease.<name>` names the proposer that tops the campaign up
+    (services.proposer.lease: written only by compare-and-set on its revision). Names are
+    checked by the CLI to be letters, digits, '-' and '_', so they are valid KV keys.
     """
 
     async def _open(self) -> KeyValue:
@@ -241,10 +245,19 @@ class CampaignRegistry(Declared[KeyValue]):
         """Record that run `run_id` of campaign `name` finished and was reported."""
         await self._put(_finished_key(name, run_id), event_id.encode())
 
-    async def is_finished(self, name: str, run_id: str) -> bool:
-        """Has a launcher reported this run finished? (It is then never run again, whatever
-        the id of the message that asks for it.)"""
-        return await self._get(_finished_key(name, run_id)) is not None
+    async def mark_cancelled(self, name: str, run_id: str, reason: str) -> None:
+        """Record that run `run_id` of campaign `name` must not start: the ledger cancelled it."""
+        await self._put(_finished_key(name, run_id), f"{CANCELLED}{reason}".encode())
+
+    async def settled(self, name: str, run_id: str) -> str | None:
+        """Why this run is never to be run (again), whatever the id of the message that asks
+        for it: "finished" once a launcher reported it, "cancelled: <reason>" once the ledger
+        cancelled it; None while it is still to run."""
+        value = await self._get(_finished_key(name, run_id))
+        if value is None:
+            return None
+        text = value.decode(errors="replace")
+        return text if text.startswith(CANCELLED) else "finished"
 
     async def mark_stopped(self, name: str, reason: str) -> None:
         await self._put(f"stopped.{name}", reason.encode())

@@ -239,7 +239,11 @@ Decision = Literal["keep", "discard", "undecided"]
 class VariantDecided(Event, tag="variant.decided", kw_only=True, frozen=True):
     """A keep rule's verdict on a variant (published by the ledger, one per decision).
 
-    `undecided` comes with the replicate runs it requested (RunRequested, same tier).
+    `undecided` comes with the replicate runs it requested (RunRequested, same tier). A
+    final one (keep or discard) cancels the runs still out that it made useless: the
+    variant's own, and on a keep the replaced best's (`cancelled_runs`, their run ids; the
+    ledger marks them in the campaigns KV so no launcher starts them, and sends a RunCancel
+    for those already running).
     """
 
     variant_id: str
@@ -255,6 +259,7 @@ class VariantDecided(Event, tag="variant.decided", kw_only=True, frozen=True):
     noise: float | None
     margin: float | None
     replicates_requested: int = 0
+    cancelled_runs: list[str] = msgspec.field(default_factory=list)
 
 
 class NoiseMeasured(Event, tag="noise.measured", kw_only=True, frozen=True):

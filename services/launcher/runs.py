@@ -161,16 +161,19 @@ class Launcher:
             source.add_done_callback(_retrieve)
 
     async def still_wanted(self, work: Work, attempt: int, log: Any) -> bool:
-        """Neither its campaign stopped nor the run reported finished (both asked at once)."""
-        stopped, finished = await asyncio.gather(
+        """Neither its campaign stopped nor the run settled: reported finished, or cancelled
+        by the ledger (a replicate a decision made useless). Both asked at once."""
+        stopped, settled = await asyncio.gather(
             self.bus.campaigns.is_stopped(work.campaign.campaign),
-            self.bus.campaigns.is_finished(work.campaign.campaign, work.run_id),
+            self.bus.campaigns.settled(work.campaign.campaign, work.run_id),
         )
         if stopped:
             log.info("run_skipped", reason="campaign stopped")
-        elif finished:
+        elif settled == "finished":
             log.info("run_already_finished", attempt=attempt)  # a message published again
-        return not (stopped or finished)
+        elif settled is not None:
+            log.info("run_skipped", reason=settled)
+        return not (stopped or settled)
 
     # --- one run --------------------------------------------------------------------------
 

@@ -174,6 +174,14 @@ def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> Outbox:
         "WHERE name = ?",
         (status, ev.ts, ev.reason, ev.detail, ev.campaign),
     )
+    # Launchers skip the runs of a stopped campaign: those not started are cancelled until
+    # a resume requests them again (resume.py). Not a decision's cancel (no
+    # cancel_requested_at): their results, when they come, count.
+    conn.execute(
+        "UPDATE runs SET state = 'cancelled', cancel_reason = ? "
+        "WHERE campaign = ? AND state = 'requested'",
+        (f"campaign {status}", ev.campaign),
+    )
     return []
 
 
@@ -293,7 +301,8 @@ def run_started(ev: RunStarted, ctx: Ctx) -> Outbox:
         )
     conn.execute(
         "UPDATE runs SET attempt = ?, backend = ?, host = ?, accelerator = ?, slot = ?, "
-        "started_at = ?, state = CASE WHEN state = 'requested' THEN 'running' ELSE state END "
+        "started_at = ?, "
+        "state = CASE WHEN state IN ('requested', 'cancelled') THEN 'running' ELSE state END "
         "WHERE run_id = ?",
         (ev.attempt, ev.backend, ev.host, ev.accelerator, ev.slot, ev.ts, ev.run_id),
     )

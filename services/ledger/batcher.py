@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from opentelemetry import context as otel_context
 
 from services.bus import Bus, gather_limited
-from services.contracts import Event
+from services.contracts import Event, RunCancel
 from services.ledger.projection import Pending, apply_events
 from services.ledger.verdict import Outbox
 
@@ -88,6 +88,8 @@ class Batcher:
         """Publish under the trace of the message that decided it."""
         token = otel_context.attach(trace)
         try:
+            if isinstance(event, RunCancel):  # durable for a run not started yet
+                await self.bus.campaigns.mark_cancelled(event.campaign, event.run_id, event.reason)
             await self.bus.publish(event)
         finally:
             otel_context.detach(token)

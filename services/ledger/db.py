@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS runs (
     replica INTEGER NOT NULL DEFAULT 0,
     attempt INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'requested',  -- requested | running | finished | evaluated
+                                        -- | cancelled (by the ledger before it started)
     requested_at REAL,
     request_reason TEXT,
     backend TEXT,
@@ -114,7 +115,9 @@ CREATE TABLE IF NOT EXISTS runs (
     infra_failure INTEGER NOT NULL DEFAULT 0,
     infra_reason TEXT NOT NULL DEFAULT '',
     log_key TEXT,
-    log_tail TEXT
+    log_tail TEXT,
+    cancel_requested_at REAL,           -- the ledger cancelled it: a decision made it useless
+    cancel_reason TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_variant ON runs(variant_id);
 CREATE INDEX IF NOT EXISTS runs_campaign_state ON runs(campaign, state);
@@ -175,6 +178,7 @@ CREATE TABLE IF NOT EXISTS keep_decisions (
     margin REAL,                        -- the improvement it required at these n
     reason TEXT NOT NULL DEFAULT '',
     replicates_requested INTEGER NOT NULL DEFAULT 0,
+    runs_cancelled INTEGER NOT NULL DEFAULT 0,  -- runs still out that the decision cancelled
     decided_at REAL NOT NULL
 );
 

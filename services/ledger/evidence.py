@@ -9,6 +9,7 @@ the runs still out, and the RunRequested of replicates: deterministic run ids
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 from services import contracts
 from services.contracts import (
@@ -16,6 +17,7 @@ from services.contracts import (
     CampaignStarted,
     ContractError,
     NoiseMeasured,
+    RunCancel,
     RunRequested,
     VariantProposed,
 )
@@ -58,14 +60,64 @@ def campaign_row(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
 
 
 def outstanding(conn: sqlite3.Connection, variant_ids: list[str], tier: str) -> int:
-    """Runs of these variants on the tier requested but without a result yet."""
+    """Runs of these variants on the tier requested but without a result yet (and not
+    cancelled)."""
+    return len(_out(conn, variant_ids, tier))
+
+
+def _out(conn: sqlite3.Connection, variant_ids: list[str], tier: str | None) -> list[str]:
     marks = ",".join("?" * len(variant_ids))
+    rows = conn.execute(
+        f"SELECT r.run_id FROM runs r LEFT JOIN results x ON x.run_id = r.run_id "
+        f"WHERE r.variant_id IN ({marks}) AND (? IS NULL OR r.tier = ?) AND x.run_id IS NULL "
+        f"AND r.cancel_requested_at IS NULL ORDER BY r.run_id",
+        (*variant_ids, tier, tier),
+    )
+    return [r["run_id"] for r in rows]
+
+
+def cancel_useless(
+    conn: sqlite3.Connection, campaign: str, sides: tuple[str, str | None], decision: str, ts: float
+) -> list[RunCancel]:
+    """A discard makes the runs still out of the variant useless, a keep those of the best
+    it replaces (the new best's own runs refine its mean): they are cancelled, so no GPU
+    time goes to them."""
+    variant_id, best_id = sides
+    if decision == "discard":
+        useless = variant_id
+    elif decision == "keep" and best_id:
+        useless = best_id
+    else:
+        return []
+    reason = f"{decision} of {variant_id[:8]}: no longer needed"
+    return cancel_outstanding(conn, campaign, [useless], ts, reason)
+
+
+def cancel_outstanding(
+    conn: sqlite3.Connection, campaign: str, variant_ids: list[str], ts: float, reason: str
+) -> list[RunCancel]:
+    """Cancel the runs of these variants still out (on every tier): marked in `runs`, and
+    a RunCancel each (the service also marks them in the campaigns KV, so a launcher that
+    has not started one never does)."""
+    found = _out(conn, variant_ids, None)
+    for run_id in found:
+        conn.execute(
+            "UPDATE runs SET cancel_requested_at = ?, cancel_reason = ?, "
+            "state = CASE WHEN state = 'requested' THEN 'cancelled' ELSE state END "
+            "WHERE run_id = ?",
+            (ts, reason, run_id),
+        )
+    return [
+        RunCancel(**_run_keys("cancel", campaign, run_id, ts), reason=reason) for run_id in found
+    ]
+
+
+def cancel_requested(conn: sqlite3.Connection, run_id: str) -> bool:
+    """Did the ledger cancel this run (its result, if one comes, decides nothing)?"""
     row = conn.execute(
-        f"SELECT COUNT(*) FROM runs r LEFT JOIN results x ON x.run_id = r.run_id "
-        f"WHERE r.variant_id IN ({marks}) AND r.tier = ? AND x.run_id IS NULL",
-        (*variant_ids, tier),
+        "SELECT cancel_requested_at FROM runs WHERE run_id = ?", (run_id,)
     ).fetchone()
-    return int(row[0])
+    return row is not None and row["cancel_requested_at"] is not None
 
 
 def replicates(
@@ -118,10 +170,7 @@ def request_runs(
         )
         found.append(
             RunRequested(
-                campaign=campaign,
-                event_id=contracts.event_id_for("requested", campaign, run_id),
-                ts=ts,
-                run_id=run_id,
+                **_run_keys("requested", campaign, run_id, ts),
                 variant_id=variant_id,
                 source_digest=var["source_digest"],
                 tier=tier,
@@ -130,6 +179,12 @@ def request_runs(
             )
         )
     return found
+
+
+def _run_keys(kind: str, campaign: str, run_id: str, ts: float) -> dict[str, Any]:
+    """The keys of a `kind` event about one run the ledger asks for or cancels."""
+    event_id = contracts.event_id_for(kind, campaign, run_id)
+    return {"campaign": campaign, "event_id": event_id, "ts": ts, "run_id": run_id}
 
 
 def seed_replicates(conn: sqlite3.Connection, ev: VariantProposed) -> list[AnyEvent]:

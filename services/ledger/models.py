@@ -15,7 +15,7 @@ from services.contracts import Status
 
 VariantStatus = Literal["pending", "keep", "discard", "crash"]
 CampaignStatus = Literal["running", "stopped", "completed"]
-RunState = Literal["requested", "running", "finished", "evaluated"]
+RunState = Literal["requested", "running", "finished", "evaluated", "cancelled"]
 
 
 class ErrorBody(BaseModel):
@@ -132,6 +132,9 @@ class KeepDecision(BaseModel):
     noise: float | None = Field(description="the run-to-run spread the rule used")
     margin: float | None = Field(description="the improvement it required at these n")
     replicates_requested: int
+    runs_cancelled: int = Field(
+        0, description="runs still out that the decision made useless, cancelled"
+    )
     run_id: str = Field(description="the result that led to the decision")
     decided_at: float
 

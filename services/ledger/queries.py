@@ -141,12 +141,13 @@ def noise(conn: sqlite3.Connection, name: str) -> dict[str, dict[str, Any]]:
 
 def decisions(conn: sqlite3.Connection, variant_id: str) -> list[dict[str, Any]]:
     """Every keep-rule decision on a variant, oldest first: the rule, n and mean per side,
-    the noise and the margin, and how many replicates it requested."""
+    the noise and the margin, how many replicates it requested and how many runs still out
+    it cancelled."""
     rows = conn.execute(
         "SELECT status AS decision, rule, tier, reason, runs AS n_candidate, "
         "value AS mean_candidate, best_before_variant_id AS best_variant_id, "
         "best_before_runs AS n_best, best_before_value AS mean_best, noise, margin, "
-        "replicates_requested, run_id, decided_at FROM keep_decisions "
+        "replicates_requested, runs_cancelled, run_id, decided_at FROM keep_decisions "
         "WHERE variant_id = ? ORDER BY decided_at, rowid",
         (variant_id,),
     )

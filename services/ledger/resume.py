@@ -7,7 +7,8 @@ the variant). So when the campaign starts again the ledger, which has seen every
 request and result, asks for each run still owed:
 
 - a run requested or started that has no result, or only an infrastructure failure with
-  attempts left (a replicate, a promotion, a set-aside run);
+  attempts left (a replicate, a promotion, a set-aside run), unless a keep decision
+  cancelled it (a replicate the decision made useless);
 - replica 0 of a proposed variant no launcher ever started (its VariantProposed was skipped).
 
 Each request carries the run's attempts so far (`attempt_base`), so the new attempt's events
@@ -40,6 +41,7 @@ def runs_left_undone(conn: sqlite3.Connection, ev: CampaignStarted) -> list[RunR
         FROM runs r JOIN variants v ON v.variant_id = r.variant_id
         LEFT JOIN results x ON x.run_id = r.run_id
         WHERE r.campaign = :campaign AND v.source_digest IS NOT NULL
+          AND r.cancel_requested_at IS NULL
           AND (x.run_id IS NULL OR (x.status = 'infra' AND x.attempt < :max_attempts))
         UNION ALL
         SELECT NULL, v.variant_id, :tier, 0, 0, v.source_digest
@@ -53,6 +55,11 @@ def runs_left_undone(conn: sqlite3.Connection, ev: CampaignStarted) -> list[RunR
         """,
         {"campaign": ev.campaign, "tier": first_tier, "max_attempts": MAX_RUN_ATTEMPTS},
     ).fetchall()
+    conn.execute(  # the runs the stop cancelled before they started are requested again
+        "UPDATE runs SET state = 'requested', cancel_reason = NULL WHERE campaign = ? "
+        "AND state = 'cancelled' AND cancel_requested_at IS NULL",
+        (ev.campaign,),
+    )
     requests = []
     for row in owed:
         run_id = row["run_id"] or contracts.run_id_for(row["variant_id"], first_tier, 0)

@@ -26,6 +26,7 @@ from services.contracts import (
     FleetStatus,
     NoiseMeasured,
     ResultEvaluated,
+    RunCancel,
     RunFinished,
     RunRequested,
     VariantDecided,
@@ -145,10 +146,17 @@ class Projector:
             fields = fields_of(
                 event, "campaign", "variant_id", "decision", "n_candidate", "n_best", "margin"
             )
-            self.log.info("variant_decided", **fields, replicates=event.replicates_requested)
+            self.log.info(
+                "variant_decided",
+                **fields,
+                replicates=event.replicates_requested,
+                cancelled=len(event.cancelled_runs),
+            )
         elif isinstance(event, RunRequested):
             fields = fields_of(event, "campaign", "run_id", "reason")
             self.log.info("replicate_requested", **fields)
+        elif isinstance(event, RunCancel):
+            self.log.info("run_cancelled", **fields_of(event, "campaign", "run_id", "reason"))
         elif isinstance(event, NoiseMeasured):
             self.log.info("noise_measured", **fields_of(event, "campaign", "tier", "noise", "dof"))
 

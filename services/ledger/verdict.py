@@ -24,12 +24,15 @@ from services.contracts import (
     CampaignStarted,
     Event,
     ResultEvaluated,
+    RunCancel,
     RunRequested,
     VariantDecided,
 )
 from services.ledger import keep
 from services.ledger.evidence import (
     campaign_row,
+    cancel_requested,
+    cancel_useless,
     config,
     measure_noise,
     measured_noise,
@@ -62,6 +65,8 @@ def decide(conn: sqlite3.Connection, ev: ResultEvaluated) -> Outbox:
         (keep.mean(ok_top) if ok_top else None, len(ok_top), ev.variant_id),
     )
     out: Outbox = list(measure_noise(conn, ev.campaign, ev.tier, ev.ts, ev.variant_id))
+    if cancel_requested(conn, ev.run_id):
+        return out  # a run a decision cancelled (it ran on before the cancel reached it)
     if camp["best_variant_id"] == ev.variant_id:
         best_ok = ok_values(conn, ev.variant_id, ev.tier) if ev.tier == tiers[-1] else []
         if best_ok:  # a replicate of the best on the deciding tier refines its mean
@@ -162,9 +167,10 @@ def _judge(conn: sqlite3.Connection, ev: ResultEvaluated, variant_id: str) -> Ou
             if outstanding(conn, sides, ev.tier) or verdict.n_candidate == 0:
                 return []  # waiting for the replicates already requested
             verdict = _give_up(verdict)  # replicates that keep failing: no more evidence
-    decided = _decided_event(ev, variant_id, best_id, verdict, len(requests))
+    cancels = cancel_useless(conn, ev.campaign, (variant_id, best_id), verdict.decision, ev.ts)
+    decided = _decided_event(ev, variant_id, best_id, verdict, len(requests), cancels)
     _record(conn, ev, decided)
-    out: Outbox = [decided, *requests]
+    out: Outbox = [decided, *requests, *cancels]
     if verdict.decision == "keep":
         out.append(_keep(conn, ev, variant_id, verdict, camp))
     return out
@@ -294,7 +300,12 @@ def _give_up(verdict: keep.Verdict) -> keep.Verdict:
 
 
 def _decided_event(
-    ev: ResultEvaluated, variant_id: str, best_id: str | None, v: keep.Verdict, requested: int
+    ev: ResultEvaluated,
+    variant_id: str,
+    best_id: str | None,
+    v: keep.Verdict,
+    requested: int,
+    cancels: list[RunCancel] | None = None,
 ) -> VariantDecided:
     return VariantDecided(
         campaign=ev.campaign,
@@ -315,6 +326,7 @@ def _decided_event(
         noise=v.noise,
         margin=v.margin,
         replicates_requested=requested,
+        cancelled_runs=[c.run_id for c in cancels or []],
     )
 
 
@@ -329,11 +341,11 @@ def _record(conn: sqlite3.Connection, ev: ResultEvaluated, d: VariantDecided) ->
     conn.execute(
         "INSERT OR REPLACE INTO keep_decisions(event_id, campaign, variant_id, run_id, status, "
         "value, runs, rule, best_before_variant_id, best_before_value, best_before_runs, tier, "
-        "noise, margin, reason, replicates_requested, decided_at) VALUES (:event_id, "
-        ":campaign, :variant_id, :run_id, :decision, :mean_candidate, :n_candidate, :rule, "
-        ":best_variant_id, :mean_best, :n_best, :tier, :noise, :margin, :reason, "
-        ":replicates_requested, :ts)",
-        msgspec.structs.asdict(d) | {"run_id": ev.run_id},
+        "noise, margin, reason, replicates_requested, runs_cancelled, decided_at) VALUES "
+        "(:event_id, :campaign, :variant_id, :run_id, :decision, :mean_candidate, "
+        ":n_candidate, :rule, :best_variant_id, :mean_best, :n_best, :tier, :noise, :margin, "
+        ":reason, :replicates_requested, :runs_cancelled, :ts)",
+        msgspec.structs.asdict(d) | {"run_id": ev.run_id, "runs_cancelled": len(d.cancelled_runs)},
     )
 
 

@@ -4,7 +4,7 @@ each inside its domain (services.contracts.knobs; the steps are in steps.py).
 Every wave is planned from the request alone (deterministic, restart-safe):
 
 1. Factorial combinations of winners: one-factor moves that beat their own parent by more
-   than the noise floor and still apply to the current parent (its constant still holds the
+   than the noise floor (of their mean: over n replicates, the floor / sqrt(n)) and still apply to the current parent (its constant still holds the
    value the move started from). The top three give a 2x2 or 2x2x2 design; the points not
    yet run (AB, AC, BC, ABC, or a winner transplanted onto a new parent) come first.
 2. One-factor moves around the current parent (the best so far, so the grid re-centres on
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -85,7 +86,7 @@ def _outcomes(request: ProposalRequest, domains: dict[str, Domain]) -> _Outcomes
             continue
         move, g = moves[0], gain(request.direction, base, row.value)
         out.gains[move] = max(g, out.gains.get(move, float("-inf")))
-        if g > request.noise_floor:
+        if g > request.noise_floor / math.sqrt(row.runs):  # a mean of n runs: sigma / sqrt(n)
             out.winners.append((g, move, row.parent_id))
         domain = domains.get(move.name)
         offset = offset_of(domain, move.old, move.new) if domain else None

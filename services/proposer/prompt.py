@@ -194,6 +194,49 @@ def _parent_note(request: ProposalRequest) -> str:
     return "not measured yet (the seed)"
 
 
+RULE_TEXT = {
+    "noise-aware": (
+        ": a variant replaces the best only when its mean beats the best's by more than the "
+        "margin the measured noise justifies; a close call is re-run first, and an undecided "
+        "variant is no result yet"
+    ),
+    "strict": ": any better single run replaces the best",
+}
+
+
+def noise_text(request: ProposalRequest) -> str:
+    """The measured noise per tier, or why the floor is an assumption."""
+    if not request.measured_noise:
+        return "not measured yet (the floor above is the assumed spread)"
+    return ", ".join(
+        f"{n.tier} {n.noise:.6f} ({n.dof} degrees of freedom)" for n in request.measured_noise
+    )
+
+
+def decisions_text(request: ProposalRequest) -> str:
+    """The keep rule's recent verdicts and the runs it is still waiting for."""
+    rule = RULE_TEXT.get(request.keep_rule, "")
+    lines = [
+        f"Keep decisions of the ledger (rule {request.keep_rule or 'unknown'}{rule}). "
+        "Most recent last:",
+        "title | decision | tier | n vs best's n | mean vs best's mean | margin | why",
+    ]
+    for v in request.verdicts:
+        lines.append(
+            f"{_clip(v.title, TITLE_WIDTH)} | {v.decision} | {v.tier} | "
+            f"n {v.n_candidate} vs {v.n_best} | {_fmt(v.mean_candidate)} vs {_fmt(v.mean_best)} "
+            f"| {_fmt(v.margin)} | {_clip(v.reason, REASON_WIDTH)}"
+        )
+    if not request.verdicts:
+        lines.append("(none yet)")
+    lines += ["", "Pending replicate and promotion runs (results not in yet):"]
+    lines += [
+        f"- {_clip(p.title, TITLE_WIDTH)}: {p.runs} run(s) on {p.tier} ({_clip(p.reason, 60)})"
+        for p in request.pending_runs
+    ] or ["(none)"]
+    return "\n".join(lines)
+
+
 def state_text(request: ProposalRequest) -> str:
     better = "lower" if request.direction == "minimize" else "higher"
     failed = sum(1 for r in request.results if r.status != "ok")
@@ -208,6 +251,7 @@ def state_text(request: ProposalRequest) -> str:
             f"- the parent above: {_parent_note(request)}",
             f"- noise floor: {request.noise_floor:.6f} (run-to-run spread of {request.metric}; a "
             "smaller difference is not a result)",
+            f"- measured noise per tier: {noise_text(request)}",
             f"- experiments finished: {len(request.results)} ({failed} failed); "
             f"in flight: {len(request.in_flight_titles)}",
             f"- free GPU slots per tier: {fleet}",
@@ -217,6 +261,8 @@ def state_text(request: ProposalRequest) -> str:
             "",
             "In flight (proposed, not finished; do not repeat these):",
             in_flight,
+            "",
+            decisions_text(request),
             "",
             f"Wave size K: {request.k}",
             f"Propose exactly {request.k} variants of the parent, designed together as one wave, "

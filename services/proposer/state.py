@@ -24,6 +24,7 @@ from services.contracts import (
     NoiseMeasured,
     ProposerHalted,
     ResultEvaluated,
+    RunRequested,
     VariantDecided,
     VariantProposed,
 )
@@ -78,6 +79,9 @@ class CampaignState:
     undecided_ids: dict[str, None] = field(default_factory=dict)
     # Each finished variant's row as the strategy sees it, until its variant or results change.
     row_cache: dict[str, ResultRow] = field(default_factory=dict)
+    requested: dict[str, RunRequested] = field(default_factory=dict)  # the ledger's runs
+    settled_runs: set[str] = field(default_factory=set)  # runs with a result that counts
+    cancelled_runs: set[str] = field(default_factory=set)  # runs a decision cancelled
 
     @property
     def name(self) -> str:
@@ -97,6 +101,22 @@ class CampaignState:
     def settled(self, variant_id: str) -> bool:
         results = self.results.get(variant_id, {}).values()
         return any(r.status != "infra" or r.attempt >= MAX_RUN_ATTEMPTS for r in results)
+
+    @property
+    def first_tier(self) -> str:
+        """The tier new variants run on (replica 0): the campaign's first."""
+        return (self.config.tiers or ["default"])[0]
+
+    @property
+    def runs_out(self) -> list[RunRequested]:
+        """The runs the ledger requested (replicates, promotions) that are still to come:
+        no result yet (an infrastructure failure runs again), not cancelled. Each holds a
+        slot, so they count against the fleet like variants in flight."""
+        return [
+            r
+            for run_id, r in self.requested.items()
+            if run_id not in self.settled_runs and run_id not in self.cancelled_runs
+        ]
 
     @property
     def undecided(self) -> list[str]:
@@ -156,6 +176,7 @@ class CampaignState:
             crash_reason=primary.crash_reason,
             parent_id=variant.parent_id if variant else None,
             finished_at=max(r.ts for r in runs.values()),
+            runs=max(1, len(ok)),
         )
         return row
 
@@ -228,6 +249,7 @@ class History:
             BestUpdated: self.apply_best_updated,
             VariantDecided: self.apply_variant_decided,
             NoiseMeasured: self.apply_noise_measured,
+            RunRequested: self.apply_run_requested,
         }
 
     def _first_time(self, event: CampaignStarted | CampaignStopped | ProposerHalted) -> bool:
@@ -291,6 +313,8 @@ class History:
         state.row_cache.pop(event.variant_id, None)
         if state.settled(event.variant_id):
             state.unsettled.pop(event.variant_id, None)
+        if event.status != "infra" or event.attempt >= MAX_RUN_ATTEMPTS:
+            state.settled_runs.add(event.run_id)
         state.last_change = max(state.last_change, event.ts)
         return state
 
@@ -305,12 +329,22 @@ class History:
 
     def apply_variant_decided(self, event: VariantDecided) -> CampaignState | None:
         state = self.campaigns.get(event.campaign)
-        if state is not None:  # the latest decision; the later of two at the same ts
-            _keep_latest(state.decisions, event.variant_id, event, lambda d: (d.ts, d.n_candidate))
-            if state.decisions[event.variant_id].decision == "undecided":
-                state.undecided_ids[event.variant_id] = None
-            else:
-                state.undecided_ids.pop(event.variant_id, None)
+        if state is None:
+            return None
+        # the latest decision; the later of two at the same ts
+        _keep_latest(state.decisions, event.variant_id, event, lambda d: (d.ts, d.n_candidate))
+        if state.decisions[event.variant_id].decision == "undecided":
+            state.undecided_ids[event.variant_id] = None
+        else:
+            state.undecided_ids.pop(event.variant_id, None)
+        state.cancelled_runs.update(event.cancelled_runs)
+        return state
+
+    def apply_run_requested(self, event: RunRequested) -> CampaignState | None:
+        state = self.campaigns.get(event.campaign)
+        # A variant's first run, requested again after a stop, counts as the variant in flight.
+        if state is not None and (event.replica, event.tier) != (0, state.first_tier):
+            state.requested.setdefault(event.run_id, event)
         return state
 
     def apply_noise_measured(self, event: NoiseMeasured) -> CampaignState | None:
@@ -360,13 +394,19 @@ class Fleet:
 def to_propose(state: CampaignState, slots: int, default_lookahead: int) -> int:
     """How many new variants keep the fleet fed: slots + lookahead - in flight, capped.
 
-    Lookahead 0 is automatic: a quarter of the slots (at least 2), so the runs that end
-    while a proposal round trip is under way find their successors already queued.
+    `slots` are those of the campaign's first tier, where new variants run. In flight: the
+    variants without a result and the runs the ledger requested there still to come (each
+    replicate holds a slot: counting a replicated variant once would queue new variants
+    ahead of its replicates, and its decision would wait behind them; runs on a later tier
+    hold that tier's slots, not these). Lookahead 0
+    is automatic: a quarter of the slots (at least 2), so the runs that end while a
+    proposal round trip is under way find their successors already queued.
     """
     lookahead = state.config.proposer.lookahead or default_lookahead
     if lookahead <= 0:
         lookahead = max(2, -(-slots // 4))
-    want = slots + lookahead - len(state.in_flight) - len(state.undecided)
+    first = [r for r in state.runs_out if r.tier == state.first_tier]
+    want = slots + lookahead - len(state.in_flight) - len(first)
     limit = state.config.max_experiments
     if limit > 0:
         want = min(want, limit - len(state.variants))

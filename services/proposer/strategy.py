@@ -27,6 +27,41 @@ class ResultRow:
     crash_reason: str = ""
     parent_id: str | None = None
     finished_at: float = 0.0
+    runs: int = 1  # the ok runs behind the value (replicates of a close call)
+
+
+@dataclass(frozen=True)
+class TierNoise:
+    """The run-to-run spread the ledger measured on a tier (NoiseMeasured)."""
+
+    tier: str
+    noise: float
+    dof: int  # degrees of freedom of the measure
+
+
+@dataclass(frozen=True)
+class PendingRuns:
+    """Runs the ledger requested of a variant (replicates, promotions), still to come."""
+
+    title: str
+    tier: str
+    runs: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class VerdictRow:
+    """The keep rule's latest decision on a variant (VariantDecided)."""
+
+    title: str
+    decision: str  # keep | discard | undecided
+    tier: str
+    n_candidate: int
+    n_best: int
+    mean_candidate: float | None
+    mean_best: float | None
+    margin: float | None
+    reason: str
 
 
 @dataclass
@@ -51,6 +86,12 @@ class ProposalRequest:
     # number of LLM proposal requests (waves) that produced them.
     spent_usd: float = 0.0
     requests_made: int = 0
+    # What the ledger's keep rule says (empty under `strict` or before it said anything):
+    # the noise it measured per tier, the runs it is still waiting for, its recent verdicts.
+    keep_rule: str = ""
+    measured_noise: list[TierNoise] = field(default_factory=list)
+    pending_runs: list[PendingRuns] = field(default_factory=list)
+    verdicts: list[VerdictRow] = field(default_factory=list)  # oldest first
 
 
 @dataclass(frozen=True)

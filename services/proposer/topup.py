@@ -135,8 +135,11 @@ class Proposer:
         return [s.name for s in self.history.running()]
 
     def wanted(self, state: CampaignState) -> int:
-        slots = sum(self.fleet.slots(time.monotonic()).values())
-        return to_propose(state, slots, self.settings.lookahead)
+        """New variants to propose: for the first tier's slots (all, when no launcher
+        names that tier)."""
+        slots = self.fleet.slots(time.monotonic())
+        first = slots.get(state.first_tier) or sum(slots.values())
+        return to_propose(state, first, self.settings.lookahead)
 
     async def top_up(self, state: CampaignState, rt: CampaignRuntime) -> None:
         try:

@@ -23,6 +23,7 @@ from services.proposer.program import ARCHIVE_ERRORS, program_from_harness
 from services.proposer.state import CampaignState, Fleet, History
 from services.proposer.strategy import Proposal, ProposalRequest, Strategy
 from services.proposer.validate import validate_source
+from services.proposer.verdicts import pending_runs, recent_verdicts, tier_noise
 from services.settings import Settings
 from services.telemetry import fields_of, get_logger, tracer
 
@@ -159,6 +160,10 @@ class WaveMaker:
             noise_floor=state.noise() or default_noise_floor(self.settings, cfg.profile),
             spent_usd=state.spent_usd,
             requests_made=state.spent_requests,
+            keep_rule=cfg.keep_rule,
+            measured_noise=tier_noise(state),
+            pending_runs=pending_runs(state),
+            verdicts=recent_verdicts(state),
         )
 
     # --- proposing ------------------------------------------------------------------

@@ -329,15 +329,13 @@ class History:
 
     def apply_variant_decided(self, event: VariantDecided) -> CampaignState | None:
         state = self.campaigns.get(event.campaign)
-        if state is None:
-            return None
-        # the latest decision; the later of two at the same ts
-        _keep_latest(state.decisions, event.variant_id, event, lambda d: (d.ts, d.n_candidate))
-        if state.decisions[event.variant_id].decision == "undecided":
-            state.undecided_ids[event.variant_id] = None
-        else:
-            state.undecided_ids.pop(event.variant_id, None)
-        state.cancelled_runs.update(event.cancelled_runs)
+        if state is not None:  # the latest decision; the later of two at the same ts
+            _keep_latest(state.decisions, event.variant_id, event, lambda d: (d.ts, d.n_candidate))
+            if state.decisions[event.variant_id].decision == "undecided":
+                state.undecided_ids[event.variant_id] = None
+            else:
+                state.undecided_ids.pop(event.variant_id, None)
+            state.cancelled_runs.update(event.cancelled_runs)
         return state
 
     def apply_run_requested(self, event: RunRequested) -> CampaignState | None:

@@ -46,7 +46,7 @@ from services.contracts import (
     RunStarted,
     VariantProposed,
 )
-from services.settings import Settings
+from services.settings import KeepRuleName, Settings
 from services.supervisor import run_services, wait_until_consumed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +113,14 @@ class _Observed:
         return handlers_on(self)  # its on_* methods
 
 
-def bench_settings(home: Path, url: str, slots: int, experiments: int, run_s: float) -> Settings:
+def bench_settings(
+    home: Path,
+    url: str,
+    slots: int,
+    experiments: int,
+    run_s: float,
+    keep_rule: KeepRuleName = "noise-aware",
+) -> Settings:
     return Settings(
         nats_url=url,
         home=str(home),
@@ -129,6 +136,8 @@ def bench_settings(home: Path, url: str, slots: int, experiments: int, run_s: fl
         log_format="json",
         log_level="warning",
         noise_floor=7e-4,
+        keep_rule=keep_rule,
+        noise_runs=1 if keep_rule == "strict" else 3,  # strict: one run per variant
     )
 
 
@@ -201,7 +210,7 @@ async def _bench(
     topology: Topology,
 ) -> FleetReport:
     url = server.url
-    settings = bench_settings(home, url, slots, experiments, run_s)
+    settings = bench_settings(home, url, slots, experiments, run_s, topology.keep_rule)
     stop = asyncio.Event()
     children: ServiceProcesses | None = None
     if processes:

@@ -16,7 +16,7 @@ import msgspec
 from services.bench_stats import split_slots
 from services.process_lifetime import stop_all
 from services.runner import PROFILE_DIR_ENV
-from services.settings import Settings
+from services.settings import KeepRuleName, Settings
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -38,6 +38,7 @@ class Topology:
     launchers: int = 1
     profile_dir: str = ""  # each service writes its cProfile statistics here when set
     keep_dir: str = ""  # the ledger, logs and stream are kept here (a new folder) when set
+    keep_rule: KeepRuleName = "noise-aware"  # the campaign's (strict: no replicates)
 
     def processes(self, settings: Settings) -> list[tuple[str, str, Settings]]:
         """(label, service, settings) of each process."""

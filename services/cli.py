@@ -150,6 +150,12 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--launchers", type=int, default=1, help="launcher processes; they split the slots"
     )
     fleet.add_argument(
+        "--keep-rule",
+        choices=["noise-aware", "strict"],
+        default="noise-aware",
+        help="the campaign's keep rule (strict: one run per variant, no replicates' tail)",
+    )
+    fleet.add_argument(
         "--profile-dir",
         default="",
         help="write each service process's cProfile statistics (<name>-<pid>.prof) here",
@@ -296,6 +302,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             args.launchers,
             os.path.abspath(args.profile_dir) if args.profile_dir else "",
             os.path.abspath(args.keep_dir) if args.keep_dir else "",
+            args.keep_rule,
         )
         report = asyncio.run(
             fleet_bench(

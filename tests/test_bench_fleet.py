@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from services.bench import fleet_bench
+from services.bench import bench_settings, fleet_bench
 from services.bench_processes import Topology
 
 
@@ -30,3 +30,10 @@ async def test_two_launchers_share_the_tiers_work_and_the_report_is_complete(
     assert report.ledger_live_events_per_s > 0 and report.ledger_replay_events_per_s > 0
     assert 0 < report.utilization <= 1 and 0 < report.utilization_while_queued <= 1
     assert (keep / "samples.tsv").read_text().startswith("time\twork_queued\twork_in_hand")
+
+
+def test_the_strict_bench_runs_one_run_per_variant(tmp_path: Path) -> None:
+    strict = bench_settings(tmp_path, "nats://x", 16, 96, 2.0, keep_rule="strict")
+    default = bench_settings(tmp_path, "nats://x", 16, 96, 2.0)
+    assert (strict.keep_rule, strict.noise_runs) == ("strict", 1)
+    assert (default.keep_rule, default.noise_runs) == ("noise-aware", 3)

@@ -106,3 +106,20 @@ def test_a_resume_asks_again_for_a_close_calls_replicates_but_not_cancelled_ones
     later = apply_event(conn, started(event_id="cs3", ts=70.0))
     assert not {e.run_id for e in later} & {run_id_for(vid, "default", k) for k in (2, 3)}  # type: ignore[attr-defined]
     assert run_id_for(seed, "default", 3) in {e.run_id for e in later}  # type: ignore[attr-defined]
+
+
+def test_a_run_requested_after_the_stop_waits_for_the_resume(conn: sqlite3.Connection) -> None:
+    _, vid = with_candidate(conn)
+    apply_event(conn, CampaignStopped(campaign=CAMPAIGN, event_id="stop", ts=15.0, reason="x"))
+    late = [
+        e for e in apply_result(conn, result(vid, 0.95, ts=20.0)) if isinstance(e, RunRequested)
+    ]
+    for event in late:  # the replicates the late result asks for come back to the ledger
+        apply_event(conn, event)
+    states = {
+        r["state"]
+        for r in conn.execute("SELECT state FROM runs WHERE run_id LIKE ?", (vid + "-%",))
+    }
+    assert late and "requested" not in states  # the dashboard's stopped campaign settles
+    again = apply_event(conn, started(event_id="cs2", ts=30.0))
+    assert {e.run_id for e in late} <= {e.run_id for e in again}  # type: ignore[attr-defined]

@@ -280,6 +280,13 @@ def run_requested(ev: RunRequested, ctx: Ctx) -> Outbox:
         "request_reason = COALESCE(request_reason, ?) WHERE run_id = ?",
         (ev.ts, ev.reason, ev.run_id),
     )
+    conn.execute(  # requested after its campaign stopped: skipped too, until a resume
+        "UPDATE runs SET state = 'cancelled', cancel_reason = 'campaign ' || "
+        "(SELECT status FROM campaigns WHERE name = runs.campaign) WHERE run_id = ? "
+        "AND state = 'requested' AND "
+        "(SELECT status FROM campaigns WHERE name = runs.campaign) IN ('stopped', 'completed')",
+        (ev.run_id,),
+    )
     return []
 
 

@@ -37,7 +37,7 @@ import msgspec
 from services.bench import bench_settings
 from services.bench_processes import settings_env
 from services.broker import EmbeddedNats, free_port
-from services.bus import Bus, Delivery
+from services.bus import Bus, Delivery, handlers_on
 from services.campaign import start_campaign
 from services.contracts import CampaignStopped, ResultEvaluated, RunFinished, VariantProposed
 from services.settings import Settings
@@ -281,17 +281,11 @@ async def chaos_bench(
     with tempfile.TemporaryDirectory(prefix="nightshift-chaos-") as tmp:
         home = Path(tmp)
         port = free_port()
-        settings = bench_settings(home, f"nats://127.0.0.1:{port}", 4, experiments, 0.5)
         # One run per variant (the strict rule, no seed replicates): what is lost or counted
         # twice is then plain to count, and the figures compare with earlier runs.
+        settings = bench_settings(home, f"nats://127.0.0.1:{port}", 4, experiments, 0.5, "strict")
         settings = msgspec.structs.replace(
-            settings,
-            campaign="chaos",
-            ack_wait_s=2.0,
-            log_level="info",
-            confirm_jump=0.0,
-            keep_rule="strict",
-            noise_runs=1,
+            settings, campaign="chaos", ack_wait_s=2.0, log_level="info", confirm_jump=0.0
         )
         fleet = Fleet(settings, home, port)
         t0 = time.monotonic()
@@ -301,12 +295,7 @@ async def chaos_bench(
         bus = await Bus.from_settings(settings, "bench-chaos", connect_timeout_s=None)
         watched = Watched(settings.campaign)
         stop = asyncio.Event()
-        follow = asyncio.create_task(
-            bus.follow(
-                {VariantProposed: watched.on_proposed, CampaignStopped: watched.on_stopped},
-                stop=stop,
-            )
-        )
+        follow = asyncio.create_task(bus.follow(handlers_on(watched), stop=stop))
         try:
             await start_campaign(bus, settings)
             kills, injected, forged = await chaos_loop(

@@ -14,7 +14,8 @@ import sys
 from typing import Any
 
 from services.metrics import configure_metrics
-from services.settings import SETTING_FIELDS, Settings, SettingsError, load_settings
+from services.settings import Settings, SettingsError
+from services.settings_loader import SETTING_FIELDS, load_settings
 from services.telemetry import configure_logging, configure_tracing
 
 # The settings a campaign is started with: `up` and `campaign start` take the same flags.
@@ -121,6 +122,39 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     """`bench fleet`: its flags describe the benchmark, not settings of a deployment."""
     bench = sub.add_parser("bench", help="measure the system")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
+    _bench_fleet_parser(bench_sub)
+    chaos = bench_sub.add_parser(
+        "chaos", help="a sim campaign while every service and nats-server are SIGKILLed"
+    )
+    chaos.add_argument("--experiments", type=int, default=150, help="experiments (default 150)")
+    chaos.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    chaos.add_argument("--json", action="store_true", help="print one JSON object")
+    sky = bench_sub.add_parser(
+        "skypilot", help="the skypilot backend's per-run overhead, on the fake pool"
+    )
+    sky.add_argument("--runs-per-cluster", type=int, default=4)
+    sky.add_argument(
+        "--presubmit-s", type=float, default=15.0, help="the pre-submission lead to compare"
+    )
+    sky.add_argument(
+        "--time-scale", type=float, default=0.05, help="wall seconds per simulated second"
+    )
+    sky.add_argument("--json", action="store_true", help="print the reports as one JSON list")
+    decisions = bench_sub.add_parser(
+        "decisions", help="keep decisions against the sim's known truth, at equal GPU budget"
+    )
+    decisions.add_argument("--seeds", type=int, default=3, help="campaigns per configuration")
+    decisions.add_argument("--budget", type=int, default=96, help="runs per campaign")
+    decisions.add_argument("--noise", type=float, default=0.003, help="the sim's spread")
+    decisions.add_argument(
+        "--run-seconds", type=float, default=0.25, help="wall seconds one simulated run takes"
+    )
+    decisions.add_argument("--json", action="store_true", help="print one JSON object")
+    _bench_search_parser(bench_sub)
+
+
+def _bench_fleet_parser(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`bench fleet`: the whole system on the sim backend."""
     fleet = bench_sub.add_parser("fleet", help="the whole system on the sim backend")
     fleet.add_argument("--slots", type=int, default=16)
     fleet.add_argument(
@@ -166,34 +200,6 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="keep the ledger, the services' logs and the stream in this (new) folder",
     )
     fleet.add_argument("--json", action="store_true", help="print one JSON object")
-    chaos = bench_sub.add_parser(
-        "chaos", help="a sim campaign while every service and nats-server are SIGKILLed"
-    )
-    chaos.add_argument("--experiments", type=int, default=150, help="experiments (default 150)")
-    chaos.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
-    chaos.add_argument("--json", action="store_true", help="print one JSON object")
-    sky = bench_sub.add_parser(
-        "skypilot", help="the skypilot backend's per-run overhead, on the fake pool"
-    )
-    sky.add_argument("--runs-per-cluster", type=int, default=4)
-    sky.add_argument(
-        "--presubmit-s", type=float, default=15.0, help="the pre-submission lead to compare"
-    )
-    sky.add_argument(
-        "--time-scale", type=float, default=0.05, help="wall seconds per simulated second"
-    )
-    sky.add_argument("--json", action="store_true", help="print the reports as one JSON list")
-    decisions = bench_sub.add_parser(
-        "decisions", help="keep decisions against the sim's known truth, at equal GPU budget"
-    )
-    decisions.add_argument("--seeds", type=int, default=3, help="campaigns per configuration")
-    decisions.add_argument("--budget", type=int, default=96, help="runs per campaign")
-    decisions.add_argument("--noise", type=float, default=0.003, help="the sim's spread")
-    decisions.add_argument(
-        "--run-seconds", type=float, default=0.25, help="wall seconds one simulated run takes"
-    )
-    decisions.add_argument("--json", action="store_true", help="print one JSON object")
-    _bench_search_parser(bench_sub)
 
 
 def _bench_search_parser(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -273,18 +279,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return asyncio.run(down(settings, confirm=args.yes))
     if args.command == "bench" and args.bench == "skypilot":
-        from services.launcher.skypilot_bench import format_report, skypilot_bench
-
-        runs, scale = args.runs_per_cluster, args.time_scale
-        reports = [  # clusters without pre-submission, with it, then pool mode
-            asyncio.run(skypilot_bench(runs_per_cluster=runs, time_scale=scale, **kw))
-            for kw in ({"presubmit_s": 0.0}, {"presubmit_s": args.presubmit_s}, {"mode": "pool"})
-        ]
-        if args.json:
-            print(json.dumps([vars(r) for r in reports]))
-        else:
-            print("\n".join(format_report(r) for r in reports))
-        return 0
+        return _bench_skypilot(args)
     if args.command == "bench" and args.bench == "search":
         return _bench_search(args)
     if args.command == "bench" and args.bench == "decisions":
@@ -294,28 +289,47 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print_decisions(found, as_json=args.json)
         return 0
     if args.command == "bench":
-        from services.bench import fleet_bench, print_report
-        from services.bench_processes import Topology
-
-        topology = Topology(
-            args.proposers,
-            args.launchers,
-            os.path.abspath(args.profile_dir) if args.profile_dir else "",
-            os.path.abspath(args.keep_dir) if args.keep_dir else "",
-            args.keep_rule,
-        )
-        report = asyncio.run(
-            fleet_bench(
-                args.slots,
-                args.experiments,
-                args.run_seconds,
-                processes=not args.in_process,
-                topology=topology,
-            )
-        )
-        print_report(report, as_json=args.json)
-        return 0
+        return _bench_fleet(args)
     return 2
+
+
+def _bench_skypilot(args: argparse.Namespace) -> int:
+    from services.launcher.skypilot_bench import format_report, skypilot_bench
+
+    runs, scale = args.runs_per_cluster, args.time_scale
+    reports = [  # clusters without pre-submission, with it, then pool mode
+        asyncio.run(skypilot_bench(runs_per_cluster=runs, time_scale=scale, **kw))
+        for kw in ({"presubmit_s": 0.0}, {"presubmit_s": args.presubmit_s}, {"mode": "pool"})
+    ]
+    if args.json:
+        print(json.dumps([vars(r) for r in reports]))
+    else:
+        print("\n".join(format_report(r) for r in reports))
+    return 0
+
+
+def _bench_fleet(args: argparse.Namespace) -> int:
+    from services.bench import fleet_bench, print_report
+    from services.bench_processes import Topology
+
+    topology = Topology(
+        args.proposers,
+        args.launchers,
+        os.path.abspath(args.profile_dir) if args.profile_dir else "",
+        os.path.abspath(args.keep_dir) if args.keep_dir else "",
+        args.keep_rule,
+    )
+    report = asyncio.run(
+        fleet_bench(
+            args.slots,
+            args.experiments,
+            args.run_seconds,
+            processes=not args.in_process,
+            topology=topology,
+        )
+    )
+    print_report(report, as_json=args.json)
+    return 0
 
 
 def _bench_search(args: argparse.Namespace) -> int:

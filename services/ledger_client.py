@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from services.ledger import queries
+from services.ledger import queries, tsv
 from services.ledger.db import open_read
 from services.settings import Settings
 
@@ -157,7 +157,7 @@ class FileLedgerReader:
         return str(found["source"])
 
     def results_tsv(self, name: str) -> str:
-        found = self._read(lambda conn: queries.results_tsv(conn, name))
+        found = self._read(lambda conn: tsv.results_tsv(conn, name))
         if found is None:
             raise unknown_campaign(name)
         return found

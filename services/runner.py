@@ -18,7 +18,8 @@ from typing import Any
 
 from services.bus import Bus
 from services.metrics import configure_metrics
-from services.settings import Settings, SettingsError, load_settings
+from services.settings import Settings, SettingsError
+from services.settings_loader import load_settings
 from services.telemetry import configure_logging, configure_tracing, get_logger
 
 # A diagnostic, not a setting: a folder where each service process writes its cProfile

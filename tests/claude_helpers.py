@@ -13,7 +13,8 @@ import pytest
 from services.contracts import CampaignStarted, ProposerConfig
 from services.proposer.claude import ClaudeStrategy, build_claude_strategy
 from services.proposer.strategy import ProposalRequest
-from services.settings import Settings, load_settings
+from services.settings import Settings
+from services.settings_loader import load_settings
 from tests.fake_anthropic import FakeAnthropic, variant
 
 CAMPAIGN = "c1"

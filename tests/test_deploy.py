@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from services.broker import EmbeddedNats, free_port, nats_server_binary
-from services.settings import SETTING_FIELDS, convert_setting
+from services.settings_loader import SETTING_FIELDS, convert_setting
 from tests.e2e_helpers import REPO, spawn_service
 from tests.eventually import eventually
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from services.contracts import FleetStatus
 from services.ledger.overview import FleetWatch
 from services.ledger_client import format_fleet
-from services.proposer.state import fleet_expiry
+from services.proposer.fleet import fleet_expiry
 
 
 def status(launcher: str, tier: str, slots: int, busy: int, queued: int) -> FleetStatus:

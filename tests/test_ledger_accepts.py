@@ -21,6 +21,7 @@ from services.ledger import queries
 from services.ledger.api import create_app
 from services.ledger.db import open_read
 from services.ledger.service import run
+from services.ledger.tsv import results_tsv
 from services.settings import Settings
 from tests.eventually import eventually
 from tests.synthetic import synthetic_campaign
@@ -82,7 +83,7 @@ async def test_forged_events_are_dead_lettered_never_counted(bus: Bus, tmp_path:
         assert conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 4
         best = queries.best(conn, "honest")
         assert best is not None and best["value"] > 0.5 and best["source"] is not None
-        tsv = queries.results_tsv(conn, "honest") or ""
+        tsv = results_tsv(conn, "honest") or ""
         assert len(tsv.splitlines()) == 1 + 4  # header + the 4 experiments, nothing forged
     api = TestClient(create_app(path))
     assert len(api.get("/deadletters").json()) == 4

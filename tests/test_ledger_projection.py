@@ -22,11 +22,12 @@ from services.contracts import (
     Status,
     VariantDecided,
 )
-from services.contracts.events import event_id_for, run_id_for
+from services.contracts.ids import event_id_for, run_id_for
 from services.ledger import keep, queries
-from services.ledger.apply import Unreferenced
 from services.ledger.db import open_db
 from services.ledger.projection import Pending, apply_event, apply_events, projected_types
+from services.ledger.references import Unreferenced
+from services.ledger.tsv import results_tsv
 from tests.synthetic import SEED_SOURCE, Item, campaign_started, proposal_of, synthetic_campaign
 from tests.synthetic import run_events as synthetic_run
 
@@ -187,7 +188,7 @@ def test_synthetic_campaign_best_is_minimum(conn: sqlite3.Connection) -> None:
 
 def test_results_tsv_agrees_with_variants(conn: sqlite3.Connection) -> None:
     apply_all(conn, synthetic_campaign(variants=10, seed=5))
-    tsv = queries.results_tsv(conn, "synthetic")
+    tsv = results_tsv(conn, "synthetic")
     assert tsv is not None
     lines = tsv.splitlines()
     assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
@@ -265,7 +266,7 @@ def test_later_attempt_replaces_result_and_infra_is_no_verdict(conn: sqlite3.Con
     (prop, vid) = _proposal(0)
     apply_all(conn, [_campaign(), prop, _result(vid, "infra", None)])
     assert queries.variant(conn, vid)["status"] == "pending"  # type: ignore[index]
-    tsv = queries.results_tsv(conn, "c") or ""
+    tsv = results_tsv(conn, "c") or ""
     assert len(tsv.splitlines()) == 1  # not a crash: its run is tried again
     out = apply_all(conn, [_result(vid, "ok", 1.0, attempt=2)])
     assert [e.variant_id for e in bests(out)] == [vid]
@@ -282,7 +283,7 @@ def test_a_variant_whose_attempts_all_failed_on_infrastructure_is_a_crash(
 ) -> None:
     (prop, vid) = _proposal(0)
     apply_all(conn, [_campaign(), prop, _result(vid, "infra", None, attempt=MAX_RUN_ATTEMPTS)])
-    tsv = queries.results_tsv(conn, "c") or ""
+    tsv = results_tsv(conn, "c") or ""
     assert tsv.splitlines()[1].split("\t")[3] == "crash"
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from services.bus import Bus, Delivery
 from services.contracts import BestUpdated, RunFinished, VariantProposed
-from services.ledger import queries
+from services.ledger import queries, tsv
 from services.ledger.db import SCHEMA_VERSION, open_db, open_read
 from services.ledger.projection import apply_event
 from services.ledger.service import bind_http, run
@@ -26,7 +26,7 @@ def _views(conn: sqlite3.Connection, campaign: str) -> tuple[object, ...]:
     return (
         queries.list_variants(conn, campaign),
         queries.best_history(conn, campaign),
-        queries.results_tsv(conn, campaign),
+        tsv.results_tsv(conn, campaign),
     )
 
 

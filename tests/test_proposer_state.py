@@ -15,7 +15,8 @@ from services.contracts import (
     Status,
     VariantProposed,
 )
-from services.proposer.state import Fleet, History, completion, to_propose
+from services.proposer.fleet import Fleet
+from services.proposer.state import History, completion, to_propose
 from tests.synthetic import result_of
 
 

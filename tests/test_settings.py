@@ -12,14 +12,8 @@ import pytest
 
 from services.cli import COMMAND_SETTINGS, FLAG_ALIASES, _overrides, build_parser
 from services.ledger.keep import RULES
-from services.settings import (
-    SETTING_FIELDS,
-    KeepRuleName,
-    Settings,
-    SettingsError,
-    load_settings,
-    validate_settings,
-)
+from services.settings import KeepRuleName, Settings, SettingsError
+from services.settings_loader import SETTING_FIELDS, load_settings, validate_settings
 
 
 @pytest.fixture

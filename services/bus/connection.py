@@ -296,6 +296,10 @@ class AuthenticationError(ConnectionError):
     """NATS refused the credentials: retrying will not help."""
 
 
+# A server not (yet) reachable: the first connect retries these until its timeout.
+_UNREACHABLE = (OSError, TimeoutError, nats.errors.NoServersError, nats.errors.TimeoutError)
+
+
 async def _connect(
     url: str, name: str, credentials: Credentials, timeout_s: float | None
 ) -> Client:
@@ -316,16 +320,7 @@ async def _connect(
 
     try:
         async for attempt in stamina.retry_context(
-            on=(
-                OSError,
-                asyncio.TimeoutError,
-                nats.errors.NoServersError,
-                nats.errors.TimeoutError,
-            ),
-            attempts=None,
-            timeout=timeout_s,
-            wait_initial=0.2,
-            wait_max=1.0,
+            on=_UNREACHABLE, attempts=None, timeout=timeout_s, wait_initial=0.2, wait_max=1.0
         ):
             with attempt:
                 # No reconnect loop inside the first connect, so a failure reaches us.
@@ -343,7 +338,7 @@ async def _connect(
                     reconnected_cb=_log_reconnected,
                     **credentials.connect_options(),
                 )
-    except (TimeoutError, OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
+    except _UNREACHABLE as exc:
         raise ConnectionError(
             f"cannot reach NATS at {url} within {timeout_s or 0:.0f}s: {exc!r}; is nats-server "
             "running (NATS_URL), with JetStream enabled (-js)?"

@@ -1,6 +1,6 @@
-"""The one place the services agree: the events on the wire (`events`) and what a training
-script and nightshift agree on (`trainer`). Both are re-exported here, so a service writes
-`from services.contracts import RunFinished, parse_summary`."""
+"""The one place the services agree: the events on the wire (`events`, their ids in `ids`)
+and what a training script and nightshift agree on (`trainer`). All are re-exported here,
+so a service writes `from services.contracts import RunFinished, parse_summary`."""
 
 from services.contracts.events import (
     CAMPAIGNS_BUCKET,
@@ -26,22 +26,24 @@ from services.contracts.events import (
     ResultEvaluated,
     RunCancel,
     RunFinished,
-    RunKeys,
     RunProgress,
     RunRequested,
     RunStarted,
     Status,
     VariantDecided,
-    VariantKeys,
     VariantProposed,
     decode,
     encode,
+    stream_subjects,
+)
+from services.contracts.ids import (
+    RunKeys,
+    VariantKeys,
     event_id_for,
     normalize_source,
     run_id_for,
     run_keys,
     source_digest,
-    stream_subjects,
     variant_id_for,
     variant_keys,
 )

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from services.bus import Bus
-from services.ledger import queries
+from services.ledger import queries, tsv
 from services.ledger.db import LedgerError, open_read
 from services.ledger.models import (
     Ancestor,
@@ -232,7 +232,7 @@ def variants(
     responses={**_not_found("unknown campaign"), **_attachment("results.tsv")},
 )
 def results_tsv(name: CampaignName, conn: Conn) -> Response:
-    body = _found(queries.results_tsv(conn, name), f"unknown campaign {name!r}")
+    body = _found(tsv.results_tsv(conn, name), f"unknown campaign {name!r}")
     return _text(body, TsvResponse, filename="results.tsv")
 
 

@@ -36,6 +36,7 @@ from services.contracts import (
 )
 from services.ledger import keep, resume
 from services.ledger.evidence import seed_replicates
+from services.ledger.references import ensure_campaign, ensure_run, require_run, require_variant
 from services.ledger.verdict import Outbox, decide, event_key
 
 
@@ -56,84 +57,6 @@ def record_only(_ev: Event, _ctx: Ctx) -> Outbox:
     come back this way.
     """
     return []
-
-
-# --- what an event may reference ----------------------------------------------------
-
-
-class Unreferenced(Exception):
-    """The event names a variant or run the ledger has not seen (yet).
-
-    `definitive` when waiting cannot help (the run belongs to another variant or
-    campaign); otherwise the service decides: every earlier message handled means the
-    referenced event never happened (dead-letter it), else wait for it (redeliver).
-    """
-
-    def __init__(self, reason: str, *, definitive: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.definitive = definitive
-
-
-def _ensure_campaign(conn: sqlite3.Connection, name: str) -> None:
-    conn.execute("INSERT OR IGNORE INTO campaigns(name) VALUES (?)", (name,))
-
-
-def _require_variant(conn: sqlite3.Connection, ev: Event, variant_id: str) -> None:
-    """The variant was proposed in this campaign (its VariantProposed was applied)."""
-    row = conn.execute(
-        "SELECT campaign, proposed_at FROM variants WHERE variant_id = ?", (variant_id,)
-    ).fetchone()
-    what = f"{type(ev).__name__} {event_key(ev)}"
-    if row is None or row["proposed_at"] is None:
-        raise Unreferenced(
-            f"{what} names variant {variant_id}, which was never proposed in campaign "
-            f"{ev.campaign!r}"
-        )
-    if row["campaign"] != ev.campaign:
-        raise Unreferenced(
-            f"{what} names variant {variant_id} of campaign {row['campaign']!r}, not of "
-            f"{ev.campaign!r}",
-            definitive=True,
-        )
-
-
-def _require_run(
-    conn: sqlite3.Connection, ev: RunFinished | ResultEvaluated, *, finished: bool
-) -> None:
-    """The launcher started this run (RunStarted applied), for this variant and campaign;
-    with `finished`, it also reported its end (RunFinished applied)."""
-    row = conn.execute(
-        "SELECT campaign, variant_id, attempt, finished_at FROM runs WHERE run_id = ?", (ev.run_id,)
-    ).fetchone()
-    what = f"{type(ev).__name__} {event_key(ev)}"
-    if row is not None and (row["variant_id"], row["campaign"]) != (ev.variant_id, ev.campaign):
-        raise Unreferenced(
-            f"{what} names run {ev.run_id} as variant {ev.variant_id} of {ev.campaign!r}, but "
-            f"the launcher ran it for variant {row['variant_id']} of {row['campaign']!r}",
-            definitive=True,
-        )
-    if row is None or int(row["attempt"]) == 0:
-        raise Unreferenced(f"{what} names run {ev.run_id}, which no launcher started")
-    if finished and row["finished_at"] is None:
-        raise Unreferenced(f"{what} names run {ev.run_id}, which no launcher reported finished")
-
-
-def _ensure_run(
-    conn: sqlite3.Connection, campaign: str, variant_id: str, run_id: str, tier: str, replica: int
-) -> int:
-    """Make sure the run of a proposed variant exists; return its current attempt (0 for one
-    not started yet)."""
-    conn.execute(
-        "INSERT OR IGNORE INTO runs(run_id, campaign, variant_id, tier, replica) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (run_id, campaign, variant_id, tier, replica),
-    )
-    row = conn.execute("SELECT attempt FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-    return int(row["attempt"])
-
-
-# --- campaign events --------------------------------------------------------------------
 
 
 def campaign_started(ev: CampaignStarted, ctx: Ctx) -> Outbox:
@@ -167,7 +90,7 @@ def campaign_started(ev: CampaignStarted, ctx: Ctx) -> Outbox:
 
 def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> Outbox:
     conn = ctx.conn
-    _ensure_campaign(conn, ev.campaign)
+    ensure_campaign(conn, ev.campaign)
     status = "completed" if ev.reason == "completed" else "stopped"
     conn.execute(
         "UPDATE campaigns SET status = ?, stopped_at = ?, stop_reason = ?, stop_detail = ? "
@@ -187,7 +110,7 @@ def campaign_stopped(ev: CampaignStopped, ctx: Ctx) -> Outbox:
 
 def proposer_halted(ev: ProposerHalted, ctx: Ctx) -> Outbox:
     conn = ctx.conn
-    _ensure_campaign(conn, ev.campaign)
+    ensure_campaign(conn, ev.campaign)
     conn.execute(
         "INSERT OR IGNORE INTO proposer_halts(event_id, campaign, reason, detail, ts) "
         "VALUES (?, ?, ?, ?, ?)",
@@ -217,7 +140,7 @@ def dead_lettered(ev: DeadLettered, ctx: Ctx) -> Outbox:
 def variant_proposed(ev: VariantProposed, ctx: Ctx) -> Outbox:
     """Record a proposal; a duplicate proposal (another wave proposed it too) adds its LLM cost."""
     conn = ctx.conn
-    _ensure_campaign(conn, ev.campaign)
+    ensure_campaign(conn, ev.campaign)
     if ctx.source_text is not None:
         conn.execute(
             "INSERT OR IGNORE INTO sources(digest, text) VALUES (?, ?)",
@@ -273,8 +196,8 @@ def variant_proposed(ev: VariantProposed, ctx: Ctx) -> Outbox:
 
 def run_requested(ev: RunRequested, ctx: Ctx) -> Outbox:
     conn = ctx.conn
-    _require_variant(conn, ev, ev.variant_id)
-    _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
+    require_variant(conn, ev, ev.variant_id)
+    ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
     conn.execute(
         "UPDATE runs SET requested_at = COALESCE(requested_at, ?), "
         "request_reason = COALESCE(request_reason, ?) WHERE run_id = ?",
@@ -298,8 +221,8 @@ _RESET_FINISH = (
 
 def run_started(ev: RunStarted, ctx: Ctx) -> Outbox:
     conn = ctx.conn
-    _require_variant(conn, ev, ev.variant_id)
-    current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
+    require_variant(conn, ev, ev.variant_id)
+    current = ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
     if ev.attempt < current:
         return []  # a late message about an attempt that has been superseded
     if ev.attempt > current:
@@ -320,10 +243,10 @@ def run_finished(ev: RunFinished, ctx: Ctx) -> Outbox:
     """Record a run's end; a run the launcher never started is refused (an infrastructure
     failure before the start, a missing harness, is the one end without a start)."""
     conn = ctx.conn
-    _require_variant(conn, ev, ev.variant_id)
+    require_variant(conn, ev, ev.variant_id)
     if not ev.infra_failure:
-        _require_run(conn, ev, finished=False)
-    current = _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
+        require_run(conn, ev, finished=False)
+    current = ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
     _record_gpu_cost(conn, ev)  # a late attempt's GPU time was spent all the same
     if ev.attempt < current:
         return []
@@ -376,11 +299,11 @@ def result_evaluated(ev: ResultEvaluated, ctx: Ctx) -> Outbox:
     """Record the result of a run the launcher started and finished for a proposed variant
     (a later attempt of a run replaces an earlier one), then decide."""
     conn = ctx.conn
-    _require_variant(conn, ev, ev.variant_id)
+    require_variant(conn, ev, ev.variant_id)
     if ev.status == keep.INFRA_STATUS:
-        _ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
+        ensure_run(conn, ev.campaign, ev.variant_id, ev.run_id, ev.tier, ev.replica)
     else:
-        _require_run(conn, ev, finished=True)
+        require_run(conn, ev, finished=True)
     row = conn.execute("SELECT attempt FROM results WHERE run_id = ?", (ev.run_id,)).fetchone()
     if row is not None and int(row["attempt"]) > ev.attempt:
         return []

@@ -30,7 +30,7 @@ from services.ledger.api import Conn
 from services.ledger.experiments import TableQuery
 from services.ledger.overview import FleetWatch, found
 from services.ledger.params import CampaignName, VariantId
-from services.proposer.state import fleet_expiry
+from services.proposer.fleet import fleet_expiry
 from services.settings import Settings
 
 STATIC = Path(__file__).parent / "static"

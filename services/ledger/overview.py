@@ -25,7 +25,7 @@ from services.contracts import FleetStatus
 from services.ledger import queries
 from services.ledger.api import Conn
 from services.ledger.params import CampaignName
-from services.proposer.state import Fleet
+from services.proposer.fleet import Fleet
 
 HOUR_S = 3600.0
 

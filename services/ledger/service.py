@@ -34,10 +34,10 @@ from services.contracts import (
 )
 from services.ledger import queries
 from services.ledger.api import create_app
-from services.ledger.apply import Unreferenced
 from services.ledger.batcher import Batcher
 from services.ledger.db import open_db
 from services.ledger.projection import Pending, seen
+from services.ledger.references import Unreferenced
 from services.settings import Settings
 from services.telemetry import fields_of, get_logger, tracer
 

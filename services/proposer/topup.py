@@ -16,15 +16,9 @@ from typing import Any
 
 from services.bus import Bus, Delivery, FollowMark, Handler, Handlers, TransientError
 from services.contracts import CampaignStopped, Event, FleetStatus, ProposerHalted, event_id_for
+from services.proposer.fleet import Fleet, fleet_expiry
 from services.proposer.lease import LeaseKeeper, LeaseLost
-from services.proposer.state import (
-    CampaignState,
-    Fleet,
-    History,
-    completion,
-    fleet_expiry,
-    to_propose,
-)
+from services.proposer.state import CampaignState, History, completion, to_propose
 from services.proposer.strategy import BudgetExhausted, StrategyExhausted
 from services.proposer.waves import CampaignRuntime, WaveMaker, signature
 from services.settings import Settings

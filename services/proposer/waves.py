@@ -17,10 +17,11 @@ from services.bus import Bus, gather_limited
 from services.contracts import VariantProposed, source_digest, variant_id_for, variant_keys
 from services.metrics import record_llm_cost
 from services.proposer.factory import build_strategy
+from services.proposer.fleet import Fleet
 from services.proposer.lease import LeaseLost
 from services.proposer.noise import default_noise_floor
 from services.proposer.program import ARCHIVE_ERRORS, program_from_harness
-from services.proposer.state import CampaignState, Fleet, History
+from services.proposer.state import CampaignState, History
 from services.proposer.strategy import Proposal, ProposalRequest, Strategy
 from services.proposer.validate import validate_source
 from services.proposer.verdicts import pending_runs, recent_verdicts, tier_noise

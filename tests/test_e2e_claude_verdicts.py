@@ -23,7 +23,7 @@ async def test_the_claude_requests_carry_noise_pending_replicates_and_verdicts(
     tmp_path: Path, nats_server: EmbeddedNats, bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = close_call_settings(
-        tmp_path, nats_server.url, strategy="claude", campaign="truth", max_experiments=20
+        tmp_path, nats_server.url, strategy="claude", campaign="truth", max_experiments=40
     )
     with FakeAnthropic(auto=True) as fake:
         monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-real-key")
@@ -48,7 +48,7 @@ async def test_the_claude_requests_carry_noise_pending_replicates_and_verdicts(
     shown = re.search(r"default (0\.\d+) \((\d+) degrees of freedom\)", measured[-1])
     assert shown is not None and int(shown[2]) <= int(str(noise_row[1]))
     assert any(
-        re.search(r"\| undecided \| default \| n 1 vs \d+ \| [\d.]+ vs [\d.]+ \| 0\.", s)
+        re.search(r"\| undecided \| default \| n \d+ vs \d+ \| [\d.]+ vs [\d.]+ \| 0\.", s)
         for s in states
     ), "no request showed an undecided verdict with its margin"
     assert any(re.search(r"\| discard \| default \| n \d+ vs \d+ \|", s) for s in states)

@@ -69,6 +69,8 @@ class CampaignState:
     # Each finished variant's row as the strategy sees it, until its variant or results change.
     row_cache: dict[str, ResultRow] = field(default_factory=dict)
     requested: dict[str, RunRequested] = field(default_factory=dict)  # the ledger's runs
+    # Those still to come, kept as events fold in (the top-up asks after every event).
+    out: dict[str, RunRequested] = field(default_factory=dict)
     settled_runs: set[str] = field(default_factory=set)  # runs with a result that counts
     cancelled_runs: set[str] = field(default_factory=set)  # runs a decision cancelled
 
@@ -101,11 +103,7 @@ class CampaignState:
         """The runs the ledger requested (replicates, promotions) that are still to come:
         no result yet (an infrastructure failure runs again), not cancelled. Each holds a
         slot, so they count against the fleet like variants in flight."""
-        return [
-            r
-            for run_id, r in self.requested.items()
-            if run_id not in self.settled_runs and run_id not in self.cancelled_runs
-        ]
+        return list(self.out.values())
 
     @property
     def undecided(self) -> list[str]:
@@ -304,6 +302,7 @@ class History:
             state.unsettled.pop(event.variant_id, None)
         if event.status != "infra" or event.attempt >= MAX_RUN_ATTEMPTS:
             state.settled_runs.add(event.run_id)
+            state.out.pop(event.run_id, None)
         state.last_change = max(state.last_change, event.ts)
         return state
 
@@ -325,6 +324,8 @@ class History:
             else:
                 state.undecided_ids.pop(event.variant_id, None)
             state.cancelled_runs.update(event.cancelled_runs)
+            for run_id in event.cancelled_runs:
+                state.out.pop(run_id, None)
         return state
 
     def apply_run_requested(self, event: RunRequested) -> CampaignState | None:
@@ -332,6 +333,8 @@ class History:
         # A variant's first run, requested again after a stop, counts as the variant in flight.
         if state is not None and (event.replica, event.tier) != (0, state.first_tier):
             state.requested.setdefault(event.run_id, event)
+            if event.run_id not in state.settled_runs and event.run_id not in state.cancelled_runs:
+                state.out.setdefault(event.run_id, event)
         return state
 
     def apply_noise_measured(self, event: NoiseMeasured) -> CampaignState | None:

@@ -311,3 +311,28 @@ def test_a_thousand_slot_fleet_gets_a_first_wave_of_wider_screens() -> None:
     small = GridStrategy("cpu").plan(request(seed, k=200))
     assert len(small) == 200 and max(p.title.count("+") for p in small) <= 1
     assert [p.title for p in small] == [p.title for p in wave[:200]]
+
+
+def test_a_fleet_wider_than_every_list_gets_random_points_and_never_runs_dry() -> None:
+    """Past the wide screens (some 5,900 points of the seed) come random points of 2 to 4
+    knobs at steps of any level: a 4,096-slot fleet's second wave, with the first one's
+    8,000 variants known, still gets as many new, distinct and valid variants as it asks."""
+    seed = (Path(__file__).resolve().parents[1] / "trainer" / "train.py").read_text()
+    grid = GridStrategy("cpu")
+    first = grid.plan(request(seed, k=8000))
+    known = {variant_id_for("c", p.source) for p in first}
+    assert len(first) == len(known) == 8000
+    assert any(p.rationale.startswith("random point") for p in first)
+    second = grid.plan(request(seed, k=4096, known_ids=known))
+    ids = {variant_id_for("c", p.source) for p in second}
+    assert len(second) == len(ids) == 4096 and not ids & known
+    sizes = {len(parse_title(p.title) or ()) for p in second}
+    assert sizes <= {2, 3, 4} and 4 in sizes
+    for p in second[::64]:  # each is a valid edit of the seed: it parses, it names its moves
+        ast.parse(p.source)
+        for move in parse_title(p.title) or ():
+            assert f"{move.name} = {move.new}" in p.source
+    # The draws are the request's own: planned again, the same wave.
+    assert [p.title for p in GridStrategy("cpu").plan(request(seed, k=4096, known_ids=known))] == [
+        p.title for p in second
+    ]

@@ -17,7 +17,9 @@ Every wave is planned from the request alone (deterministic, restart-safe):
 5. Last: a 2x2 screen over pairs of coarse moves that neither failed nor lost, then losers.
 6. Only for a fleet wider than that whole list (a thousand slots or more: the variants in
    flight and asked for outnumber every candidate above), after all of it:
-   2x2 screens of the next finer steps, then 2x2x2 screens of coarse moves.
+   2x2 screens of the next finer steps, then 2x2x2 screens of coarse moves, then random
+   points (2 to 4 knobs at steps of any level; screens.py), so such a fleet never idles
+   for want of a candidate.
 
 Every candidate is checked against the knobs' domains and the trainer's batch rule on the
 profile; a move that failed is never combined again. A move is written in the title as
@@ -38,6 +40,7 @@ from services.contracts.knobs import Domain, domain_of, invalid_reason
 from services.proposer.constants import Constant, find_constants, format_value, rewrite
 from services.proposer.moves import Move, parse_title, title_of
 from services.proposer.refine import Minimum, Sample, minimum_of, move_to, offset_of, text_value
+from services.proposer.screens import head_dim, random_points, screen, wide_screens
 from services.proposer.steps import FINEST, LEVELS, step_values, tunable
 from services.proposer.strategy import Proposal, ProposalRequest, StrategyExhausted
 
@@ -45,6 +48,7 @@ MAX_FACTORS = 3  # 2x2x2 at most
 RERUN_TOP = 3  # the top candidates (tried, within the noise) re-run on a new best
 
 WIDE_FLEET = 256  # variants in flight and asked for, beyond which wider screens may be drawn
+RANDOM_DRAWS_PER_PROPOSAL = 20  # random points drawn per variant asked for, at most
 ID_CACHE = 100_000  # candidates remembered (some 40 MB at most)
 
 
@@ -65,6 +69,10 @@ class _Outcomes:
     winners: list[tuple[float, Move, str | None]]  # (gain, move, parent_id)
     samples: dict[tuple[str, str], list[Sample]]  # (name, old text) -> samples
     failed: set[Move]
+
+    def usable(self, move: Move) -> bool:
+        """A move that neither failed nor lost, which a screen may combine."""
+        return move not in self.failed and self.gains.get(move, 0.0) >= 0
 
 
 def _outcomes(request: ProposalRequest, domains: dict[str, Domain]) -> _Outcomes:
@@ -121,17 +129,11 @@ def _combinations(
     return [tuple(sorted((w[1] for w in combo), key=lambda m: m.name)) for combo in subsets]
 
 
-def _head_dim(consts: list[Constant]) -> int | None:
-    return next(
-        (c.value for c in consts if c.name == "HEAD_DIM" and isinstance(c.value, int)), None
-    )
-
-
 def _one_factor(
     consts: list[Constant], outcomes: _Outcomes, busy: set[Move], rng: random.Random
 ) -> tuple[list[tuple[Move, ...]], list[tuple[Move, ...]], list[tuple[Move, ...]]]:
     """Single moves around the parent: (untried level by level, neutral ones, losers)."""
-    head = _head_dim(consts)
+    head = head_dim(consts)
     order = list(consts)
     rng.shuffle(order)
     untried: list[tuple[Move, ...]] = []
@@ -180,49 +182,11 @@ def _refinements(
             tuple(sorted(pair, key=lambda m: m.name))
             for pair in itertools.combinations(full[:4], 2)
         ]
-    head = _head_dim(consts)
+    head = head_dim(consts)
     for const in consts:
         for value in step_values(const, head, FINEST, len(LEVELS)):
             out.append((Move(const.name, const.text, format_value(const, value)),))
     return out
-
-
-def _pairwise(
-    consts: list[Constant], outcomes: _Outcomes, rng: random.Random, level: int = 0, size: int = 2
-) -> list[tuple[Move, ...]]:
-    """Screening points (steps of `size` constants at once, at the steps of `level`: coarse
-    by default), the last resort once the one-factor neighbourhood and the refinement are
-    used up: a move that failed or lost is not combined again."""
-    head = _head_dim(consts)
-    singles = [
-        move
-        for c in consts
-        for v in step_values(c, head, LEVELS[level], level)
-        for move in (Move(c.name, c.text, format_value(c, v)),)
-        if move not in outcomes.failed and outcomes.gains.get(move, 0.0) >= 0
-    ]
-    points = [
-        tuple(sorted(group, key=lambda m: m.name))
-        for group in itertools.combinations(singles, size)
-        if len({m.name for m in group}) == size
-    ]
-    rng.shuffle(points)
-    return points
-
-
-def _wide_screens(
-    consts: list[Constant], outcomes: _Outcomes, rng: random.Random
-) -> list[tuple[Move, ...]]:
-    """For a fleet larger than every other candidate (a first wave of 1,000 slots or more):
-    2x2 screens of the next finer steps, then 2x2x2 screens of the coarse ones, then of
-    the finer ones, then both of the finest one-factor steps."""
-    return [
-        *_pairwise(consts, outcomes, rng, level=1),
-        *_pairwise(consts, outcomes, rng, size=3),
-        *_pairwise(consts, outcomes, rng, level=1, size=3),
-        *_pairwise(consts, outcomes, rng, level=2),
-        *_pairwise(consts, outcomes, rng, level=2, size=3),
-    ]
 
 
 def _rationale(
@@ -233,6 +197,8 @@ def _rationale(
     labels = " and ".join(m.label for m in moves)
     if kind == "screen":
         return f"{len(moves)}-factor screening point around {where}: {labels}"
+    if kind == "random":
+        return f"random point around {where}, the grid's lists being used up: {labels}"
     if kind == "refine":
         return (
             f"refinement around {where}: {labels}, towards where the parabola fitted to the "
@@ -283,7 +249,7 @@ def _candidates(
         (_refinements(consts, outcomes, domains), "refine"),
         (neutral[:RERUN_TOP], "rerun"),
         (neutral[RERUN_TOP:], "single"),
-        (_pairwise(consts, outcomes, rng), "screen"),
+        (screen(consts, outcomes.usable, rng), "screen"),
         (losers, "single"),
     ]
     return [(moves, kind) for group, kind in ordered for moves in group], outcomes, rng
@@ -372,10 +338,14 @@ class GridStrategy:
         wanted = request.k + len(request.in_flight_titles)
         wide = wanted > max(len(candidates), WIDE_FLEET)
         if wide and len(wave.proposals) < request.k:
-            for moves in _wide_screens(consts, outcomes, rng):
+            # Then random points, as many as it takes: ideas never run out for a wide fleet.
+            draws = RANDOM_DRAWS_PER_PROPOSAL * request.k
+            screens = [(m, "screen") for m in wide_screens(consts, outcomes.usable, rng)]
+            randoms = ((m, "random") for m in random_points(consts, outcomes.usable, rng, draws))
+            for moves, kind in itertools.chain(screens, randoms):
                 if len(wave.proposals) >= request.k:
                     break
-                self._take(wave, moves, "screen")
+                self._take(wave, moves, kind)
         proposals = wave.proposals
         if not proposals and not request.in_flight_titles and request.k > 0:
             raise StrategyExhausted(

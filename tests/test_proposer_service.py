@@ -21,11 +21,13 @@ from services.contracts import (
     ProposerConfig,
     ProposerHalted,
     ResultEvaluated,
+    RunRequested,
     VariantProposed,
     event_id_for,
     run_id_for,
     variant_id_for,
 )
+from services.proposer import topup
 from services.proposer.program import program_from_harness
 from services.proposer.service import run
 from services.settings import Settings
@@ -87,6 +89,7 @@ async def start_campaign(
     max_experiments: int = 0,
     lookahead: int = 2,
     strategy: str = "grid",
+    noise_runs: int = 1,
 ) -> CampaignStarted:
     digest = await bus.put_source(source)
     await bus.sources.put("harness-1", harness())
@@ -99,6 +102,7 @@ async def start_campaign(
         profile="gpu",
         proposer=ProposerConfig(strategy=strategy, lookahead=lookahead),
         keep_rule="strict",  # no ledger here: the results are decided by being evaluated
+        noise_runs=noise_runs,  # 1: no ledger to request the seed's replicates either
     )
     await bus.campaigns.save(event)
     await bus.publish(event)
@@ -212,6 +216,59 @@ async def test_keeps_slots_plus_lookahead_in_flight_and_tops_up_per_result(bus: 
         assert watch.proposed[-1].parent_id == winner.variant_id
         assert watch.proposed[-2].parent_id == baseline.variant_id
         assert len({v.variant_id for v in watch.proposed}) == 9
+
+
+async def test_the_first_wave_queues_behind_the_seeds_replicates(bus: Bus) -> None:
+    """With noise_runs 3 the ledger requests replicas 1 and 2 of the seed when it sees the
+    baseline; the first wave waits for them, so a launcher takes them first and the noise
+    is measured with the first wave's results, not a run length after them."""
+    await start_campaign(bus, lookahead=2, noise_runs=3)
+    order: list[str] = []
+
+    async def on_event(event: VariantProposed | RunRequested, _: Delivery) -> None:
+        order.append(event.title if isinstance(event, VariantProposed) else "seed replicate")
+
+    stop = asyncio.Event()
+    follower = asyncio.create_task(
+        bus.follow({VariantProposed: on_event, RunRequested: on_event}, stop=stop)
+    )
+    async with watching(bus) as watch, fleet(bus, slots=4), proposer(bus):
+        await eventually(lambda: len(watch.proposed) == 1, what="the baseline")
+        await asyncio.sleep(1.0)  # a slow ledger: the wave waits
+        assert len(watch.proposed) == 1
+        seed = watch.proposed[0]
+        for replica in (1, 2):  # as the ledger does (ledger/evidence.py)
+            run_id = run_id_for(seed.variant_id, "default", replica)
+            await bus.publish(
+                RunRequested(
+                    campaign="c",
+                    event_id=event_id_for("requested", "c", run_id),
+                    run_id=run_id,
+                    variant_id=seed.variant_id,
+                    source_digest=seed.source_digest,
+                    tier="default",
+                    replica=replica,
+                    reason="noise",
+                )
+            )
+        # 4 slots + 2 look-ahead, less the seed's 3 runs.
+        await eventually(lambda: len(watch.proposed) == 4, what="the first wave")
+        await eventually(lambda: len(order) == 6, what="every event followed")
+    stop.set()
+    await follower
+    assert order[:3] == ["baseline", "seed replicate", "seed replicate"]
+
+
+async def test_without_a_ledger_the_first_wave_waits_for_the_seed_only_a_while(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(topup, "SEED_RUNS_WAIT_S", 1.0)
+    await start_campaign(bus, lookahead=2, noise_runs=3)
+    async with watching(bus) as watch, fleet(bus, slots=4), proposer(bus):
+        await eventually(lambda: len(watch.proposed) == 1, what="the baseline")
+        started = time.monotonic()
+        await eventually(lambda: len(watch.proposed) == 6, what="the first wave, later")
+        assert time.monotonic() - started >= 0.7
 
 
 async def test_max_experiments_caps_the_total_and_completes(bus: Bus) -> None:

@@ -28,6 +28,8 @@ TICK_S = 0.5  # the top-up loop runs at least this often
 COALESCE_S = 0.02  # after a wake, let a burst (a result, then its BestUpdated) land
 SETTLE_S = 1.0  # exhaustion is final only this long after the last result or best
 RETRY_S = 2.0  # back-off after a failed request
+# The first wave waits at most this long for the ledger to request the seed's replicates.
+SEED_RUNS_WAIT_S = 5.0
 
 log = get_logger(service="proposer")
 
@@ -120,10 +122,29 @@ class Proposer:
             return
         if state.halted or time.monotonic() < rt.retry_at or rt.idle_on == signature(state):
             return  # halted, backing off, or nothing new since the strategy had no idea
-        if state.variants and self.wanted(state) <= 0:
+        if state.variants and (self.wanted(state) <= 0 or self.seed_runs_awaited(state, rt)):
             return
         rt.task = asyncio.create_task(self.top_up(state, rt))
         rt.task.add_done_callback(lambda _: self.wake.set())
+
+    def seed_runs_awaited(self, state: CampaignState, rt: CampaignRuntime) -> bool:
+        """Whether the first wave waits for the ledger to request the seed's replicate runs
+        (`noise_runs`), at most SEED_RUNS_WAIT_S. Published after them, the wave queues
+        behind them: the noise is measured with the first wave's results. Published at
+        once, a wave as wide as the fleet took every slot, and every close call of that
+        wave waited one more run length for the noise to decide it."""
+        expected = state.config.noise_runs - 1
+        if expected <= 0 or len(state.variants) > 1:
+            return False
+        seen = sum(
+            1 for r in state.requested.values() if r.tier == state.first_tier and r.replica > 0
+        )
+        if seen >= expected:
+            return False
+        now = time.monotonic()
+        if rt.seed_runs_due == 0.0:
+            rt.seed_runs_due = now + SEED_RUNS_WAIT_S
+        return now < rt.seed_runs_due
 
     def running_names(self) -> list[str]:
         return [s.name for s in self.history.running()]
@@ -141,7 +162,7 @@ class Proposer:
                 rt.back_off(RETRY_S)
                 return
             k = self.wanted(state)
-            if k > 0:
+            if k > 0 and not self.seed_runs_awaited(state, rt):
                 await self.waves.propose_wave(state, rt, k)
         except StrategyExhausted as exc:
             await self.exhausted(state, rt, exc)

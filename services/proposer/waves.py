@@ -48,6 +48,7 @@ class CampaignRuntime:
     retry_at: float = 0.0
     program: str | None = None
     idle_on: tuple[object, ...] | None = None  # the state an empty wave was asked in
+    seed_runs_due: float = 0.0  # until when the first wave waits for the seed's replicates
     warned: set[str] = field(default_factory=set)
     log: Any = field(init=False, repr=False)  # bound to the campaign
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,6 +22,7 @@ from services.bus import (
     handlers_of,
     handlers_on,
 )
+from services.bus import consume as consume_mod
 from services.contracts import BestUpdated, CampaignStopped, DeadLettered, ProposerHalted
 from services.settings import Settings
 from tests.eventually import eventually
@@ -146,6 +148,45 @@ async def test_in_progress_keeps_a_long_handler_from_redelivery(bus: Bus) -> Non
     stop.set()
     await task
     assert deliveries == [1]
+
+
+async def test_late_replies_of_a_full_consumer_are_taken_not_left_to_expire(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loaded client may give up on a request whose replies then land in its queue. A full
+    consumer (every handler busy for longer than ack_wait) still takes them and heartbeats
+    them, so they are not delivered again to another consumer of the same durable, which
+    would handle them while this one later handles them too (at 4,096 slots a second
+    launcher ran such runs again)."""
+    deliveries: list[tuple[str, int]] = []
+
+    async def slow(event: CampaignStopped, delivery: Delivery) -> None:
+        deliveries.append((event.event_id, delivery.num_delivered))
+        await asyncio.sleep(5.0)  # past ack_wait: only heartbeats keep it
+
+    real = consume_mod.fetch_available
+    late = [True]
+
+    async def fetch_then_late_replies(psub: Any, batch: int, timeout: float) -> list[Any]:
+        msgs = await real(psub, batch, timeout)
+        if late and len(msgs) == batch == 2:
+            late.clear()  # once: two replies to a request the client no longer waits on
+            request = json.dumps({"batch": 2, "no_wait": True}).encode()
+            await psub._nc.publish(psub._nms, request, psub._deliver)
+        return msgs
+
+    monkeypatch.setattr(consume_mod, "fetch_available", fetch_then_late_replies)
+    for i in range(4):
+        await bus.publish(stopped(i))
+    full, stop_full = await consume_in_background(bus, slow, ack_wait_s=2.0, concurrency=2)
+    await eventually(lambda: len(deliveries) >= 2 and not late, timeout=10)
+    # Another consumer of the durable, with room: what expires is delivered to it.
+    spare, stop_spare = await consume_in_background(bus, slow, ack_wait_s=2.0, concurrency=4)
+    await asyncio.sleep(4.0)
+    for stop in (stop_full, stop_spare):
+        stop.set()
+    await asyncio.gather(full, spare)
+    assert sorted(deliveries) == [(f"stop-{i}", 1) for i in range(4)]
 
 
 async def test_publish_waits_for_a_restarted_broker(nats_server, bus: Bus) -> None:  # type: ignore[no-untyped-def]

@@ -3,13 +3,14 @@
 A 2x2 (or 2x2x2) screen combines steps of one level. A fleet wider than every other
 candidate (a thousand slots or more) draws wider screens of the finer levels next, and
 last an endless supply of random points around the parent: 2 to 4 knobs, each at a step
-of any level, so that a fleet of any width always has something new to run (a random
+of any level or by a random factor in [x0.5, x2], so that a fleet of any width always has something new to run (a random
 search in the best's neighbourhood) instead of idling once the grid's lists run out.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Callable, Iterator
 
@@ -69,19 +70,38 @@ def wide_screens(
     ]
 
 
+def _random_move(
+    const: Constant, head: int | None, steps: list[Move], usable: Usable, rng: random.Random
+) -> Move | None:
+    """One knob's move of a random point: half the time one of its steps, else a step by a
+    random factor in [x0.5, x2] (a value no list holds), so the points never run out."""
+    if steps and rng.random() < 0.5:
+        return rng.choice(steps)
+    factor = math.exp(rng.uniform(-math.log(2), math.log(2)))
+    values = step_values(const, head, (factor,), rng.randrange(len(ALL_LEVELS)))
+    if not values:
+        return rng.choice(steps) if steps else None
+    move = Move(const.name, const.text, format_value(const, rng.choice(values)))
+    return move if usable(move) else None
+
+
 def random_points(
     consts: list[Constant], usable: Usable, rng: random.Random, draws: int
 ) -> Iterator[tuple[Move, ...]]:
     """Up to `draws` random points: 2 to 4 knobs, each moved by a step of a random level
-    (coarse to finest). Points repeat now and then; the caller skips the ones it knows."""
+    or by a random factor. Points repeat now and then; the caller skips the ones it knows."""
+    if len(consts) < 2:
+        return
     head = head_dim(consts)
-    choices = {
+    by_name = {c.name: c for c in consts}
+    steps = {
         c.name: [m for level in range(len(ALL_LEVELS)) for m in _moves(c, head, level) if usable(m)]
         for c in consts
     }
-    names = sorted(name for name, moves in choices.items() if moves)
-    if len(names) < 2:
-        return
+    names = sorted(by_name)
     for _ in range(draws):
         picked = rng.sample(names, rng.randint(2, min(MAX_RANDOM_KNOBS, len(names))))
-        yield tuple(sorted((rng.choice(choices[n]) for n in picked), key=lambda m: m.name))
+        moves = [_random_move(by_name[n], head, steps[n], usable, rng) for n in picked]
+        found = [m for m in moves if m is not None]
+        if len(found) >= 2:
+            yield tuple(sorted(found, key=lambda m: m.name))

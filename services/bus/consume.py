@@ -88,26 +88,30 @@ async def fetch_available(psub: Any, batch: int, timeout: float) -> list[Msg]:
     if batch > 1:
         # Short: when nothing more is there, nats-py follows its no-wait probe with a
         # lingering request for the rest of this deadline. Replies that arrive after it
-        # land in the subscription's queue (take_stragglers).
+        # land in the subscription's queue (hand_back_stragglers).
         with contextlib.suppress(nats.errors.TimeoutError, asyncio.TimeoutError):
             msgs.extend(await psub.fetch(batch - 1, timeout=0.05))
     return msgs
 
 
-async def take_stragglers(psub: Any) -> list[Msg]:
-    """Messages already delivered into this client's queue (a request's late replies):
-    taken even over the concurrency limit, so they are handled and heartbeated rather than
-    left to expire there. `fetch(1)` returns a queued message without a new request.
+async def hand_back_stragglers(psub: Any) -> int:
+    """Give the server back the messages already delivered into this client's queue (a
+    request's late replies) that a full consumer cannot handle now: a nak makes each
+    deliverable at once, to another consumer of the durable with room, or to this one when
+    it has room again. `fetch(1)` returns a queued message without a new request.
 
-    Without this, a full consumer (a launcher with every slot busy) fetched nothing for a
-    whole run length while such messages sat in its queue without heartbeats: past
-    ack_wait they were delivered again, to another launcher, and this one later ran them
-    too (9 runs twice in 12,288 at 4,096 slots, and their first results not counted)."""
-    msgs: list[Msg] = []
+    Left in the queue they had no heartbeat: past ack_wait the server delivered them again,
+    to another launcher, and this one ran them too when it had room (9 runs twice in 12,288
+    at 4,096 slots, their first results not counted). Taken over the limit instead, a
+    launcher held hundreds of them (346 once, during a 4,096-slot fill) that the other
+    launcher had free slots for."""
+    handed = 0
     for _ in range(psub.pending_msgs):
         with contextlib.suppress(nats.errors.TimeoutError, asyncio.TimeoutError):
-            msgs.extend(await psub.fetch(1, timeout=STRAGGLER_WAIT_S))
-    return msgs
+            for msg in await psub.fetch(1, timeout=STRAGGLER_WAIT_S):
+                await _settle(msg.nak(), what="nak")
+                handed += 1
+    return handed
 
 
 @dataclass
@@ -254,18 +258,16 @@ async def consume(
     while not stop.is_set():
         limit = options.concurrency() if callable(options.concurrency) else options.concurrency
         free = limit - len(in_hand)
-        if free <= 0 and not psub.pending_msgs:
+        if free <= 0:
+            if psub.pending_msgs:
+                handed = await hand_back_stragglers(psub)
+                log.info("late_replies_handed_back", consumer=durable, count=handed)
             freed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(freed.wait(), timeout=1.0)
             continue
         try:
-            if free <= 0:
-                msgs = await take_stragglers(psub)
-                if msgs:
-                    log.warning("stragglers_taken", consumer=durable, count=len(msgs))
-            else:
-                msgs = await fetch_available(psub, free, timeout=1.0)
+            msgs = await fetch_available(psub, free, timeout=1.0)
         except (TimeoutError, nats.errors.TimeoutError):
             continue
         except NATS_FAILURES as exc:  # broker away, consumer recreated

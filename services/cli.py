@@ -161,7 +161,7 @@ def _bench_fleet_parser(bench_sub: argparse._SubParsersAction[argparse.ArgumentP
         "--experiments",
         type=int,
         default=0,
-        help="experiments to run (default: 6 waves of the slots up to 256, 3 to 1,024, then 2)",
+        help="experiments to run (default: 6 waves of the slots up to 256, then 3)",
     )
     fleet.add_argument(
         "--run-seconds",

@@ -21,6 +21,7 @@ from services.contracts import (
     MAX_RUN_ATTEMPTS,
     ResultEvaluated,
     RunFinished,
+    RunRequested,
     RunStarted,
     VariantProposed,
 )
@@ -125,7 +126,8 @@ async def test_a_sigkilled_proposer_mid_wave_is_taken_over(
     fleet.start("proposer-1", "proposer")
     fleet.start("proposer-2", "proposer")
     start_campaign_cli(fleet.env, "--name", "many", "--max-experiments", "80")
-    # No launcher yet: the holder proposes the look-ahead only, then waits for slots.
+    # No launcher yet: the holder proposes the seed, whose replicates fill the look-ahead,
+    # then waits for slots.
     holder = ""
 
     async def leased() -> bool:
@@ -137,10 +139,13 @@ async def test_a_sigkilled_proposer_mid_wave_is_taken_over(
     await eventually(leased, 30, "a proposer to take the campaign's lease", interval=0.1)
     victim = next(n for n, p in fleet.procs.items() if p.pid == pid_of(holder))
 
-    async def lookahead_proposed() -> bool:
-        return len(await history(bus, [VariantProposed])) >= LOOKAHEAD
+    async def lookahead_taken() -> bool:
+        # The seed and its two replicate runs (noise_runs 3) fill the look-ahead.
+        events = await history(bus, [VariantProposed, RunRequested])
+        seed = sum(isinstance(e, VariantProposed) for e in events)
+        return seed >= 1 and sum(isinstance(e, RunRequested) for e in events) >= 2
 
-    await eventually(lookahead_proposed, 30, "the look-ahead", interval=0.1)
+    await eventually(lookahead_taken, 30, "the seed and its replicates", interval=0.1)
     first_wave = max(
         e.wave for e in await history(bus, [VariantProposed]) if isinstance(e, VariantProposed)
     )

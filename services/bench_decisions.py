@@ -14,6 +14,8 @@ as long), replicates included. Per seed and configuration, from the ledger:
 - cancelled_fraction: runs the ledger cancelled (a decision made them useless) per run of
   the budget; one cancelled before it started cost nothing and is not among the runs, one
   stopped mid-run counts as a whole run there;
+- worst_false_keep: of the false keeps, the largest true value kept minus true value
+  replaced (a near tie, or a real loss against the noise);
 - time_to_target_ratio: (a)'s wall time to reach the true value (a) ends with, divided by
   this configuration's, each from its first run's start (0 when it does not reach it; None when (a) never improved on the
   seed). For this figure a fleet runs on past the equal budget, up to twice (a)'s GPU time
@@ -64,6 +66,9 @@ class DecisionFigures:
     replicate_fraction: float
     time_to_target_ratio: float | None
     cancelled_fraction: float = 0.0
+    # The largest (true value kept - true value replaced) of a false keep, 0 without one:
+    # a near tie or a real loss, against the simulated noise.
+    worst_false_keep: float = 0.0
 
 
 @dataclass
@@ -71,7 +76,7 @@ class CampaignTruth:
     """What one campaign did, read from its ledger and judged with the landscape."""
 
     keeps: int
-    false_keeps: int
+    false_keeps: list[float]  # true value kept - true value replaced, of each false keep
     discards: int
     missed_wins: int
     final_true: float
@@ -174,9 +179,11 @@ def read_truth(db: Path, campaign: str, budget: int, noise: float, sim_seed: int
     discards = [d for d in final if d[0] in truth and d[1] in truth]
     return CampaignTruth(
         keeps=len(replaced),
-        false_keeps=sum(
-            truth[b["variant_id"]] >= truth[b["previous_variant_id"]] for b in replaced
-        ),
+        false_keeps=[
+            truth[b["variant_id"]] - truth[b["previous_variant_id"]]
+            for b in replaced
+            if truth[b["variant_id"]] >= truth[b["previous_variant_id"]]
+        ],
         discards=len(discards),
         missed_wins=sum(truth[best] - truth[v] > noise for v, best in discards),
         final_true=truth[bests[-1]["variant_id"]] if bests else true_val_bpb(seed_text),
@@ -218,12 +225,13 @@ def figures(runs: list[CampaignTruth], baseline: list[CampaignTruth]) -> Decisio
         if t_a is not None and theirs.keeps:
             ratios.append(t_a / t_c if t_c else 0.0)
     return DecisionFigures(
-        false_keep_rate=round(_rate([(r.false_keeps, r.keeps) for r in runs]), 4),
+        false_keep_rate=round(_rate([(len(r.false_keeps), r.keeps) for r in runs]), 4),
         missed_win_rate=round(_rate([(r.missed_wins, r.discards) for r in runs]), 4),
         final_true_val_bpb=round(statistics.fmean(r.final_true for r in runs), 6),
         replicate_fraction=round(_rate([(r.replicates, r.runs) for r in runs]), 4),
         time_to_target_ratio=round(statistics.fmean(ratios), 2) if ratios else None,
         cancelled_fraction=round(_rate([(r.cancelled, r.runs) for r in runs]), 4),
+        worst_false_keep=round(max((g for r in runs for g in r.false_keeps), default=0.0), 6),
     )
 
 
@@ -274,12 +282,12 @@ def print_decisions(report: dict[str, DecisionFigures], as_json: bool = False) -
         return
     print(
         f"{'configuration':<18} {'false keeps':>11} {'missed wins':>11} {'final true':>11} "
-        f"{'replicates':>10} {'cancelled':>9} {'time to target':>14}"
+        f"{'replicates':>10} {'cancelled':>9} {'time to target':>14} {'worst false keep':>16}"
     )
     for name, f in report.items():
         ratio = "-" if f.time_to_target_ratio is None else f"x{f.time_to_target_ratio:.2f}"
         print(
             f"{name:<18} {f.false_keep_rate:>11.3f} {f.missed_win_rate:>11.3f} "
             f"{f.final_true_val_bpb:>11.6f} {f.replicate_fraction:>10.3f} "
-            f"{f.cancelled_fraction:>9.3f} {ratio:>14}"
+            f"{f.cancelled_fraction:>9.3f} {ratio:>14} {f.worst_false_keep:>16.6f}"
         )

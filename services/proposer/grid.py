@@ -18,8 +18,8 @@ Every wave is planned from the request alone (deterministic, restart-safe):
 6. Only for a fleet wider than that whole list (a thousand slots or more: the variants in
    flight and asked for outnumber every candidate above), after all of it:
    2x2 screens of the next finer steps, then 2x2x2 screens of coarse moves, then random
-   points (2 to 4 knobs at steps of any level; screens.py), so such a fleet never idles
-   for want of a candidate.
+   points (2 to 4 knobs, each at a step of any level or by a random factor; screens.py),
+   so such a fleet never idles for want of a candidate.
 
 Every candidate is checked against the knobs' domains and the trainer's batch rule on the
 profile; a move that failed is never combined again. A move is written in the title as

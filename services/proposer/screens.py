@@ -3,8 +3,9 @@
 A 2x2 (or 2x2x2) screen combines steps of one level. A fleet wider than every other
 candidate (a thousand slots or more) draws wider screens of the finer levels next, and
 last an endless supply of random points around the parent: 2 to 4 knobs, each at a step
-of any level or by a random factor in [x0.5, x2], so that a fleet of any width always has something new to run (a random
-search in the best's neighbourhood) instead of idling once the grid's lists run out.
+of any level or by a random factor in [x0.5, x2], so that a fleet of any width always has
+something new to run (a random search in the best's neighbourhood) instead of idling once
+the grid's lists run out.
 """
 
 from __future__ import annotations

@@ -207,6 +207,27 @@ async def test_a_campaign_stopped_mid_run_cancels_its_runs(
     assert lag is not None and lag.pending == 0 and lag.ack_pending == 0
 
 
+async def test_a_run_a_decision_cancelled_is_no_set_aside_when_its_campaign_completes(
+    bus: Bus, recorder: Recorder, tmp_path: Path
+) -> None:
+    """A campaign completes as soon as its last decision cancels the replicates still out:
+    such a run, also stopped by the completion, is reported cancelled (its variant is
+    decided), not set aside as an infrastructure failure to run again."""
+    await start_campaign(bus)
+    launcher = Running(settings(tmp_path, backend="sim", sim_time_scale=0.05), bus)
+    try:
+        proposed = await propose(bus, "camp", SEED)
+        await recorder.wait_for(lambda: recorder.of(c.RunStarted))
+        run_id = c.run_id_for(proposed.variant_id, "default", 0)
+        await bus.campaigns.mark_cancelled("camp", run_id, "discard of the variant")
+        await bus.campaigns.mark_stopped("camp", "completed")
+        await recorder.wait_for(lambda: recorder.of(c.RunFinished), within_s=5)
+    finally:
+        await launcher.close()
+    [finished] = recorder.of(c.RunFinished)
+    assert finished.cancelled and not finished.infra_failure, finished.infra_reason
+
+
 async def test_a_run_requested_again_counts_its_earlier_attempts(
     bus: Bus, recorder: Recorder, tmp_path: Path
 ) -> None:

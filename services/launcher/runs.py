@@ -193,9 +193,7 @@ class Launcher:
         taken.release()  # the run is over: the slot takes the next run while this one reports
         if outcome.cancelled and self.stopping:
             raise TransientError(f"run {work.run_id}: launcher stopping; it will run again")
-        set_aside = outcome.cancelled and await self.bus.campaigns.is_stopped(
-            work.campaign.campaign
-        )
+        set_aside = outcome.cancelled and await self.stopped_not_cancelled(work)
         if set_aside:
             # A stop is no verdict on the variant: reported like an infrastructure failure
             # (its GPU time counted, nothing charged to the variant) and acked; the ledger
@@ -220,6 +218,19 @@ class Launcher:
             raise TransientError(
                 f"run {work.run_id}: infrastructure failure: {outcome.infra_reason}"
             )
+
+    async def stopped_not_cancelled(self, work: Work) -> bool:
+        """Whether a cancelled run was cancelled by its campaign's stop alone: not settled,
+        i.e. not cancelled by a decision that made it useless (the ledger marks those in the
+        campaigns KV, as `still_wanted` reads them). A campaign completes as soon as its
+        last decision cancels the replicates still out; a run both cancelled and stopped
+        was reported set aside, an infrastructure failure to run again, after its variant
+        was decided."""
+        stopped, settled = await asyncio.gather(
+            self.bus.campaigns.is_stopped(work.campaign.campaign),
+            self.bus.campaigns.settled(work.campaign.campaign, work.run_id),
+        )
+        return stopped and settled is None
 
     async def run_placed(
         self, work: Work, attempt: int, job: Job, log: Any
